@@ -1,0 +1,1 @@
+"""layerskip_ext: LayerSkip early-exit training and self-speculative decoding."""

@@ -1,0 +1,102 @@
+# Builds layerskip_ext._C with torch.utils.cpp_extension.
+#
+# A CUDAExtension when a CUDA build of torch and nvcc are present, else a CppExtension.
+# Knobs (environment variables):
+#   LAYERSKIP_CUDA=0|1   force the CPU-only or the CUDA build
+#   LAYERSKIP_MARCH=...  value of -march for the CPU kernels (default: native)
+#   LAYERSKIP_DEBUG=1    build with -O0 -g
+import glob
+import os
+import re
+import shutil
+import site
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _real_cuda_home():
+    """The CUDA toolkit root, following an `nvcc` wrapper script to the real compiler."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    nvcc = os.path.realpath(nvcc)
+    try:
+        with open(nvcc, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    if head.startswith(b"#!"):  # a wrapper script: find the real nvcc it calls
+        match = re.search(rb"(/\S+/bin/nvcc)\b", head)
+        if match is None:
+            return None
+        nvcc = os.path.realpath(match.group(1).decode())
+    home = os.path.dirname(os.path.dirname(nvcc))
+    return home if os.path.isdir(os.path.join(home, "include")) else None
+
+
+def _nvidia_wheel_includes():
+    """Header folders of the pip `nvidia-*` wheels (cusparse.h and friends live there)."""
+    dirs = []
+    for sp in site.getsitepackages() + [site.getusersitepackages()]:
+        dirs += glob.glob(os.path.join(sp, "nvidia", "*", "include"))
+    return sorted(set(d for d in dirs if os.path.isdir(d)))
+
+
+cuda_home = _real_cuda_home()
+if cuda_home:
+    os.environ["CUDA_HOME"] = cuda_home  # must be set before cpp_extension is imported
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+force = os.environ.get("LAYERSKIP_CUDA")
+if force not in (None, "", "0", "1"):
+    sys.exit(f"LAYERSKIP_CUDA must be 0 or 1, got {force!r}")
+if force == "1":
+    if torch.version.cuda is None or cuda_home is None:
+        sys.exit("LAYERSKIP_CUDA=1 needs a CUDA build of torch and nvcc (CUDA_HOME not found)")
+    use_cuda = True
+elif force == "0":
+    use_cuda = False
+else:
+    use_cuda = torch.version.cuda is not None and cuda_home is not None
+
+debug = os.environ.get("LAYERSKIP_DEBUG") == "1"
+march = os.environ.get("LAYERSKIP_MARCH", "native")
+cxx_flags = ["-O0", "-g"] if debug else ["-O3", f"-march={march}", "-ffp-contract=fast"]
+cxx_flags += ["-std=c++17", "-fvisibility=hidden"]
+nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+
+sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/engine/*.cpp"))
+include_dirs = [os.path.join(ROOT, "csrc")]
+define_macros = []
+if use_cuda:
+    sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    include_dirs += _nvidia_wheel_includes()
+    define_macros.append(("LAYERSKIP_WITH_CUDA", "1"))
+    Extension = CUDAExtension
+    extra = {"cxx": cxx_flags, "nvcc": nvcc_flags}
+else:
+    Extension = CppExtension
+    extra = {"cxx": cxx_flags}
+
+ext = Extension(
+    name="layerskip_ext._C",
+    sources=sources,
+    include_dirs=include_dirs,
+    define_macros=define_macros,
+    extra_compile_args=extra,
+)
+
+setup(
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    package_dir={"layerskip_ext": "python/layerskip_ext", "layerskip_ext.training": "training"},
+    packages=["layerskip_ext", "layerskip_ext.training"],
+    package_data={"layerskip_ext.training": ["configs/*.json", "configs/*.yaml"]},
+)
