@@ -70,7 +70,9 @@ else:
 debug = os.environ.get("LAYERSKIP_DEBUG") == "1"
 march = os.environ.get("LAYERSKIP_MARCH", "native")
 cxx_flags = ["-O0", "-g"] if debug else ["-O3", f"-march={march}", "-ffp-contract=fast"]
-cxx_flags += ["-fvisibility=hidden"]  # the C++ standard comes from torch (C++17 or C++20)
+# -fopenmp: at::parallel_for is an inline OpenMP loop in the headers; without it, it runs serially.
+# The C++ standard comes from torch (C++17 for 2.13, C++20 for 2.14).
+cxx_flags += ["-fvisibility=hidden", "-fopenmp"]
 nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 
 sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/engine/*.cpp"))
