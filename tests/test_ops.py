@@ -388,7 +388,7 @@ def _mask_and_probs_match(out, ref):
 @pytest.mark.parametrize("V", [7, 1000, 49152])
 @pytest.mark.parametrize("temperature", [0.3, 1.0, 2.5])
 @pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (1, 1.0), (5, 1.0), (50, 1.0), (0, 0.9), (0, 0.5), (20, 0.8),
-                                         (0, 1e-6)])
+                                         (0, 1e-6), (0, 0.999), (3000, 0.95)])
 def test_sampling_probs(device, V, temperature, top_k, top_p):
     logits = randn(3, V, seed=V, scale=3.0)
     out = ops.sampling_probs(logits.to(device), temperature, top_k, top_p).cpu()
@@ -400,6 +400,16 @@ def test_sampling_probs(device, V, temperature, top_k, top_p):
         assert (kept <= top_k).all()
     if top_p <= 1e-6:
         assert (kept == 1).all() and torch.equal(out.argmax(-1), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.3), (700, 0.9), (0, 0.9999)])
+def test_sampling_probs_many_ties(top_k, top_p):
+    # quantised logits: long runs of equal values, the kernel's histogram boundaries fall inside them
+    logits = torch.cat([torch.zeros(1, 1000), (randn(2, 1000, seed=7) * 4).round() / 2])  # [3, 1000]
+    _mask_and_probs_match(ops.sampling_probs(logits, 0.5, top_k, top_p),
+                          ops.sampling_probs_reference(logits, 0.5, top_k, top_p))
+    if top_k == 5:  # all-equal row: the five lowest indices
+        assert (ops.sampling_probs(logits[:1], 1.0, 5, 1.0)[0] > 0).nonzero()[:, 0].tolist() == [0, 1, 2, 3, 4]
 
 
 def test_sampling_probs_plain_softmax():
