@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from layerskip_ext.sampling import uniform_from_counter  # the Python twin of csrc/random.h
 from layerskip_ext import _C  # noqa: F401  (loads the library: registers the ops and kernels)
 
 _ops = torch.ops.layerskip
@@ -130,24 +131,9 @@ def rope_inv_freq(head_dim: int, theta: float) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Counter-based random numbers (the same function as csrc/random.h)
+# Seeds: Python ints as the schema's int64
 
 _MASK64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15
-
-
-def uniform_from_counter(seed: int, counter: int) -> float:
-    """Draw `counter` of `seed`: a float in [0, 1) (splitmix64 finaliser, top 53 bits), as in random.h.
-
-    seed and counter are taken modulo 2**64, so a negative int64 seed gives the same draws in Python
-    and in C++ (where the schema's int64 is reinterpreted as uint64).
-    """
-    z = (seed & _MASK64) ^ (((counter & _MASK64) * _GOLDEN) & _MASK64)
-    z = (z + _GOLDEN) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    z ^= z >> 31
-    return (z >> 11) * (1.0 / 9007199254740992.0)
 
 
 def _signed64(seed: int) -> int:
