@@ -1,1 +1,16 @@
-"""layerskip_ext: LayerSkip early-exit training and self-speculative decoding."""
+"""layerskip_ext: LayerSkip early-exit training and lossless self-speculative decoding.
+
+    import layerskip_ext
+    model = layerskip_ext.load()                      # SmolLM2-135M-Instruct, or a HF directory / .gguf
+    result = layerskip_ext.generate(model, "Once upon a time", max_new_tokens=64,
+                                    strategy="self_speculative", exit_layer=8, num_speculations=4)
+    print(result.text, result.stats.tokens_per_second, result.stats.acceptance_rate)
+"""
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from .config import ModelConfig
+from .generation import GenerationResult, GenerationStats
+from .model import LayerSkipModel, load
+from .api import generate
+
+__all__ = ["ModelConfig", "GenerationResult", "GenerationStats", "LayerSkipModel", "load", "generate"]

