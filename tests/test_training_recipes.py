@@ -87,7 +87,7 @@ def test_finetune_masks_the_prompt(tmp_path):
     p = len(tok.encode("the cat the").ids)
     assert (labels[0, : p - 1] == -100).all() and (labels[0, p - 1:p + 3] != -100).all()
     assert labels[0, p - 1] == tok.encode(" sat on the mat.").ids[0]
-    ft = [f"recipe=\"finetune\"", f"model.init={json.dumps(pre['final_dir'])}", "data.format=\"jsonl\"",
+    ft = ["recipe=\"finetune\"", f"model.init={json.dumps(pre['final_dir'])}", "data.format=\"jsonl\"",
           f"data.train={json.dumps([str(data)])}", f"data.valid={json.dumps([str(data)])}"]
     result = train(load_config(None, tiny_overrides(tmp_path, out="ft", steps=2, extra=ft)), progress=False)
     assert os.path.isfile(os.path.join(result["final_dir"], "model.safetensors"))
