@@ -36,14 +36,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a config entry, e.g. --set train.steps=100 (values are JSON)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     e = sub.add_parser("eval", help="per-exit loss, top-1 accuracy and self-speculative acceptance rate")
-    e.add_argument("--model", action="append", required=True,
+    e.add_argument("--model", action="append", default=[],
                    help="checkpoint directory ('default' for SmolLM2-135M); repeat to compare")
     e.add_argument("--label", action="append", help="a name per --model for the table and plot")
     e.add_argument("--valid", nargs="+", required=True, help="held-out text files")
     e.add_argument("--out", required=True, help="folder for results.json, table.md and per_layer.png")
+    e.add_argument("--merge", nargs="*", default=[], help="results.json files of earlier evals to include")
     e.add_argument("--seq-len", type=int, default=256)
     e.add_argument("--windows", type=int, default=32, help="number of held-out windows of seq-len tokens")
-    e.add_argument("--exit-layers", type=str, default=None, help="comma-separated 1-based exits (default all)")
+    e.add_argument("--accept-exits", type=str, default=None,
+                   help="comma-separated 1-based exits whose acceptance rate is measured (default all)")
     e.add_argument("--prompts", type=int, default=4, help="prompts for the acceptance rate")
     e.add_argument("--prompt-len", type=int, default=64)
     e.add_argument("--max-new-tokens", type=int, default=64)

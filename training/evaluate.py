@@ -54,22 +54,19 @@ def acceptance_rates(model: LayerSkipModel, prompts: list[list[int]], exits: lis
 
 
 def evaluate_model(model: LayerSkipModel, valid_files: list[str], seq_len: int = 256, windows: int = 32,
-                   exits: list[int] | None = None, prompts: int = 4, prompt_len: int = 64, max_new_tokens: int = 64,
-                   num_speculations: int = 4) -> list[dict]:
-    """Rows {exit, loss, accuracy, acceptance_rate} for `exits` (1-based; default all)."""
+                   accept_exits: list[int] | None = None, prompts: int = 4, prompt_len: int = 64,
+                   max_new_tokens: int = 64, num_speculations: int = 4) -> list[dict]:
+    """Rows {exit, loss, accuracy, acceptance_rate} for every exit (1-based); the acceptance rate (the costly part)
+    is measured at `accept_exits` (default: every exit but the last) and None elsewhere."""
     tokens = token_stream(model.tokenizer, valid_files, eos_id(model.tokenizer))
     inputs, labels = valid_windows(tokens, seq_len, windows)
     rows = exit_metrics(model.module, inputs, labels)
-    exits = exits or [r["exit"] for r in rows]
+    exits = accept_exits or [r["exit"] for r in rows]
     # prompts from the held-out text, spread over it, none overlapping the first window's start
     step = max(1, (tokens.numel() - prompt_len) // (prompts + 1))
     prompt_ids = [tokens[(i + 1) * step:(i + 1) * step + prompt_len].tolist() for i in range(prompts)]
     rates = acceptance_rates(model, prompt_ids, exits, num_speculations, max_new_tokens)
-    out = []
-    for r in rows:
-        if r["exit"] in exits:
-            out.append(dict(r, acceptance_rate=rates.get(r["exit"])))
-    return out
+    return [dict(r, acceptance_rate=rates.get(r["exit"])) for r in rows]
 
 
 def markdown_table(results: dict[str, list[dict]]) -> str:
@@ -132,8 +129,13 @@ def evaluate_command(args) -> int:
     labels = args.label or [os.path.basename(os.path.normpath(m)) for m in args.model]
     if len(labels) != len(args.model):
         raise SystemExit(f"{len(args.model)} --model but {len(labels)} --label")
-    exits = None if args.exit_layers is None else [int(e) for e in args.exit_layers.split(",")]
+    exits = None if args.accept_exits is None else [int(e) for e in args.accept_exits.split(",")]
     results = {}
+    for path in args.merge:
+        with open(path) as f:
+            results.update(json.load(f))
+    if not results and not args.model:
+        raise SystemExit("nothing to evaluate: give --model or --merge")
     for label, path in zip(labels, args.model):
         model = layerskip_ext.load(None if path == "default" else path)
         results[label] = evaluate_model(model, args.valid, args.seq_len, args.windows, exits, args.prompts,
