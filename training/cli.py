@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--model", action="append", default=[],
                    help="checkpoint directory ('default' for SmolLM2-135M); repeat to compare")
     e.add_argument("--label", action="append", help="a name per --model for the table and plot")
-    e.add_argument("--valid", nargs="+", required=True, help="held-out text files")
+    e.add_argument("--valid", nargs="+", default=[], help="held-out text files")
     e.add_argument("--out", required=True, help="folder for results.json, table.md and per_layer.png")
     e.add_argument("--merge", nargs="*", default=[], help="results.json files of earlier evals to include")
     e.add_argument("--seq-len", type=int, default=256)

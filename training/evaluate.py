@@ -136,10 +136,12 @@ def evaluate_command(args) -> int:
             results.update(json.load(f))
     if not results and not args.model:
         raise SystemExit("nothing to evaluate: give --model or --merge")
+    if args.model and not args.valid:
+        raise SystemExit("--valid (held-out text files) is needed to evaluate a --model")
     for label, path in zip(labels, args.model):
         model = layerskip_ext.load(None if path == "default" else path)
         results[label] = evaluate_model(model, args.valid, args.seq_len, args.windows, exits, args.prompts,
                                         args.prompt_len, args.max_new_tokens, args.num_speculations)
-    print(write_report(results, args.out, title=", ".join(labels)))
+    print(write_report(results, args.out, title=", ".join(results)))
     print(f"wrote {args.out}/results.json, table.md, per_layer.png")
     return 0
