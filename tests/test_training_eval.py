@@ -51,6 +51,7 @@ def test_acceptance_rate_is_one_where_the_remaining_layers_do_nothing():
 
 
 def test_report_files(tmp_path):
+    pytest.importorskip("matplotlib")
     results = {"plain": [{"exit": 1, "loss": 5.0, "accuracy": 0.1, "acceptance_rate": 0.05},
                          {"exit": 2, "loss": 3.0, "accuracy": 0.4, "acceptance_rate": None}],
                "layerskip": [{"exit": 1, "loss": 4.0, "accuracy": 0.3, "acceptance_rate": 0.5},

@@ -105,6 +105,7 @@ def test_config_errors(tmp_path):
 
 
 def test_bundled_configs_parse():
+    pytest.importorskip("yaml")
     from layerskip_ext.training.config import default_config_dir
     names = sorted(os.listdir(default_config_dir()))
     assert "demo-layerskip.yaml" in names and "demo-plain.yaml" in names
