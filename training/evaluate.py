@@ -18,7 +18,9 @@ from .tokenizer import eos_id
 
 @torch.no_grad()
 def exit_metrics(lm, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 4) -> list[dict]:
-    """[{exit (1-based), loss, accuracy}] for every layer of `lm` (HF or reference) over windows inputs/labels [N, T]."""
+    """[{exit (1-based), loss, accuracy}] for every layer of `lm` (HF or reference).
+
+    inputs, labels: held-out windows [N, T]."""
     L = len(lm.model.layers)
     loss_sum = torch.zeros(L, dtype=torch.float64)
     correct = torch.zeros(L, dtype=torch.int64)

@@ -23,7 +23,8 @@ def model_kind(lm: nn.Module) -> str:
         return "reference"
     if type(lm).__name__ == "LlamaForCausalLM":
         return "hf"
-    raise TypeError(f"expected a transformers LlamaForCausalLM or a layerskip_ext ReferenceLlama, got {type(lm).__name__}")
+    raise TypeError("expected a transformers LlamaForCausalLM or a layerskip_ext ReferenceLlama, "
+                    f"got {type(lm).__name__}")
 
 
 def model_config(lm: nn.Module) -> ModelConfig:

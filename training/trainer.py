@@ -229,7 +229,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         sampler = ExampleSampler(tin, tlab, cfg.seed)
         if cfg.data.valid:
             vin, vlab = read_examples(tok, cfg.data.valid, cfg.data.seq_len, eos)
-            vin, vlab = vin[: cfg.train.eval_batches * cfg.train.batch_size], vlab[: cfg.train.eval_batches * cfg.train.batch_size]
+            n_valid = cfg.train.eval_batches * cfg.train.batch_size
+            vin, vlab = vin[:n_valid], vlab[:n_valid]
     has_valid = bool(cfg.data.valid)
 
     # LayerSkip pieces
