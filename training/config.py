@@ -1,0 +1,184 @@
+"""Training configuration: nested dataclasses read from a JSON or YAML file, with `section.key=value` overrides."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+RECIPES = ("pretrain", "continual", "finetune")
+
+
+@dataclass
+class ModelSection:
+    kind: str = "hf"            # "hf" (transformers LlamaForCausalLM) or "reference" (layerskip_ext ReferenceLlama)
+    init: str = "scratch"       # "scratch", "default" (layerskip_ext.load(): SmolLM2-135M) or a checkpoint path
+    num_layers: int = 8         # the rest: architecture of a model built from scratch
+    hidden_size: int = 256
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 768
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 1024
+
+
+@dataclass
+class TokenizerSection:
+    path: str | None = None     # tokenizer.json; None: the checkpoint's own (continual / finetune) or train one
+    vocab_size: int = 4096      # byte-level BPE trained on the training files (pretrain without a path)
+    min_frequency: int = 2
+
+
+@dataclass
+class DataSection:
+    train: list[str] = field(default_factory=list)   # text files (pretrain / continual) or JSONL (finetune)
+    valid: list[str] = field(default_factory=list)
+    format: str = "text"        # "text" or "jsonl" ({"prompt": ..., "response": ...}, loss on the response only)
+    seq_len: int = 256
+
+
+@dataclass
+class TrainSection:
+    steps: int = 1000
+    batch_size: int = 8         # per process
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1   # cosine decay to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    threads: int = 0            # torch.set_num_threads; 0 keeps the default
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 8
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    save_dtype: str = "float32"  # dtype of the final export: float32, bfloat16 or float16
+
+
+@dataclass
+class LayerDropoutSection:
+    p_max: float = 0.0
+    schedule: str = "exp"
+    layers: list[int] | None = None
+
+
+@dataclass
+class EarlyExitSection:
+    enabled: bool = False
+    exit_layers: list[int] | None = None   # 0-based; None: every layer
+    scale: str = "l"
+    e_scale: float = 1.0
+    curriculum: str = "none"
+    rotational_period: int = 2
+    recompute: bool = False                 # recompute each exit's logits in backward (memory for time)
+
+
+@dataclass
+class TrainConfig:
+    recipe: str = "pretrain"
+    out_dir: str = "runs/default"
+    seed: int = 0
+    resume: bool = True
+    model: ModelSection = field(default_factory=ModelSection)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    layer_dropout: LayerDropoutSection = field(default_factory=LayerDropoutSection)
+    early_exit: EarlyExitSection = field(default_factory=EarlyExitSection)
+
+    def validate(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
+        if self.model.kind not in ("hf", "reference"):
+            raise ValueError(f"model.kind must be 'hf' or 'reference', got {self.model.kind!r}")
+        if self.recipe == "pretrain" and self.model.init != "scratch":
+            raise ValueError("recipe 'pretrain' trains from scratch: set model.init to 'scratch'")
+        if self.recipe != "pretrain" and self.model.init == "scratch":
+            raise ValueError(f"recipe {self.recipe!r} needs a checkpoint: set model.init to 'default' or a path")
+        if self.data.format not in ("text", "jsonl"):
+            raise ValueError(f"data.format must be 'text' or 'jsonl', got {self.data.format!r}")
+        if not self.data.train:
+            raise ValueError("data.train lists no files")
+        for section, names in (("train", ("steps", "batch_size", "grad_accum", "log_every", "eval_every",
+                                          "save_every", "eval_batches")), ("data", ("seq_len",))):
+            for name in names:
+                value = getattr(getattr(self, section), name)
+                if not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{section}.{name} must be a positive integer, got {value!r}")
+        if self.train.save_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"train.save_dtype must be float32, bfloat16 or float16, got {self.train.save_dtype!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, d: dict, where: str):
+    if not isinstance(d, dict):
+        raise ValueError(f"config section {where or 'top level'} must be a mapping, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown config keys in {where or 'top level'}: {unknown} (known: {sorted(fields)})")
+    kwargs = {}
+    for name, value in d.items():
+        default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value, f"{where}{name}.")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # a bare string
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """overrides like ["train.steps=10", "early_exit.enabled=true", "data.train=[\"a.txt\"]"] (JSON values)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        key, value = item.split("=", 1)
+        node = d
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = _parse_value(value)
+    return d
+
+
+def read_config_file(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+        d = yaml.safe_load(text) or {}
+    else:
+        d = json.loads(text)
+    return d
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
+    """A TrainConfig from a JSON/YAML file (None: the defaults) plus overrides; validated."""
+    d = read_config_file(path) if path else {}
+    d = apply_overrides(d, list(overrides))
+    config = _build(TrainConfig, d, "")
+    config.validate()
+    return config
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    config = _build(TrainConfig, d, "")
+    config.validate()
+    return config
+
+
+def default_config_dir() -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
