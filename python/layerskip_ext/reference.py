@@ -171,7 +171,8 @@ class ReferenceLlama(nn.Module):
     def rope_cache(self) -> torch.Tensor:
         """cos | sin table [max_position_embeddings, D] (float32, CPU), built once."""
         if self._rope_cache is None:
-            self._rope_cache = rope_cos_sin_cache(self.config, self.config.max_position_embeddings)
+            with torch.inference_mode(False):  # a normal tensor even when first built during generation
+                self._rope_cache = rope_cos_sin_cache(self.config, self.config.max_position_embeddings)
         return self._rope_cache
 
     @property
