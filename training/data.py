@@ -47,8 +47,9 @@ def token_stream(tokenizer, files: list[str], eos: int | None, cache_dir: str | 
         return torch.load(path)
     ids = tokenize_text(tokenizer, text, eos)
     os.makedirs(cache_dir, exist_ok=True)
-    torch.save(ids, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    tmp = f"{path}.{os.getpid()}.tmp"  # one per process: DDP ranks may tokenize the same files at once
+    torch.save(ids, tmp)
+    os.replace(tmp, path)
     return ids
 
 
