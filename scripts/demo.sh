@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
-# Installs everything, then generates with the default model: self-speculative decoding, printing the text,
-# tokens/s and the acceptance rate. Extra arguments go to `layerskip-ext generate`.
+# Installs everything, then generates with the default model (SmolLM2-135M-Instruct): autoregressive, then
+# self-speculative (identical text, with its acceptance rate); then self-speculative on the LayerSkip demo
+# checkpoint (checkpoints/layerskip-demo), whose early layers were trained to draft.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 bash scripts/install.sh
+DEMO_CKPT="$PWD/checkpoints/layerskip-demo"
 cd /tmp  # import the installed package, not the source tree
-"$PY" -m layerskip_ext.cli generate --max-new-tokens 128 "$@"
+PROMPT=$'<|im_start|>user\nWrite a short story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n'
+echo "=== SmolLM2-135M-Instruct, autoregressive"
+"$PY" -m layerskip_ext.cli generate "$PROMPT" --strategy autoregressive --max-new-tokens 128
+echo; echo "=== SmolLM2-135M-Instruct, self-speculative (exit layer 24, 3 drafts per round)"
+"$PY" -m layerskip_ext.cli generate "$PROMPT" --strategy self_speculative --exit-layer 24 --num-speculations 3 \
+  --max-new-tokens 128
+echo; echo "=== LayerSkip demo checkpoint, self-speculative (exit layer 4, 4 drafts per round)"
+"$PY" -m layerskip_ext.cli generate "It is a truth universally acknowledged, that" --model "$DEMO_CKPT" \
+  --strategy self_speculative --exit-layer 4 --num-speculations 4 --max-new-tokens 128
