@@ -1,0 +1,49 @@
+// Row-level helpers of the sampling kernels (sampling.cpp, speculative.cpp): argmax and inverse-CDF
+// sampling of one categorical row, identical to the Python references in ops.py.
+#pragma once
+#include <torch/all.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "cpu/reductions.h"
+
+namespace layerskip {
+namespace cpu {
+
+// Index of the first maximum of x [n] (n >= 1); NaN entries are not supported.
+inline int64_t argmax(const float* x, int64_t n) {
+  const float best = max_value(x, n);
+  for (int64_t i = 0; i < n; ++i) {
+    if (x[i] == best) return i;
+  }
+  return 0;  // all entries NaN
+}
+
+// Total mass of p [n] summed in float64 left to right (the order torch.cumsum uses), after checking
+// that every entry is finite and >= 0. Throws naming op, name and row otherwise.
+inline double row_mass(const float* p, int64_t n, const char* op, const char* name, int64_t row) {
+  double total = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(p[i] >= 0.0f && std::isfinite(p[i]), op, ": ", name, "[", row, ", ", i,
+                "] must be finite and >= 0, got ", p[i]);
+    total += p[i];
+  }
+  return total;
+}
+
+// The first index i whose float64 running sum of p [n] exceeds target; the last index with
+// positive mass when rounding leaves target at or above the total (target = u * total, u < 1).
+inline int64_t invert_cdf(const float* p, int64_t n, double target) {
+  double cum = 0.0;
+  int64_t last_positive = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    cum += p[i];
+    if (p[i] > 0.0f) last_positive = i;
+    if (cum > target) return i;
+  }
+  return last_positive;
+}
+
+}  // namespace cpu
+}  // namespace layerskip

@@ -1,0 +1,185 @@
+// CPU kernels of sampling_probs, sample_from_probs and sample: temperature / top-k / top-p filtering
+// and seeded inverse-CDF sampling with the counter-based generator of random.h.
+//
+// Filtering of a row (logits z [V], temperature T > 0):
+//   e_i = exp((z_i - max z) / T).
+//   Order: tokens ranked by logit, descending, ties by lower index first (a strict total order, the
+//   order of torch.sort(-z, stable=True)); it is also the order by probability.
+//   top_k > 0 keeps the first min(top_k, V) tokens of that order.
+//   top_p < 1 then keeps the shortest prefix (of the same order, among the top-k) whose summed e
+//   (float64, left to right) reaches top_p * (summed e of the top-k); at least one token.
+//   The kept e are renormalised to sum to 1; all others are 0.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "cpu/categorical.h"
+#include "cpu/op_checks.h"
+#include "cpu/reductions.h"
+#include "ops.h"
+#include "random.h"
+
+namespace layerskip {
+namespace {
+
+void check_filter_args(const char* op, double temperature, int64_t top_k, double top_p) {
+  TORCH_CHECK(std::isfinite(temperature) && temperature >= 0.0, op, ": temperature must be finite and >= 0, got ",
+              temperature);
+  TORCH_CHECK(top_k >= 0, op, ": top_k must be >= 0 (0 disables it), got ", top_k);
+  TORCH_CHECK(top_p > 0.0 && top_p <= 1.0, op, ": top_p must be in (0, 1] (1 disables it), got ", top_p);
+}
+
+void check_logits(const char* op, const torch::Tensor& logits) {
+  cpu::check_cpu(logits, op, "logits");
+  cpu::check_dim(logits, 2, op, "logits [T, V]");
+  cpu::check_float(logits, true, op, "logits");
+  TORCH_CHECK(logits.size(1) > 0, op, ": logits must have a non-empty vocabulary dimension, got ", logits.sizes());
+}
+
+// Row r of logits [T, V] as float into z [V].
+void load_row(const torch::Tensor& logits, int64_t r, float* z) {
+  const int64_t vocab = logits.size(1);
+  if (logits.scalar_type() == at::kFloat) {
+    const float* src = logits.data_ptr<float>() + r * vocab;
+    std::copy(src, src + vocab, z);
+  } else {
+    const c10::BFloat16* src = logits.data_ptr<c10::BFloat16>() + r * vocab;
+    for (int64_t i = 0; i < vocab; ++i) z[i] = static_cast<float>(src[i]);
+  }
+}
+
+// Filtered, renormalised probabilities of one row (see the file comment). z [V] logits, out [V].
+void filter_row(const char* op, const float* z, int64_t vocab, float temperature, int64_t top_k, double top_p,
+                float* out, int64_t row) {
+  const float zmax = cpu::max_value(z, vocab);
+  TORCH_CHECK(std::isfinite(zmax), op, ": logits row ", row,
+              " must have a finite maximum (entries finite or -inf), got max ", zmax);
+  const float inv_t = 1.0f / temperature;
+  for (int64_t i = 0; i < vocab; ++i) out[i] = cpu::exp_fast((z[i] - zmax) * inv_t);  // e [V]
+
+  const int64_t k = (top_k == 0 || top_k >= vocab) ? vocab : top_k;
+  if (k == vocab && top_p >= 1.0) {
+    const float inv_sum = 1.0f / cpu::sum(out, vocab);
+    for (int64_t i = 0; i < vocab; ++i) out[i] *= inv_sum;
+    return;
+  }
+  auto before = [z](int32_t a, int32_t b) { return z[a] > z[b] || (z[a] == z[b] && a < b); };
+  std::vector<int32_t> order(vocab);
+  std::iota(order.begin(), order.end(), 0);
+  if (k < vocab) std::nth_element(order.begin(), order.begin() + k, order.end(), before);  // top-k first
+
+  int64_t kept = k;
+  if (top_p < 1.0) {
+    double mass_k = 0.0;
+    for (int64_t j = 0; j < k; ++j) mass_k += out[order[j]];
+    const double threshold = top_p * mass_k;
+    // Sort a growing head of the top-k until its running mass reaches the threshold: the nucleus
+    // is a prefix of the full order, so it lies inside the first m once their mass reaches it.
+    int64_t m = std::min<int64_t>(k, 64);
+    for (;;) {
+      if (m < k) std::nth_element(order.begin(), order.begin() + m, order.begin() + k, before);
+      std::sort(order.begin(), order.begin() + m, before);
+      double cum = 0.0;
+      int64_t n = 0;
+      while (n < m && cum < threshold) cum += out[order[n++]];
+      if (cum >= threshold || m == k) {
+        kept = std::max<int64_t>(n, 1);
+        break;
+      }
+      m = std::min<int64_t>(k, m * 8);
+    }
+  }
+  double mass = 0.0;
+  for (int64_t j = 0; j < kept; ++j) mass += out[order[j]];
+  std::vector<float> keep_e(kept);
+  for (int64_t j = 0; j < kept; ++j) keep_e[j] = out[order[j]];
+  std::fill(out, out + vocab, 0.0f);
+  const float inv_mass = static_cast<float>(1.0 / mass);
+  for (int64_t j = 0; j < kept; ++j) out[order[j]] = keep_e[j] * inv_mass;
+}
+
+torch::Tensor filtered_probs(const char* op, const torch::Tensor& logits, double temperature, int64_t top_k,
+                             double top_p) {
+  const auto x = logits.contiguous();
+  const int64_t rows = x.size(0), vocab = x.size(1);
+  auto probs = torch::empty({rows, vocab}, x.options().dtype(at::kFloat));
+  float* out = probs.data_ptr<float>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> z(vocab);
+    for (int64_t r = begin; r < end; ++r) {
+      load_row(x, r, z.data());
+      filter_row(op, z.data(), vocab, static_cast<float>(temperature), top_k, top_p, out + r * vocab, r);
+    }
+  });
+  return probs;
+}
+
+}  // namespace
+
+torch::Tensor sampling_probs_cpu(const torch::Tensor& logits, double temperature, int64_t top_k, double top_p) {
+  const char* op = "sampling_probs";
+  check_logits(op, logits);
+  check_filter_args(op, temperature, top_k, top_p);
+  TORCH_CHECK(temperature > 0.0, op, ": temperature must be > 0 (use sample for greedy decoding), got ", temperature);
+  return filtered_probs(op, logits, temperature, top_k, top_p);
+}
+
+torch::Tensor sample_from_probs_cpu(const torch::Tensor& probs, int64_t seed, int64_t offset) {
+  const char* op = "sample_from_probs";
+  cpu::check_cpu(probs, op, "probs");
+  cpu::check_dim(probs, 2, op, "probs [T, V]");
+  cpu::check_float(probs, false, op, "probs");
+  TORCH_CHECK(probs.size(1) > 0, op, ": probs must have a non-empty vocabulary dimension, got ", probs.sizes());
+  TORCH_CHECK(offset >= 0, op, ": offset must be >= 0, got ", offset);
+  const auto p = probs.contiguous();
+  const int64_t rows = p.size(0), vocab = p.size(1);
+  auto tokens = torch::empty({rows}, p.options().dtype(at::kLong));
+  int64_t* out = tokens.data_ptr<int64_t>();
+  const float* base = p.data_ptr<float>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = base + r * vocab;
+      const double total = cpu::row_mass(row, vocab, op, "probs", r);
+      TORCH_CHECK(total > 0.0 && std::isfinite(total), op, ": probs row ", r, " must have a positive finite sum, got ",
+                  total);
+      const double u = uniform_from_counter(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset + r));
+      out[r] = cpu::invert_cdf(row, vocab, u * total);
+    }
+  });
+  return tokens;
+}
+
+torch::Tensor sample_cpu(const torch::Tensor& logits, double temperature, int64_t top_k, double top_p, int64_t seed,
+                         int64_t offset) {
+  const char* op = "sample";
+  check_logits(op, logits);
+  check_filter_args(op, temperature, top_k, top_p);
+  TORCH_CHECK(offset >= 0, op, ": offset must be >= 0, got ", offset);
+  if (temperature > 0.0) {
+    return sample_from_probs_cpu(filtered_probs(op, logits, temperature, top_k, top_p), seed, offset);
+  }
+  // Greedy: the first index of the row maximum.
+  const auto x = logits.contiguous();
+  const int64_t rows = x.size(0), vocab = x.size(1);
+  auto tokens = torch::empty({rows}, x.options().dtype(at::kLong));
+  int64_t* out = tokens.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> z(vocab);
+    for (int64_t r = begin; r < end; ++r) {
+      load_row(x, r, z.data());
+      out[r] = cpu::argmax(z.data(), vocab);
+    }
+  });
+  return tokens;
+}
+
+TORCH_LIBRARY_IMPL(layerskip, CPU, m) {
+  m.impl("sampling_probs", &sampling_probs_cpu);
+  m.impl("sample_from_probs", &sample_from_probs_cpu);
+  m.impl("sample", &sample_cpu);
+}
+
+}  // namespace layerskip
