@@ -69,7 +69,8 @@ else:
 debug = os.environ.get("LAYERSKIP_DEBUG") == "1"
 march = os.environ.get("LAYERSKIP_MARCH", "native")
 cxx_flags = ["-O0", "-g"] if debug else ["-O3", f"-march={march}", "-ffp-contract=fast"]
-cxx_flags += ["-std=c++17", "-fvisibility=hidden"]
+# -fopenmp: at::parallel_for is an inline OpenMP loop in the headers; without it, it runs serially.
+cxx_flags += ["-std=c++17", "-fvisibility=hidden", "-fopenmp"]
 nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
 
 sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/engine/*.cpp"))

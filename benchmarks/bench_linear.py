@@ -1,0 +1,108 @@
+"""Latency of layerskip::linear vs ATen (at::linear) on SmolLM2-135M shapes, with achieved memory bandwidth.
+
+A decode step reads every weight once from memory, so the weights are timed cold: each call uses the next of
+enough copies of the weight to exceed the caches (--ws-mb). Our kernel and ATen are timed alternately, call
+by call, so that load from other processes hits both alike. The first line measures the machine's read
+bandwidth (torch.sum over a 1 GiB float32 buffer) as the roofline for the GB/s columns.
+
+    python benchmarks/bench_linear.py            # full table (a few minutes)
+    python benchmarks/bench_linear.py --quick    # CI smoke run: two shapes, small working set
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+import layerskip_ext._C  # noqa: F401  (registers torch.ops.layerskip.*)
+
+# (name, K = in features, N = out features) of SmolLM2-135M (hidden 576, kv 192, intermediate 1536)
+SHAPES = [
+    ("q/o_proj 576->576", 576, 576),
+    ("k/v_proj 576->192", 576, 192),
+    ("gate|up 576->3072", 576, 3072),
+    ("down 1536->576", 1536, 576),
+    ("lm_head 576->49152", 576, 49152),
+]
+TOKENS = [1, 2, 4, 8, 16]
+
+
+def read_bandwidth(nbytes=1 << 30, reps=7):
+    """Median GB/s of torch.sum over a float32 buffer of nbytes (ATen's threads)."""
+    buf = torch.ones(nbytes // 4)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        buf.sum()
+        times.append(time.perf_counter() - t0)
+    del buf
+    return nbytes / statistics.median(times) / 1e9
+
+
+def time_pair(fns, copies, x, reps):
+    """Median seconds per call of each fn(x, weight), cycling over the weight copies, fns interleaved."""
+    times = [[] for _ in fns]
+    for i in range(len(copies)):  # warm-up: one pass over the copies
+        for fn in fns:
+            fn(x, copies[i])
+    for i in range(reps):
+        w = copies[i % len(copies)]
+        for j, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn(x, w)
+            times[j].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def ours(x, w):
+    return torch.ops.layerskip.linear(x, w)
+
+
+def aten_fp32(x, w):
+    return torch.nn.functional.linear(x, w)
+
+
+def aten_bf16(x, w):  # what a bf16 model does in eager PyTorch: bf16 activations, result widened
+    return torch.nn.functional.linear(x.to(torch.bfloat16), w).float()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="two shapes, T in {1, 8}, 64 MB working set")
+    ap.add_argument("--ws-mb", type=int, default=512, help="bytes of weight copies cycled through (MB)")
+    ap.add_argument("--reps", type=int, default=200, help="timed calls per cell")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes, tokens, ws_mb, reps = SHAPES, TOKENS, args.ws_mb, args.reps
+    if args.quick:
+        shapes, tokens, ws_mb, reps = [SHAPES[0], SHAPES[4]], [1, 8], 64, 20
+
+    bw = read_bandwidth(1 << 26 if args.quick else 1 << 30)
+    print(f"threads {torch.get_num_threads()}, read bandwidth (torch.sum, 1 GiB) {bw:.1f} GB/s, "
+          f"weight working set {ws_mb} MB, {reps} calls per cell, medians")
+    header = (f"{'shape':<20} {'dtype':<5} {'T':>3} | {'ours us':>8} {'GB/s':>6} {'%bw':>4} | "
+              f"{'aten us':>8} {'GB/s':>6} {'%bw':>4} | {'speedup':>7}")
+    print(header)
+    print("-" * len(header))
+    gen = torch.Generator().manual_seed(0)
+    for name, k, n in shapes:
+        base = torch.randn(n, k, generator=gen) / k**0.5  # [N, K]
+        for dtype, aten in ((torch.float32, aten_fp32), (torch.bfloat16, aten_bf16)):
+            w = base.to(dtype)
+            nbytes = w.numel() * w.element_size()
+            copies = [w.clone() for _ in range(max(1, ws_mb * 2**20 // nbytes))]
+            for t in tokens:
+                x = torch.randn(t, k, generator=gen)  # [T, K]
+                torch.testing.assert_close(ours(x, w), aten_fp32(x, w.float()), rtol=1e-3, atol=1e-3)
+                t_ours, t_aten = time_pair([ours, aten], copies, x, reps)
+                g_ours, g_aten = nbytes / t_ours / 1e9, nbytes / t_aten / 1e9
+                print(f"{name:<20} {str(dtype)[6:]:<5} {t:>3} | {t_ours * 1e6:>8.1f} {g_ours:>6.1f} "
+                      f"{100 * g_ours / bw:>4.0f} | {t_aten * 1e6:>8.1f} {g_aten:>6.1f} {100 * g_aten / bw:>4.0f} | "
+                      f"{t_aten / t_ours:>6.2f}x", flush=True)
+            del copies
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+// layerskip::linear on the CPU: out [T, N] = input [T, K] @ weight [N, K]^T, weight float32 or bfloat16.
+//
+// Decoding is memory bound: a decode step (T = 1) or a verify block (T <= 16) reads every weight once and
+// does only T multiply-adds per weight element. ATen's GEMV reaches about half the memory bandwidth here
+// and its skinny GEMM reads the weights again for every few tokens, so for T <= kSkinnyMaxTokens we run our
+// own kernel: output rows N are split across threads; each thread walks its weight rows kRows at a time,
+// and every block of kRows weight rows is multiplied against all T input rows (in groups of at most
+// kTokens tokens, the later groups finding the block in L1) before moving on, so each weight byte comes
+// from memory once whatever T is. bfloat16 weights are widened to float32 in registers (a 16-bit shift),
+// halving the bytes read. Larger T (prefill) goes to at::matmul.
+#include <ATen/Parallel.h>
+#include <torch/all.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX2__) && defined(__FMA__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "ops.h"
+
+namespace layerskip {
+namespace {
+
+constexpr int64_t kSkinnyMaxTokens = 16;  // T above this goes to at::matmul
+
+// ---------------------------------------------------------------------------------------------------
+// SIMD flavours. Each gives: Vec, kWidth floats per Vec, zero(), load(const float*), load(const BF16*)
+// (widened to float), fma(a, b, c) = a * b + c, sum(Vec) (horizontal), and the register blocking of the
+// kernel: kRows weight rows per block and at most kTokens input rows per pass (kRows * kTokens
+// accumulators must fit in the register file next to one weight and one input vector).
+
+using BF16 = uint16_t;  // raw bfloat16 bits: the top half of a float32
+
+inline float bf16_to_float(BF16 b) {
+  uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+#if defined(__AVX512F__)
+struct Simd {
+  using Vec = __m512;
+  static constexpr int kWidth = 16;
+  static constexpr int kRows = 4;
+  static constexpr int kTokens = 6;  // 24 accumulators of 32 zmm registers
+  static Vec zero() { return _mm512_setzero_ps(); }
+  static Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static Vec load(const BF16* p) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+  static Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(Vec v) { return _mm512_reduce_add_ps(v); }
+};
+#elif defined(__AVX2__) && defined(__FMA__)
+struct Simd {
+  using Vec = __m256;
+  static constexpr int kWidth = 8;
+  static constexpr int kRows = 4;
+  static constexpr int kTokens = 3;  // 12 accumulators of 16 ymm registers
+  static Vec zero() { return _mm256_setzero_ps(); }
+  static Vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static Vec load(const BF16* p) {
+    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+  static Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(Vec v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  // 4 lanes
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                         // 2 lanes
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));                                          // 1 lane
+    return _mm_cvtss_f32(s);
+  }
+};
+#else
+struct Simd {  // portable scalar path: a "vector" of one float
+  using Vec = float;
+  static constexpr int kWidth = 1;
+  static constexpr int kRows = 4;
+  static constexpr int kTokens = 4;
+  static Vec zero() { return 0.0f; }
+  static Vec load(const float* p) { return *p; }
+  static Vec load(const BF16* p) { return bf16_to_float(*p); }
+  static Vec fma(Vec a, Vec b, Vec c) { return a * b + c; }
+  static float sum(Vec v) { return v; }
+};
+#endif
+
+inline float to_float(float v) { return v; }
+inline float to_float(BF16 v) { return bf16_to_float(v); }
+
+// How far ahead (in bytes) of the current position each weight row is prefetched.
+constexpr int64_t kPrefetchBytes = 1024;
+
+// ---------------------------------------------------------------------------------------------------
+// Micro-kernel: out[t, n] for R consecutive weight rows and TB input rows.
+// x: TB input rows with stride K; w: R weight rows with stride K; out: column n of row 0, row stride N.
+template <int R, int TB, typename W>
+inline void dot_block(const float* x, const W* w, int64_t K, float* out, int64_t N) {
+  using Vec = typename Simd::Vec;
+  constexpr int kW = Simd::kWidth;
+  Vec acc[R][TB];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TB; ++t) acc[r][t] = Simd::zero();
+
+  const int64_t k_vec = K - K % kW;
+  for (int64_t k = 0; k < k_vec; k += kW) {
+#if defined(__AVX2__) || defined(__AVX512F__)
+    if ((k * static_cast<int64_t>(sizeof(W))) % 64 == 0) {  // one prefetch per cache line per row
+      for (int r = 0; r < R; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k) + kPrefetchBytes, _MM_HINT_T0);
+    }
+#endif
+    for (int r = 0; r < R; ++r) {
+      const Vec wv = Simd::load(w + r * K + k);
+      for (int t = 0; t < TB; ++t) acc[r][t] = Simd::fma(wv, Simd::load(x + t * K + k), acc[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int t = 0; t < TB; ++t) {
+      float s = Simd::sum(acc[r][t]);
+      for (int64_t k = k_vec; k < K; ++k) s += to_float(w[r * K + k]) * x[t * K + k];  // K tail
+      out[t * N + r] = s;
+    }
+  }
+}
+
+// The last n < TB input rows against R weight rows (n = 0: nothing).
+template <int R, int TB, typename W>
+inline void dot_tail(int64_t n, const float* x, const W* w, int64_t K, float* out, int64_t N) {
+  if constexpr (TB > 0) {
+    if (n == TB) {
+      dot_block<R, TB>(x, w, K, out, N);
+    } else {
+      dot_tail<R, TB - 1>(n, x, w, K, out, N);
+    }
+  }
+}
+
+// All T input rows against R weight rows: passes of Simd::kTokens input rows, then the remainder.
+template <int R, typename W>
+inline void dot_rows(const float* x, int64_t T, const W* w, int64_t K, float* out, int64_t N) {
+  int64_t t = 0;
+  for (; t + Simd::kTokens <= T; t += Simd::kTokens) dot_block<R, Simd::kTokens>(x + t * K, w, K, out + t * N, N);
+  dot_tail<R, Simd::kTokens - 1>(T - t, x + t * K, w, K, out + t * N, N);
+}
+
+// Output columns [n0, n1) for all T rows: weight rows in blocks of Simd::kRows, then one at a time.
+template <typename W>
+void skinny_range(const float* x, int64_t T, const W* w, int64_t K, float* out, int64_t N, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + Simd::kRows <= n1; n += Simd::kRows) dot_rows<Simd::kRows>(x, T, w + n * K, K, out + n, N);
+  for (; n < n1; ++n) dot_rows<1>(x, T, w + n * K, K, out + n, N);
+}
+
+template <typename W>
+void skinny_linear(const float* x, int64_t T, const W* w, int64_t K, float* out, int64_t N) {
+  // Threads split N into contiguous blocks; below ~256 KiB of weights one thread does it all (a thread
+  // launch costs more than reading that much).
+  const int64_t bytes_per_row = std::max<int64_t>(K * static_cast<int64_t>(sizeof(W)), 1);
+  const int64_t grain = std::max<int64_t>((int64_t{256} << 10) / bytes_per_row, Simd::kRows);
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { skinny_range(x, T, w, K, out, N, n0, n1); });
+}
+
+}  // namespace
+
+// input [T, K] float32, weight [N, K] float32 | bfloat16 -> [T, N] float32
+torch::Tensor linear_cpu(const torch::Tensor& input, const torch::Tensor& weight) {
+  TORCH_CHECK(input.device().is_cpu() && weight.device().is_cpu(), "linear: expected CPU tensors, got input on ",
+              input.device(), " and weight on ", weight.device());
+  TORCH_CHECK(input.dim() == 2, "linear: input must be 2-D [T, K], got shape ", input.sizes());
+  TORCH_CHECK(weight.dim() == 2, "linear: weight must be 2-D [N, K], got shape ", weight.sizes());
+  TORCH_CHECK(input.scalar_type() == at::kFloat, "linear: input must be float32, got ", input.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16,
+              "linear: weight must be float32 or bfloat16, got ", weight.scalar_type());
+  TORCH_CHECK(input.size(1) == weight.size(1), "linear: input [T, K] and weight [N, K] disagree on K: input ",
+              input.sizes(), ", weight ", weight.sizes());
+
+  const int64_t T = input.size(0), K = input.size(1), N = weight.size(0);
+  if (T > kSkinnyMaxTokens) {  // prefill: ATen's GEMM (MKL) is good at many rows
+    return at::matmul(input, weight.to(at::kFloat).t());
+  }
+
+  const torch::Tensor x = input.contiguous();   // [T, K]
+  const torch::Tensor w = weight.contiguous();  // [N, K]
+  torch::Tensor out = torch::empty({T, N}, input.options());  // [T, N]
+  if (T == 0 || N == 0) return out;
+  if (weight.scalar_type() == at::kFloat) {
+    skinny_linear(x.data_ptr<float>(), T, w.data_ptr<float>(), K, out.data_ptr<float>(), N);
+  } else {
+    const auto* wb = reinterpret_cast<const BF16*>(w.data_ptr<at::BFloat16>());
+    skinny_linear(x.data_ptr<float>(), T, wb, K, out.data_ptr<float>(), N);
+  }
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(layerskip, CPU, m) { m.impl("linear", &linear_cpu); }
+
+}  // namespace layerskip

@@ -1,0 +1,76 @@
+// ctest: layerskip::linear called through the dispatcher (as the C++ engine does) against at::matmul in
+// double precision, over token counts on both sides of the skinny-kernel limit, odd K (vector tail), N not
+// a multiple of the row block, fp32 and bf16 weights; plus the error checks. Exit code 0 = pass.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/torch.h>
+
+#include <cstdio>
+#include <string>
+
+namespace {
+
+using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&);
+
+const c10::TypedOperatorHandle<LinearFn>& linear_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("layerskip::linear", "").typed<LinearFn>();
+  return op;
+}
+
+int failures = 0;
+
+void check_case(int64_t T, int64_t K, int64_t N, at::ScalarType wtype) {
+  at::Tensor x = torch::randn({T, K});                  // [T, K]
+  at::Tensor w = torch::randn({N, K}).to(wtype);        // [N, K]
+  at::Tensor out = linear_op().call(x, w);              // [T, N]
+  at::Tensor ref = at::matmul(x.to(at::kDouble), w.to(at::kDouble).t());  // [T, N]
+  const bool shape_ok = out.sizes() == ref.sizes() && out.scalar_type() == at::kFloat;
+  // fp32 accumulation over K terms of size ~1: error grows like sqrt(K) * eps * |terms|
+  const bool close = shape_ok && at::allclose(out.to(at::kDouble), ref, /*rtol=*/1e-4, /*atol=*/1e-4 * K);
+  if (!close) {
+    ++failures;
+    std::printf("FAIL T=%lld K=%lld N=%lld %s: shape %s, max abs err %g\n", static_cast<long long>(T),
+                static_cast<long long>(K), static_cast<long long>(N), c10::toString(wtype),
+                shape_ok ? "ok" : "wrong",
+                shape_ok ? (out.to(at::kDouble) - ref).abs().max().item<double>() : -1.0);
+  }
+}
+
+// The op must throw (a c10::Error, i.e. a TORCH_CHECK) with a message containing `expected`.
+void check_error(const char* what, const at::Tensor& x, const at::Tensor& w, const std::string& expected) {
+  try {
+    linear_op().call(x, w);
+    ++failures;
+    std::printf("FAIL %s: no error raised\n", what);
+  } catch (const c10::Error& e) {
+    if (std::string(e.what()).find(expected) == std::string::npos) {
+      ++failures;
+      std::printf("FAIL %s: message lacks '%s': %s\n", what, expected.c_str(), e.what_without_backtrace());
+    }
+  }
+}
+
+}  // namespace
+
+int main() {
+  torch::manual_seed(0);
+  int cases = 0;
+  for (at::ScalarType wtype : {at::kFloat, at::kBFloat16}) {
+    for (int64_t T : {1, 2, 3, 5, 8, 13, 16, 17, 40}) {
+      for (int64_t K : {7, 64, 576, 1000}) {
+        for (int64_t N : {1, 5, 192, 577}) {
+          check_case(T, K, N, wtype);
+          ++cases;
+        }
+      }
+    }
+  }
+  check_error("1-D input", torch::randn({8}), torch::randn({4, 8}), "input must be 2-D");
+  check_error("3-D weight", torch::randn({2, 8}), torch::randn({4, 8, 1}), "weight must be 2-D");
+  check_error("double input", torch::randn({2, 8}, at::kDouble), torch::randn({4, 8}), "input must be float32");
+  check_error("half weight", torch::randn({2, 8}), torch::randn({4, 8}).to(at::kHalf), "weight must be float32");
+  check_error("K mismatch", torch::randn({2, 8}), torch::randn({4, 9}), "disagree on K");
+
+  std::printf("%d cases + 5 error checks, %d failures\n", cases, failures);
+  return failures == 0 ? 0 : 1;
+}
