@@ -5,6 +5,7 @@
 #   LAYERSKIP_CUDA=0|1   force the CPU-only or the CUDA build
 #   LAYERSKIP_MARCH=...  value of -march for the CPU kernels (default: native)
 #   LAYERSKIP_DEBUG=1    build with -O0 -g
+#   TORCH_CUDA_ARCH_LIST GPU architectures (default: the visible GPU's, or 8.0;9.0+PTX without one)
 import glob
 import os
 import re
@@ -70,12 +71,16 @@ debug = os.environ.get("LAYERSKIP_DEBUG") == "1"
 march = os.environ.get("LAYERSKIP_MARCH", "native")
 cxx_flags = ["-O0", "-g"] if debug else ["-O3", f"-march={march}", "-ffp-contract=fast"]
 # -fopenmp: at::parallel_for is an inline OpenMP loop in the headers; without it, it runs serially.
-cxx_flags += ["-std=c++17", "-fvisibility=hidden", "-fopenmp"]
-nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+# The C++ standard comes from torch (C++17 for 2.13, C++20 for 2.14).
+cxx_flags += ["-fvisibility=hidden", "-fopenmp"]
+nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 
 sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/engine/*.cpp"))
 include_dirs = [os.path.join(ROOT, "csrc")]
 define_macros = []
+if use_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+    # no GPU to ask which architecture to build for: Ampere and Hopper, plus PTX for newer GPUs
+    os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
 if use_cuda:
     sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     include_dirs += _nvidia_wheel_includes()

@@ -1,8 +1,9 @@
 """Latency of layerskip::linear vs ATen (at::linear) on SmolLM2-135M shapes, with achieved memory bandwidth.
 
 A decode step reads every weight once from memory, so the weights are timed cold: each call uses the next of
-enough copies of the weight to exceed the caches (--ws-mb). Our kernel and ATen are timed alternately, call
-by call, so that load from other processes hits both alike. The first line measures the machine's read
+enough copies of the weight to exceed the caches (--ws-mb), and ours and ATen read different copies (else the
+second finds the weight in cache). They are timed alternately, call by call, so that load from other processes
+hits both alike. The first line measures the machine's read
 bandwidth (torch.sum over a 1 GiB float32 buffer) as the roofline for the GB/s columns.
 
     python benchmarks/bench_linear.py            # full table (a few minutes)
@@ -46,8 +47,8 @@ def time_pair(fns, copies, x, reps):
         for fn in fns:
             fn(x, copies[i])
     for i in range(reps):
-        w = copies[i % len(copies)]
         for j, fn in enumerate(fns):
+            w = copies[(i + j * len(copies) // len(fns)) % len(copies)]  # far from the copy the other fn just read
             t0 = time.perf_counter()
             fn(x, w)
             times[j].append(time.perf_counter() - t0)

@@ -79,9 +79,11 @@ inline float sum(const float* x, int64_t n) {
 // exp(x) for float, branch-free so that loops calling it vectorise: Cody-Waite reduction
 // x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial for e^r (Cephes expf coefficients), 2^n from
 // the exponent bits. Relative error about 2e-7 on [-87, 88]; below -87 it returns 0 (also for -inf).
+// (No std::floor / fmin: GCC 12 does not vectorise loops calling them without -ffast-math.)
 inline float exp_fast(float x) {
-  const float xc = std::fmin(std::fmax(x, -87.0f), 88.0f);
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  float xc = x < -87.0f ? -87.0f : x;
+  xc = xc > 88.0f ? 88.0f : xc;
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // rint via 1.5 * 2^23
   const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;

@@ -12,8 +12,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
-#include <numeric>
+#include <cstring>
 #include <vector>
 
 #include "cpu/categorical.h"
@@ -36,7 +37,8 @@ void check_logits(const char* op, const torch::Tensor& logits) {
   cpu::check_cpu(logits, op, "logits");
   cpu::check_dim(logits, 2, op, "logits [T, V]");
   cpu::check_float(logits, true, op, "logits");
-  TORCH_CHECK(logits.size(1) > 0, op, ": logits must have a non-empty vocabulary dimension, got ", logits.sizes());
+  TORCH_CHECK(logits.size(1) > 0 && logits.size(1) <= INT32_MAX, op,
+              ": logits must have a vocabulary dimension in [1, 2^31), got ", logits.sizes());
 }
 
 // Row r of logits [T, V] as float into z [V].
@@ -50,6 +52,19 @@ void load_row(const torch::Tensor& logits, int64_t r, float* z) {
     for (int64_t i = 0; i < vocab; ++i) z[i] = static_cast<float>(src[i]);
   }
 }
+
+// Sort key of token i with logit z: keys ascending = logits descending, ties by lower index first.
+// The float's bits mapped to an unsigned integer of the same order (-0 folded into +0), inverted,
+// above the index: sorting plain integers beats an indirect comparator.
+inline uint64_t rank_key(float z, int64_t i) {
+  const float zc = z + 0.0f;
+  uint32_t bits;
+  std::memcpy(&bits, &zc, sizeof(bits));
+  bits = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);  // ascending with z
+  return (static_cast<uint64_t>(static_cast<uint32_t>(~bits)) << 32) | static_cast<uint32_t>(i);
+}
+
+inline int64_t key_index(uint64_t key) { return static_cast<int64_t>(key & 0xFFFFFFFFull); }
 
 // Filtered, renormalised probabilities of one row (see the file comment). z [V] logits, out [V].
 void filter_row(const char* op, const float* z, int64_t vocab, float temperature, int64_t top_k, double top_p,
@@ -66,39 +81,79 @@ void filter_row(const char* op, const float* z, int64_t vocab, float temperature
     for (int64_t i = 0; i < vocab; ++i) out[i] *= inv_sum;
     return;
   }
-  auto before = [z](int32_t a, int32_t b) { return z[a] > z[b] || (z[a] == z[b] && a < b); };
-  std::vector<int32_t> order(vocab);
-  std::iota(order.begin(), order.end(), 0);
-  if (k < vocab) std::nth_element(order.begin(), order.begin() + k, order.end(), before);  // top-k first
+  // Coarse histogram over (zmax - z) / T in buckets of width 1/2 (the last one open-ended): bucket
+  // sets {bucket <= b} are prefixes of the order, so they bound where the top-k and the nucleus end
+  // and only those candidates need sorting.
+  constexpr int kBuckets = 128;
+  auto bucket = [&](int64_t i) {
+    const float key = (zmax - z[i]) * inv_t;
+    return key < 63.5f ? static_cast<int>(key * 2.0f) : kBuckets - 1;
+  };
+  std::array<int64_t, kBuckets> count{};
+  std::array<double, kBuckets> bucket_mass{};
+  for (int64_t i = 0; i < vocab; ++i) {
+    const int b = bucket(i);
+    ++count[b];
+    bucket_mass[b] += out[i];
+  }
+  int bk = kBuckets - 1;  // the buckets up to bk hold the top-k
+  for (int64_t b = 0, c = 0; b < kBuckets && k < vocab; ++b) {
+    if ((c += count[b]) >= k) {
+      bk = static_cast<int>(b);
+      break;
+    }
+  }
+  int bp = bk;  // the buckets up to bp hold (up to rounding) top_p of an upper bound of the top-k mass
+  if (top_p < 1.0) {
+    double bound = 0.0, cum = 0.0;
+    for (int b = 0; b <= bk; ++b) bound += bucket_mass[b];
+    for (int b = 0; b <= bk; ++b) {
+      if ((cum += bucket_mass[b]) >= top_p * bound) {
+        bp = b;
+        break;
+      }
+    }
+  }
 
-  int64_t kept = k;
+  std::vector<uint64_t> order;  // rank keys of the candidates (buckets <= bk)
+  order.reserve(k < vocab ? 2 * k : vocab);
+  for (int64_t i = 0; i < vocab; ++i) {
+    if (bucket(i) <= bk) order.push_back(rank_key(z[i], i));
+  }
+  if (k < static_cast<int64_t>(order.size())) std::nth_element(order.begin(), order.begin() + k, order.end());
+
+  int64_t kept = k;  // order[0, k) is the top-k
   if (top_p < 1.0) {
     double mass_k = 0.0;
-    for (int64_t j = 0; j < k; ++j) mass_k += out[order[j]];
+    for (int64_t j = 0; j < k; ++j) mass_k += out[key_index(order[j])];
     const double threshold = top_p * mass_k;
     // Sort a growing head of the top-k until its running mass reaches the threshold: the nucleus
-    // is a prefix of the full order, so it lies inside the first m once their mass reaches it.
-    int64_t m = std::min<int64_t>(k, 64);
+    // is a prefix of the order, so it lies inside the first m once their mass reaches it. The
+    // first head is the buckets up to bp (a prefix of the order, moved to the front).
+    const int64_t head = std::partition(order.begin(), order.begin() + k,
+                                        [&](uint64_t key) { return bucket(key_index(key)) <= bp; }) -
+                         order.begin();
+    int64_t m = head > 0 ? head : std::min<int64_t>(k, 64);
     for (;;) {
-      if (m < k) std::nth_element(order.begin(), order.begin() + m, order.begin() + k, before);
-      std::sort(order.begin(), order.begin() + m, before);
+      if (m < k && m != head) std::nth_element(order.begin(), order.begin() + m, order.begin() + k);
+      std::sort(order.begin(), order.begin() + m);
       double cum = 0.0;
       int64_t n = 0;
-      while (n < m && cum < threshold) cum += out[order[n++]];
+      while (n < m && cum < threshold) cum += out[key_index(order[n++])];
       if (cum >= threshold || m == k) {
         kept = std::max<int64_t>(n, 1);
         break;
       }
-      m = std::min<int64_t>(k, m * 8);
+      m = std::min<int64_t>(k, std::max<int64_t>(m * 8, 64));
     }
   }
   double mass = 0.0;
-  for (int64_t j = 0; j < kept; ++j) mass += out[order[j]];
+  for (int64_t j = 0; j < kept; ++j) mass += out[key_index(order[j])];
   std::vector<float> keep_e(kept);
-  for (int64_t j = 0; j < kept; ++j) keep_e[j] = out[order[j]];
+  for (int64_t j = 0; j < kept; ++j) keep_e[j] = out[key_index(order[j])];
   std::fill(out, out + vocab, 0.0f);
   const float inv_mass = static_cast<float>(1.0 / mass);
-  for (int64_t j = 0; j < kept; ++j) out[order[j]] = keep_e[j] * inv_mass;
+  for (int64_t j = 0; j < kept; ++j) out[key_index(order[j])] = keep_e[j] * inv_mass;
 }
 
 torch::Tensor filtered_probs(const char* op, const torch::Tensor& logits, double temperature, int64_t top_k,

@@ -84,10 +84,10 @@ def check_generation_args(config, tokenizer, prompt, *, max_new_tokens, strategy
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if isinstance(prompt, str):
-        if tokenizer is None:
-            raise ValueError("prompt is a string but the model has no tokenizer: pass a list of token ids")
         if prompt == "":
             raise ValueError("prompt is empty")
+        if tokenizer is None:
+            raise ValueError("prompt is a string but the model has no tokenizer: pass a list of token ids")
         prompt_ids = tokenizer.encode(prompt).ids
     elif isinstance(prompt, (list, tuple)) or (hasattr(prompt, "tolist") and hasattr(prompt, "ndim")):
         if hasattr(prompt, "ndim") and prompt.ndim != 1:

@@ -1,0 +1,158 @@
+"""Command line: layerskip-ext generate | bench | sweep | train."""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_PROMPT = "<|im_start|>user\nWrite a short story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--backend", default="auto", choices=["auto", "engine", "reference"])
+
+
+def _decode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--strategy", default="self_speculative",
+                   choices=["autoregressive", "early_exit", "self_speculative"])
+    p.add_argument("--exit-layer", type=int, default=None, help="E (default: a quarter of the layers)")
+    p.add_argument("--num-speculations", type=int, default=None, help="d, tokens drafted per round")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _load(args):
+    import layerskip_ext
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return layerskip_ext.load(args.model, dtype=DTYPES[args.dtype])
+
+
+def _exit_layer(args, model):
+    if args.exit_layer is not None or args.strategy == "autoregressive":
+        return args.exit_layer
+    return max(1, model.num_layers // 4)
+
+
+def _decode_kwargs(args, model):
+    return dict(max_new_tokens=args.max_new_tokens, strategy=args.strategy, exit_layer=_exit_layer(args, model),
+                num_speculations=args.num_speculations, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed, backend=args.backend)
+
+
+def cmd_generate(args) -> int:
+    import layerskip_ext
+    model = _load(args)
+    prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
+    print(prompt, end="", flush=True)
+    streamed: list[int] = []
+
+    def on_token(token: int) -> None:  # print text as it is accepted
+        before = model.decode(streamed)
+        streamed.append(token)
+        print(model.decode(streamed)[len(before):], end="", flush=True)
+
+    result = layerskip_ext.generate(model, prompt, on_token=on_token if args.stream else None,
+                                    **_decode_kwargs(args, model))
+    if not args.stream:
+        print(result.text, end="")
+    s = result.stats
+    print("\n" + "-" * 60)
+    print(f"strategy {s.strategy}  exit_layer {s.exit_layer}  num_speculations {s.num_speculations}  "
+          f"finish {result.finish_reason}")
+    print(f"prompt {s.prompt_tokens} tokens, prefill {s.prefill_time_s * 1e3:.1f} ms; "
+          f"{s.new_tokens} new tokens, {s.tokens_per_second:.1f} tokens/s ({s.time_per_token * 1e3:.1f} ms/token)")
+    if s.acceptance_rate is not None:
+        print(f"acceptance rate {s.acceptance_rate:.1%} ({s.accepted}/{s.drafted} drafted, {s.rounds} rounds)")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    """Median tokens/s of each strategy on one prompt."""
+    import layerskip_ext
+    model = _load(args)
+    E = args.exit_layer or max(1, model.num_layers // 4)
+    rows = []
+    for strategy in ("autoregressive", "early_exit", "self_speculative"):
+        kwargs = dict(max_new_tokens=args.max_new_tokens, strategy=strategy, stop_token_ids=[], backend=args.backend,
+                      exit_layer=None if strategy == "autoregressive" else E,
+                      num_speculations=args.num_speculations if strategy == "self_speculative" else None)
+        layerskip_ext.generate(model, DEFAULT_PROMPT, **dict(kwargs, max_new_tokens=4))  # warm up
+        runs = [layerskip_ext.generate(model, DEFAULT_PROMPT, **kwargs) for _ in range(args.repeats)]
+        tps = statistics.median(r.stats.tokens_per_second for r in runs)
+        acc = runs[0].stats.acceptance_rate
+        rows.append((strategy, tps, 1e3 / tps if tps else float("nan"), acc))
+    base = rows[0][1]
+    print(f"{'strategy':<18}{'tokens/s':>10}{'ms/token':>10}{'speedup':>9}{'acceptance':>12}")
+    for name, tps, ms, acc in rows:
+        print(f"{name:<18}{tps:>10.1f}{ms:>10.1f}{tps / base:>8.2f}x{'' if acc is None else f'{acc:.1%}':>12}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    """Self-speculative tokens/s and acceptance over a grid of exit layers and draft lengths."""
+    import layerskip_ext
+    model = _load(args)
+    exits = [int(x) for x in args.exit_layers.split(",")]
+    ds = [int(x) for x in args.num_speculations.split(",")]
+    common = dict(max_new_tokens=args.max_new_tokens, stop_token_ids=[], backend=args.backend)
+    base = layerskip_ext.generate(model, DEFAULT_PROMPT, **common).stats.tokens_per_second
+    print(f"autoregressive: {base:.1f} tokens/s")
+    print(f"{'E':>4}{'d':>4}{'tokens/s':>10}{'speedup':>9}{'acceptance':>12}")
+    for E in exits:
+        for d in ds:
+            r = layerskip_ext.generate(model, DEFAULT_PROMPT, strategy="self_speculative", exit_layer=E,
+                                       num_speculations=d, **common)
+            s = r.stats
+            print(f"{E:>4}{d:>4}{s.tokens_per_second:>10.1f}{s.tokens_per_second / base:>8.2f}x"
+                  f"{s.acceptance_rate:>12.1%}")
+    return 0
+
+
+def cmd_train(argv) -> int:
+    from layerskip_ext.training.cli import main as train_main
+    return train_main(argv)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        return cmd_train(argv[1:])
+    parser = argparse.ArgumentParser(prog="layerskip-ext", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text and print speed and acceptance")
+    g.add_argument("prompt", nargs="?", default=None)
+    g.add_argument("--stream", action="store_true", help="print tokens as they are accepted")
+    _model_args(g)
+    _decode_args(g)
+    b = sub.add_parser("bench", help="tokens/s of each strategy")
+    _model_args(b)
+    b.add_argument("--max-new-tokens", type=int, default=64)
+    b.add_argument("--exit-layer", type=int, default=None)
+    b.add_argument("--num-speculations", type=int, default=4)
+    b.add_argument("--repeats", type=int, default=3)
+    s = sub.add_parser("sweep", help="self-speculative grid over exit layers and draft lengths")
+    _model_args(s)
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--exit-layers", default="4,8,12,16")
+    s.add_argument("--num-speculations", default="2,4,6")
+    sub.add_parser("train", help="LayerSkip training recipes (see layerskip-ext train --help)")
+    args = parser.parse_args(argv)
+    try:
+        return {"generate": cmd_generate, "bench": cmd_bench, "sweep": cmd_sweep}[args.command](args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"layerskip-ext: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

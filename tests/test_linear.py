@@ -1,0 +1,101 @@
+"""torch.ops.layerskip.linear against a float64 PyTorch reference: T on both sides of the skinny-kernel
+limit (16), K with and without a vector tail, N not a multiple of the row block, fp32 and bf16 weights,
+non-contiguous inputs, error messages, and opcheck."""
+import pytest
+import torch
+
+import layerskip_ext._C  # noqa: F401  (registers torch.ops.layerskip.*)
+
+linear = torch.ops.layerskip.linear
+
+TOKENS = list(range(1, 18)) + [33]
+KS = [7, 64, 576, 1536, 1000]
+NS = [1, 5, 192, 576, 1000]
+
+
+def reference(x, w):
+    """x [T, K], w [N, K] (any float dtype) -> x @ w.T in float64, [T, N]."""
+    return x.double() @ w.double().T
+
+
+def check(out, x, w):
+    ref = reference(x, w)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    # fp32 accumulation of K products: scale the tolerance with the size of the terms summed
+    scale = (x.double().abs() @ w.double().abs().T).clamp_min(1.0)
+    err = ((out.double() - ref).abs() / scale).max().item()
+    assert err < 1e-5, f"relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t", TOKENS)
+def test_matches_reference(t, wdtype):
+    gen = torch.Generator().manual_seed(t)
+    for k in KS:
+        for n in NS:
+            x = torch.randn(t, k, generator=gen)  # [T, K]
+            w = torch.randn(n, k, generator=gen).to(wdtype)  # [N, K]
+            check(linear(x, w), x, w)
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_lm_head_shape(wdtype):
+    """A wide weight split across threads (SmolLM2's LM head shape, fewer rows)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 576, generator=gen)  # [T, K]
+    w = torch.randn(8191, 576, generator=gen).to(wdtype)  # [N, K]
+    check(linear(x, w), x, w)
+
+
+@pytest.mark.parametrize("t", [4, 20])
+def test_non_contiguous(t):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, t, generator=gen).T  # [T, 64], stride (1, T)
+    w = torch.randn(40, 128, generator=gen)[:, ::2]  # [40, 64], row stride 128
+    assert not x.is_contiguous() and not w.is_contiguous()
+    check(linear(x, w), x, w)
+    check(linear(x, w.bfloat16()), x, w.bfloat16())
+
+
+@pytest.mark.parametrize("t", [0, 3, 20])
+def test_empty(t):
+    assert linear(torch.randn(t, 8), torch.randn(0, 8)).shape == (t, 0)  # N = 0
+    out = linear(torch.randn(t, 0), torch.randn(5, 0))  # K = 0: all zeros
+    assert out.shape == (t, 5) and bool((out == 0).all())
+
+
+@pytest.mark.parametrize(
+    "x, w, message",
+    [
+        (torch.randn(8), torch.randn(4, 8), "input must be 2-D"),
+        (torch.randn(1, 2, 8), torch.randn(4, 8), "input must be 2-D"),
+        (torch.randn(2, 8), torch.randn(8), "weight must be 2-D"),
+        (torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 8), "input must be float32"),
+        (torch.randn(2, 8).bfloat16(), torch.randn(4, 8), "input must be float32"),
+        (torch.randn(2, 8), torch.randn(4, 8).half(), "weight must be float32 or bfloat16"),
+        (torch.randn(2, 8), torch.randint(0, 3, (4, 8)), "weight must be float32 or bfloat16"),
+        (torch.randn(2, 8), torch.randn(4, 9), "disagree on K"),
+        (torch.randn(20, 8), torch.randn(4, 9), "disagree on K"),  # also on the ATen path
+    ],
+)
+def test_errors(x, w, message):
+    with pytest.raises(RuntimeError, match=message):
+        linear(x, w)
+
+
+def _ops_module():
+    try:
+        import layerskip_ext.ops as ops
+    except ImportError:
+        return None
+    return ops
+
+
+@pytest.mark.parametrize("t", [1, 8, 17])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_opcheck(t, wdtype):
+    if _ops_module() is None:
+        pytest.skip("layerskip_ext.ops (register_fake for linear) not available in this checkout")
+    x = torch.randn(t, 64)
+    w = torch.randn(24, 64).to(wdtype)
+    torch.library.opcheck(linear.default, (x, w))
