@@ -12,21 +12,27 @@ Full mode, in one run (2 threads, batch 1, 128 new tokens, median over several p
      generate(assistant_early_exit=E, num_assistant_tokens=d);
   4. a per-token time breakdown of engine decoding from the engine's built-in timers.
 Decode tokens/s exclude the prefill (the first token comes from it). Nothing here asserts a time.
+OMP_WAIT_POLICY defaults to PASSIVE here: on a machine shared with other processes, spinning OpenMP
+workers waiting for a descheduled peer cost more than the work (10-50x on single ops); set it to ACTIVE
+for exclusive-use measurements.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
-import sys
-import tempfile
-import time
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before libgomp loads (with torch)
 
-import layerskip_ext
-from layerskip_ext import engine as engine_mod
-from layerskip_ext.checkpoint import save_pretrained
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+import layerskip_ext  # noqa: E402
+from layerskip_ext import engine as engine_mod  # noqa: E402
+from layerskip_ext.checkpoint import save_pretrained  # noqa: E402
 
 PROMPTS = [
     "The capital of France is",
@@ -165,6 +171,7 @@ def quick(args):
     H, D, Hq, Hkv, I, V, S = c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.intermediate_size, \
         c.vocab_size, 256
     x, w_h, w_qkv = torch.randn(1, H), torch.ones(H), torch.randn((Hq + 2 * Hkv) * D, H)
+    w_qkv16 = w_qkv.bfloat16()
     q, k = torch.randn(1, Hq, D), torch.randn(1, Hkv, D)
     kc, vc = torch.randn(Hkv, S, D), torch.randn(Hkv, S, D)
     pos, table_ = torch.tensor([100]), model.module.rope_cache()
@@ -173,7 +180,7 @@ def quick(args):
         ["rms_norm [1, H]", time_op(lambda: ops.rms_norm(x, w_h, 1e-5))],
         ["fused_add_rms_norm [1, H]", time_op(lambda: ops.fused_add_rms_norm(x, x.clone(), w_h, 1e-5))],
         ["linear qkv [1, H] fp32", time_op(lambda: ops.linear(x, w_qkv))],
-        ["linear qkv [1, H] bf16", time_op(lambda: ops.linear(x, w_qkv.bfloat16()))],
+        ["linear qkv [1, H] bf16", time_op(lambda: ops.linear(x, w_qkv16))],
         ["linear lm_head [1, H] fp32", time_op(lambda: ops.linear(x, model.module.lm_head.weight.detach()))],
         ["rotary_embedding [1 token]", time_op(lambda: ops.rotary_embedding(q, k, pos, table_))],
         ["kv_cache_write [1 token]", time_op(lambda: ops.kv_cache_write(kc, vc, k, k, pos))],
@@ -210,7 +217,8 @@ def full(args):
     bytes32 = eng32.weight_bytes_per_token
     roof32 = bw_read * 1e9 / bytes32
     table("machine", ["quantity", "value"],
-          [["threads", torch.get_num_threads()], ["read bandwidth GB/s (sum, 1 GiB)", bw_read],
+          [["threads", torch.get_num_threads()], ["OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY")],
+           ["load average (1 min) at start", os.getloadavg()[0]], ["read bandwidth GB/s (sum, 1 GiB)", bw_read],
            ["copy bandwidth GB/s (read+write)", bw_copy], ["fp32 weight MB per token", bytes32 / 1e6],
            ["fp32 roofline tok/s", roof32]])
 
@@ -234,7 +242,7 @@ def full(args):
           ["run", "ms/token", "tok/s", "fraction of roofline"], rows)
 
     rows = []
-    for E, d in args.grid:
+    for E, d in args.grid:  # empty grid (--grid ''): autoregressive only
         kw = dict(strategy="self_speculative", exit_layer=E, num_speculations=d)
         ms, acc = engine_run(model, prompts, n, **kw)
         row = [E, d, f"{acc:.2f}", ms, 1e3 / ms, ar32 / ms]
@@ -247,17 +255,19 @@ def full(args):
         else:
             row += ["-"]
         rows.append(row)
-    header = ["E", "d", "acceptance", "engine ms/tok", "engine tok/s", "vs engine AR"]
-    if ar16 is not None:
-        header += ["bf16 tok/s", "bf16 vs bf16 AR"]
-    header += ["transformers early-exit tok/s"]
-    table(f"self-speculative (fp32 unless noted), {n} new tokens", header, rows)
+    if rows:
+        header = ["E", "d", "acceptance", "engine ms/tok", "engine tok/s", "vs engine AR"]
+        if ar16 is not None:
+            header += ["bf16 tok/s", "bf16 vs bf16 AR"]
+        header += ["transformers early-exit tok/s"]
+        table(f"self-speculative (fp32 unless noted), {n} new tokens", header, rows)
 
     table("per-token breakdown, engine autoregressive fp32", ["category", "ms/token", "%"],
           breakdown(model, prompts[0], n))
-    E, d = args.grid[len(args.grid) // 2]
-    table(f"per-token breakdown, engine self-speculative fp32 E={E} d={d}", ["category", "ms/token", "%"],
-          breakdown(model, prompts[0], n, strategy="self_speculative", exit_layer=E, num_speculations=d))
+    if args.grid:
+        E, d = args.grid[len(args.grid) // 2]
+        table(f"per-token breakdown, engine self-speculative fp32 E={E} d={d}", ["category", "ms/token", "%"],
+              breakdown(model, prompts[0], n, strategy="self_speculative", exit_layer=E, num_speculations=d))
 
 
 def parse_grid(text):
