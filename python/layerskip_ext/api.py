@@ -1,6 +1,9 @@
 """`generate()`: one entry point for every strategy and backend."""
 from __future__ import annotations
 
+import torch
+
+from . import engine as _engine
 from .generation import GenerationResult, check_generation_args
 from .model import LayerSkipModel
 from .reference_generate import generate_reference
@@ -11,7 +14,8 @@ BACKENDS = ("auto", "engine", "reference")
 def generate(model: LayerSkipModel, prompt, max_new_tokens: int = 64, strategy: str = "autoregressive",
              exit_layer: int | None = None, num_speculations: int | None = None, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_token_ids=None,
-             on_token=None, backend: str = "auto", context_length: int | None = None) -> GenerationResult:
+             on_token=None, backend: str = "auto", context_length: int | None = None,
+             weight_dtype: torch.dtype | None = None) -> GenerationResult:
     """Generates up to `max_new_tokens` tokens after `prompt` (a string or a list of token ids).
 
     strategy: "autoregressive" (all layers), "early_exit" (layers [0, exit_layer) then the LM head) or
@@ -21,6 +25,8 @@ def generate(model: LayerSkipModel, prompt, max_new_tokens: int = 64, strategy: 
     stop_token_ids: None stops at the model's EOS ids, [] never stops early.
     on_token: called with each new token id as soon as it is accepted.
     backend: "engine" (C++ decoder loop), "reference" (pure PyTorch oracle) or "auto" (engine when built).
+    weight_dtype: the engine's matmul weights, torch.float32 or torch.bfloat16 (None: bfloat16 for a
+    bfloat16 model, else float32). The reference always runs in the model's dtype.
     """
     if not isinstance(model, LayerSkipModel):
         raise TypeError(f"model must be a LayerSkipModel from layerskip_ext.load(), got {type(model).__name__}")
@@ -37,4 +43,6 @@ def generate(model: LayerSkipModel, prompt, max_new_tokens: int = 64, strategy: 
                                  stop_token_ids=stop_token_ids, context_length=context_length)
     if on_token is not None and not callable(on_token):
         raise TypeError("on_token must be callable")
-    return generate_reference(model.module, args, decode=model.decode, on_token=on_token)
+    if backend == "reference" or (backend == "auto" and not _engine.is_available()):
+        return generate_reference(model.module, args, decode=model.decode, on_token=on_token)
+    return _engine.get_engine(model, weight_dtype).generate(args, on_token=on_token)

@@ -1,0 +1,280 @@
+"""The C++ engine against the reference (reference_generate.py): tokens, stop rules, RNG, memory, streaming.
+
+Random Llama checkpoints are written by transformers (save_pretrained) and loaded with layerskip_ext.load;
+SmolLM2-135M is the default model. Greedy output must equal the reference token for token for every
+strategy; seeded sampling must equal the reference for the same seed.
+"""
+from __future__ import annotations
+
+import collections
+import math
+import os
+
+import pytest
+import torch
+
+import layerskip_ext
+from layerskip_ext import engine as engine_mod
+from layerskip_ext.generation import check_generation_args
+from layerskip_ext.reference_generate import generate_reference
+
+pytestmark = pytest.mark.skipif(not engine_mod.is_available(), reason="C++ extension not built")
+
+# GQA / MQA / MHA, tied and untied, head_dim != hidden / heads, llama3 rope scaling
+ENGINE_CONFIGS = {
+    "gqa_tied": dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                     intermediate_size=128, vocab_size=257, tie_word_embeddings=True),
+    "mqa_headdim_untied": dict(num_hidden_layers=3, hidden_size=48, num_attention_heads=6, num_key_value_heads=1,
+                               head_dim=32, intermediate_size=96, vocab_size=300, tie_word_embeddings=False,
+                               rope_theta=500000.0,
+                               rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "mha_untied": dict(num_hidden_layers=5, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                       intermediate_size=96, vocab_size=211, tie_word_embeddings=False),
+}
+PROMPT = [5, 17, 42, 7, 99, 3, 61]
+TINY_PROMPT = [5, 17, 30, 7, 9, 3, 21]  # vocabulary 32
+
+
+def write_checkpoint(directory, seed=0, std=0.08, **config_kwargs) -> str:
+    """A random transformers LlamaForCausalLM saved with save_pretrained into `directory`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    kwargs = dict(max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+    kwargs.update(config_kwargs)
+    model = LlamaForCausalLM(LlamaConfig(**kwargs))
+    with torch.no_grad():  # larger than the default init so that every layer matters
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, std)
+            else:
+                p.uniform_(0.8, 1.2)
+    model.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module", params=sorted(ENGINE_CONFIGS))
+def random_model(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(request.param)
+    return layerskip_ext.load(write_checkpoint(directory, **ENGINE_CONFIGS[request.param]))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """2 layers, vocabulary 32: for the many-seed tests."""
+    directory = tmp_path_factory.mktemp("tiny")
+    return layerskip_ext.load(write_checkpoint(directory, seed=3, std=0.25, num_hidden_layers=2, hidden_size=32,
+                                               num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                               vocab_size=32, tie_word_embeddings=True))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return layerskip_ext.load()
+
+
+def both(model, prompt=PROMPT, **kwargs):
+    """(reference result, engine result) of one generation with the same arguments."""
+    kwargs.setdefault("max_new_tokens", 24)
+    kwargs.setdefault("stop_token_ids", [])
+    ref = layerskip_ext.generate(model, prompt, backend="reference", **kwargs)
+    eng = layerskip_ext.generate(model, prompt, backend="engine", **kwargs)
+    return ref, eng
+
+
+def assert_same(ref, eng):
+    assert eng.tokens == ref.tokens
+    assert eng.finish_reason == ref.finish_reason
+    assert eng.stats.new_tokens == ref.stats.new_tokens == len(ref.tokens)
+    assert (eng.stats.drafted, eng.stats.accepted, eng.stats.rounds) == \
+        (ref.stats.drafted, ref.stats.accepted, ref.stats.rounds)
+
+
+def speculative_grid(L):
+    """(E, d) pairs covering E = 1, E = L - 1, a middle exit and d = 1..6."""
+    mid = max(1, L // 2)
+    return [(1, 1), (1, 4), (L - 1, 2), (L - 1, 6), (mid, 3), (mid, 5)]
+
+
+# ----------------------------------------------------------------------------------------------
+# greedy: identical tokens
+
+
+def test_greedy_autoregressive_and_early_exit(random_model):
+    L = random_model.num_layers
+    assert_same(*both(random_model))
+    for E in sorted({1, L - 1, L}):
+        assert_same(*both(random_model, strategy="early_exit", exit_layer=E))
+
+
+def test_greedy_self_speculative(random_model):
+    L = random_model.num_layers
+    ar = layerskip_ext.generate(random_model, PROMPT, max_new_tokens=24, stop_token_ids=[], backend="engine")
+    for E, d in speculative_grid(L):
+        ref, eng = both(random_model, strategy="self_speculative", exit_layer=E, num_speculations=d)
+        assert_same(ref, eng)
+        assert eng.tokens == ar.tokens  # lossless: the full model's greedy output
+
+
+def test_greedy_bf16_weights_match_reference_on_rounded_weights(random_model):
+    """bf16 matmul weights with fp32 activations == the fp32 reference, on weights that bf16 holds exactly."""
+    rounded = layerskip_ext.load(random_model.path)
+    with torch.no_grad():
+        for p in rounded.module.parameters():
+            if p.dim() == 2:
+                p.copy_(p.bfloat16().float())
+    for kwargs in (dict(), dict(strategy="self_speculative", exit_layer=1, num_speculations=3)):
+        ref = layerskip_ext.generate(rounded, PROMPT, max_new_tokens=16, stop_token_ids=[], backend="reference",
+                                     **kwargs)
+        eng = layerskip_ext.generate(rounded, PROMPT, max_new_tokens=16, stop_token_ids=[], backend="engine",
+                                     weight_dtype=torch.bfloat16, **kwargs)
+        assert eng.tokens == ref.tokens
+    assert rounded._engine[torch.bfloat16].weight_bytes_per_token < \
+        engine_mod.get_engine(rounded, torch.float32).weight_bytes_per_token
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_every_strategy(smollm2):
+    prompt = "The capital of France is"
+    common = dict(max_new_tokens=32, stop_token_ids=[])
+    ref_ar, eng_ar = both(smollm2, prompt, **common)
+    assert_same(ref_ar, eng_ar)
+    assert_same(*both(smollm2, prompt, strategy="early_exit", exit_layer=12, **common))
+    for E, d in [(1, 1), (8, 4), (15, 6), (29, 2)]:
+        eng = layerskip_ext.generate(smollm2, prompt, strategy="self_speculative", exit_layer=E, num_speculations=d,
+                                     backend="engine", **common)
+        assert eng.tokens == ref_ar.tokens, (E, d)
+        assert eng.stats.drafted >= eng.stats.accepted >= 0
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling: same seed, same tokens as the reference
+
+
+@pytest.mark.parametrize("strategy,E,d", [("autoregressive", None, None), ("early_exit", 2, None),
+                                          ("self_speculative", 1, 3), ("self_speculative", 2, 5)])
+@pytest.mark.parametrize("filters", [dict(), dict(top_k=20, top_p=0.9)])
+def test_seeded_sampling_matches_reference(random_model, strategy, E, d, filters):
+    E = None if E is None else min(E, random_model.num_layers - 1)
+    kwargs = dict(strategy=strategy, exit_layer=E, num_speculations=d, temperature=0.9, seed=1234, **filters)
+    assert_same(*both(random_model, **kwargs))
+    other = layerskip_ext.generate(random_model, PROMPT, max_new_tokens=24, stop_token_ids=[], backend="engine",
+                                   **dict(kwargs, seed=99))
+    same = layerskip_ext.generate(random_model, PROMPT, max_new_tokens=24, stop_token_ids=[], backend="engine",
+                                  **kwargs)
+    assert other.tokens != same.tokens
+
+
+def test_self_speculative_sampling_follows_full_model(tiny_model):
+    """Token 2 of many seeded generations, given the most frequent token 1, is distributed as the full
+    model says (chi-square), and not as the draft (layer 1) says."""
+    N, E, d, temp = 2000, 1, 3, 1.0
+    firsts, seconds = [], collections.defaultdict(list)
+    for seed in range(N):
+        r = layerskip_ext.generate(tiny_model, TINY_PROMPT[:3], max_new_tokens=2, strategy="self_speculative",
+                                   exit_layer=E, num_speculations=d, temperature=temp, seed=seed,
+                                   stop_token_ids=[], backend="engine")
+        firsts.append(r.tokens[0])
+        seconds[r.tokens[0]].append(r.tokens[1])
+    t1 = collections.Counter(firsts).most_common(1)[0][0]
+    observed = torch.bincount(torch.tensor(seconds[t1]), minlength=tiny_model.config.vocab_size).double()
+    ids = torch.tensor([TINY_PROMPT[:3] + [t1]])
+    with torch.no_grad():
+        full = torch.softmax(tiny_model.module(ids)[0, -1].double() / temp, -1)
+        draft = torch.softmax(tiny_model.module(ids, exit_layer=E)[0, -1].double() / temp, -1)
+
+    def chi2(probs):  # bins with expected count >= 5, the rest merged into one
+        expected = probs * observed.sum()
+        big = expected >= 5
+        obs = torch.cat([observed[big], observed[~big].sum()[None]])
+        exp = torch.cat([expected[big], expected[~big].sum()[None]])
+        keep = exp > 0
+        return float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()), int(keep.sum()) - 1
+
+    stat_full, dof = chi2(full)
+    stat_draft, _ = chi2(draft)
+    # 99.9% quantile of chi-square(dof), Wilson-Hilferty approximation
+    z = 3.09
+    limit = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+    assert stat_full < limit, (stat_full, dof)
+    assert stat_draft > limit, "the test cannot tell the draft from the full model: change the model"
+
+
+# ----------------------------------------------------------------------------------------------
+# stop rules, context limit, streaming
+
+
+@pytest.mark.parametrize("strategy,E,d", [("autoregressive", None, None), ("early_exit", 2, None),
+                                          ("self_speculative", 1, 4), ("self_speculative", 2, 2)])
+def test_stop_rules_match_reference(random_model, strategy, E, d):
+    E = None if E is None else min(E, random_model.num_layers - 1)
+    kw = dict(strategy=strategy, exit_layer=E, num_speculations=d)
+    free = layerskip_ext.generate(random_model, PROMPT, max_new_tokens=24, stop_token_ids=[], backend="engine", **kw)
+    stop = free.tokens[5]
+    ref, eng = both(random_model, stop_token_ids=[stop, 0], **kw)
+    assert_same(ref, eng)
+    assert eng.finish_reason == "stop" and eng.tokens[-1] == stop and stop not in eng.tokens[:-1]
+    ref, eng = both(random_model, max_new_tokens=0, **kw)
+    assert_same(ref, eng)
+    assert eng.tokens == [] and eng.finish_reason == "length"
+    for n in (1, 2, 7):
+        assert_same(*both(random_model, max_new_tokens=n, **kw))
+    for ctx in (len(PROMPT) + 1, len(PROMPT) + 2, len(PROMPT) + 9):
+        ref, eng = both(random_model, max_new_tokens=50, context_length=ctx, **kw)
+        assert_same(ref, eng)
+        assert eng.finish_reason == "context" and len(eng.tokens) == ctx - len(PROMPT)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(strategy="self_speculative", exit_layer=1, num_speculations=3),
+                                dict(strategy="early_exit", exit_layer=1, temperature=0.7, seed=5)])
+def test_streaming_callback_gets_result_tokens(random_model, kw):
+    streamed = []
+    result = layerskip_ext.generate(random_model, PROMPT, max_new_tokens=20, stop_token_ids=[], backend="engine",
+                                    on_token=streamed.append, **kw)
+    plain = layerskip_ext.generate(random_model, PROMPT, max_new_tokens=20, stop_token_ids=[], backend="engine", **kw)
+    assert streamed == result.tokens == plain.tokens
+    assert len(streamed) == 20
+
+
+# ----------------------------------------------------------------------------------------------
+# one engine, many calls
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_repeated_calls_identical_and_memory_flat(tiny_model):
+    kw = dict(max_new_tokens=24, stop_token_ids=[], backend="engine")
+    cases = [dict(), dict(strategy="self_speculative", exit_layer=1, num_speculations=4),
+             dict(strategy="self_speculative", exit_layer=1, num_speculations=2, temperature=0.8, seed=7),
+             dict(strategy="early_exit", exit_layer=1, temperature=1.0, top_k=5, seed=3)]
+    first = [layerskip_ext.generate(tiny_model, TINY_PROMPT, **kw, **c).tokens for c in cases]
+    engine = tiny_model._engine[torch.float32]
+    rss0 = _rss_bytes()
+    for i in range(50):
+        c = cases[i % len(cases)]
+        assert layerskip_ext.generate(tiny_model, TINY_PROMPT, **kw, **c).tokens == first[i % len(cases)]
+    growth = _rss_bytes() - rss0
+    assert tiny_model._engine[torch.float32] is engine  # built once, reused
+    assert growth < 4 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 50 calls"
+
+
+def test_capacity_grows_on_demand(tiny_model):
+    engine = engine_mod.Engine(tiny_model, capacity=8)
+    args = check_generation_args(tiny_model.config, None, TINY_PROMPT, max_new_tokens=40, strategy="self_speculative",
+                                 exit_layer=1, num_speculations=3, temperature=0.0, top_k=0, top_p=1.0, seed=0,
+                                 stop_token_ids=[], context_length=256)
+    ref = generate_reference(tiny_model.module, args)
+    assert engine.generate(args).tokens == ref.tokens
+    assert engine.capacity >= len(TINY_PROMPT) + 40
+
+
+def test_auto_backend_uses_engine_and_bad_weight_dtype(tiny_model):
+    tiny_model._engine = None
+    layerskip_ext.generate(tiny_model, TINY_PROMPT, max_new_tokens=2)
+    assert torch.float32 in tiny_model._engine
+    with pytest.raises(ValueError, match="weight_dtype"):
+        layerskip_ext.generate(tiny_model, TINY_PROMPT, max_new_tokens=2, weight_dtype=torch.float16)
