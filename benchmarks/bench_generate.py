@@ -34,6 +34,8 @@ import layerskip_ext  # noqa: E402
 from layerskip_ext import engine as engine_mod  # noqa: E402
 from layerskip_ext.checkpoint import save_pretrained  # noqa: E402
 
+from memory_bandwidth import read_bandwidth  # noqa: E402
+
 PROMPTS = [
     "The capital of France is",
     "Write a short story about a robot who learns to paint.",
@@ -43,16 +45,6 @@ PROMPTS = [
 ]
 
 
-def read_bandwidth(nbytes: int = 1 << 30, reps: int = 7) -> float:
-    """Median GB/s of torch.sum over a float32 buffer of nbytes."""
-    buf = torch.ones(nbytes // 4)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        buf.sum()
-        times.append(time.perf_counter() - t0)
-    del buf
-    return nbytes / statistics.median(times) / 1e9
 
 
 def copy_bandwidth(nbytes: int = 1 << 29, reps: int = 7) -> float:

@@ -17,6 +17,8 @@ import torch
 
 import layerskip_ext._C  # noqa: F401  (registers torch.ops.layerskip.*)
 
+from memory_bandwidth import read_bandwidth
+
 # (name, K = in features, N = out features) of SmolLM2-135M (hidden 576, kv 192, intermediate 1536)
 SHAPES = [
     ("q/o_proj 576->576", 576, 576),
@@ -28,16 +30,6 @@ SHAPES = [
 TOKENS = [1, 2, 4, 8, 16]
 
 
-def read_bandwidth(nbytes=1 << 30, reps=7):
-    """Median GB/s of torch.sum over a float32 buffer of nbytes (ATen's threads)."""
-    buf = torch.ones(nbytes // 4)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        buf.sum()
-        times.append(time.perf_counter() - t0)
-    del buf
-    return nbytes / statistics.median(times) / 1e9
 
 
 def time_pair(fns, copies, x, reps):

@@ -1,4 +1,4 @@
-"""generate(): the three strategies on the reference backend, their equivalences, sampling, and bad arguments."""
+"""generate(): the three strategies on both backends (reference, engine): equivalences, sampling, stopping, bad arguments."""
 import math
 
 import pytest
@@ -7,7 +7,12 @@ import torch
 import layerskip_ext
 from conftest import make_hf_checkpoint
 
-BACKEND = "reference"
+BACKENDS = ["reference", "engine"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -19,20 +24,19 @@ def tiny(tmp_path_factory):
     return layerskip_ext.load(directory)
 
 
-def gen(model, prompt, **kwargs):
-    kwargs.setdefault("backend", BACKEND)
-    return layerskip_ext.generate(model, prompt, **kwargs)
+def gen(backend, model, prompt, **kwargs):
+    return layerskip_ext.generate(model, prompt, backend=backend, **kwargs)
 
 
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
 
 
-def test_self_speculative_greedy_equals_autoregressive_for_every_exit(tiny):
-    reference = gen(tiny, PROMPT, max_new_tokens=40, stop_token_ids=[])
+def test_self_speculative_greedy_equals_autoregressive_for_every_exit(tiny, backend):
+    reference = gen(backend, tiny, PROMPT, max_new_tokens=40, stop_token_ids=[])
     assert len(reference.tokens) == 40
     for exit_layer in range(1, tiny.num_layers):
         for d in (1, 2, 3, 5, 8):
-            result = gen(tiny, PROMPT, max_new_tokens=40, stop_token_ids=[], strategy="self_speculative",
+            result = gen(backend, tiny, PROMPT, max_new_tokens=40, stop_token_ids=[], strategy="self_speculative",
                          exit_layer=exit_layer, num_speculations=d)
             assert result.tokens == reference.tokens, (exit_layer, d)
             stats = result.stats
@@ -50,18 +54,18 @@ def greedy_by_full_forward(model, prompt, n, exit_layer):
 
 
 @pytest.mark.parametrize("exit_layer", [1, 3, 6])
-def test_early_exit_greedy_is_argmax_of_exit_logits(tiny, exit_layer):
+def test_early_exit_greedy_is_argmax_of_exit_logits(tiny, exit_layer, backend):
     strategy = "autoregressive" if exit_layer == tiny.num_layers else "early_exit"
-    result = gen(tiny, PROMPT, max_new_tokens=12, stop_token_ids=[], strategy=strategy, exit_layer=exit_layer)
+    result = gen(backend, tiny, PROMPT, max_new_tokens=12, stop_token_ids=[], strategy=strategy, exit_layer=exit_layer)
     assert result.tokens == greedy_by_full_forward(tiny, PROMPT, 12, exit_layer)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("exit_layer,d", [(1, 3), (8, 4), (15, 2), (22, 6), (29, 5)])
-def test_self_speculative_greedy_equals_autoregressive_smollm2(smollm2, exit_layer, d):
+def test_self_speculative_greedy_equals_autoregressive_smollm2(smollm2, exit_layer, d, backend):
     prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
-    expected = gen(smollm2, prompt, max_new_tokens=24, stop_token_ids=[])
-    result = gen(smollm2, prompt, max_new_tokens=24, stop_token_ids=[], strategy="self_speculative",
+    expected = gen(backend, smollm2, prompt, max_new_tokens=24, stop_token_ids=[])
+    result = gen(backend, smollm2, prompt, max_new_tokens=24, stop_token_ids=[], strategy="self_speculative",
                  exit_layer=exit_layer, num_speculations=d)
     assert result.tokens == expected.tokens
     assert result.text == expected.text and "Paris" in result.text
@@ -96,13 +100,13 @@ def full_model_first_two_token_marginals(model, prompt, temperature, top_k, top_
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 0.9)])
-def test_self_speculative_sampling_follows_the_full_model(tiny, temperature, top_k, top_p):
+def test_self_speculative_sampling_follows_the_full_model(tiny, temperature, top_k, top_p, backend):
     prompt = [7, 7, 1, 30]
     p1, p2 = full_model_first_two_token_marginals(tiny, prompt, temperature, top_k, top_p)
     n = 1500
     counts = torch.zeros(2, tiny.config.vocab_size)
     for seed in range(n):
-        r = gen(tiny, prompt, max_new_tokens=2, stop_token_ids=[], strategy="self_speculative", exit_layer=1,
+        r = gen(backend, tiny, prompt, max_new_tokens=2, stop_token_ids=[], strategy="self_speculative", exit_layer=1,
                 num_speculations=3, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         counts[0, r.tokens[0]] += 1
         counts[1, r.tokens[1]] += 1
@@ -115,21 +119,21 @@ def test_self_speculative_sampling_follows_the_full_model(tiny, temperature, top
     assert chi_square_p_value(counts[0], draft) < 1e-6
 
 
-def test_seed_reproducible_and_seeds_differ(tiny):
+def test_seed_reproducible_and_seeds_differ(tiny, backend):
     kwargs = dict(max_new_tokens=16, stop_token_ids=[], temperature=1.0, strategy="self_speculative", exit_layer=2,
                   num_speculations=3)
-    a, b = gen(tiny, PROMPT, seed=123, **kwargs), gen(tiny, PROMPT, seed=123, **kwargs)
+    a, b = gen(backend, tiny, PROMPT, seed=123, **kwargs), gen(backend, tiny, PROMPT, seed=123, **kwargs)
     assert a.tokens == b.tokens
-    others = {tuple(gen(tiny, PROMPT, seed=s, **kwargs).tokens) for s in range(5)}
+    others = {tuple(gen(backend, tiny, PROMPT, seed=s, **kwargs).tokens) for s in range(5)}
     assert len(others) > 1
 
 
-def test_sampled_autoregressive_follows_the_full_model(tiny):
+def test_sampled_autoregressive_follows_the_full_model(tiny, backend):
     prompt = [2, 9]
     p1, _ = full_model_first_two_token_marginals(tiny, prompt, 1.3, 0, 1.0)
     counts = torch.zeros(tiny.config.vocab_size)
     for seed in range(1500):
-        counts[gen(tiny, prompt, max_new_tokens=1, temperature=1.3, seed=seed).tokens[0]] += 1
+        counts[gen(backend, tiny, prompt, max_new_tokens=1, temperature=1.3, seed=seed).tokens[0]] += 1
     assert chi_square_p_value(counts, p1) > 1e-3
 
 
@@ -137,51 +141,51 @@ def test_sampled_autoregressive_follows_the_full_model(tiny):
 # stopping and streaming
 
 
-def test_stop_tokens(tiny):
-    free = gen(tiny, PROMPT, max_new_tokens=30, stop_token_ids=[])
+def test_stop_tokens(tiny, backend):
+    free = gen(backend, tiny, PROMPT, max_new_tokens=30, stop_token_ids=[])
     stop = free.tokens[10]
     first = free.tokens.index(stop)
     for strategy, extra in (("autoregressive", {}), ("self_speculative", dict(exit_layer=3, num_speculations=4))):
-        r = gen(tiny, PROMPT, max_new_tokens=30, stop_token_ids=[stop], strategy=strategy, **extra)
+        r = gen(backend, tiny, PROMPT, max_new_tokens=30, stop_token_ids=[stop], strategy=strategy, **extra)
         assert r.tokens == free.tokens[: first + 1] and r.finish_reason == "stop"
     assert free.finish_reason == "length"
 
 
-def test_default_stop_is_the_models_eos(tiny):
-    free = gen(tiny, PROMPT, max_new_tokens=30, stop_token_ids=[])
+def test_default_stop_is_the_models_eos(tiny, backend):
+    free = gen(backend, tiny, PROMPT, max_new_tokens=30, stop_token_ids=[])
     eos = free.tokens[5]
     model = layerskip_ext.LayerSkipModel(tiny.config.replace(eos_token_ids=(eos,)), tiny.module, None)
-    r = gen(model, PROMPT, max_new_tokens=30)
+    r = gen(backend, model, PROMPT, max_new_tokens=30)
     assert r.tokens[-1] == eos and r.finish_reason == "stop" and len(r.tokens) == free.tokens.index(eos) + 1
 
 
-def test_max_new_tokens_zero_and_exact_count(tiny):
-    assert gen(tiny, PROMPT, max_new_tokens=0).tokens == []
+def test_max_new_tokens_zero_and_exact_count(tiny, backend):
+    assert gen(backend, tiny, PROMPT, max_new_tokens=0).tokens == []
     for d in (1, 4, 7):
-        r = gen(tiny, PROMPT, max_new_tokens=13, stop_token_ids=[], strategy="self_speculative", exit_layer=2,
+        r = gen(backend, tiny, PROMPT, max_new_tokens=13, stop_token_ids=[], strategy="self_speculative", exit_layer=2,
                 num_speculations=d)
         assert len(r.tokens) == 13 and r.finish_reason == "length"
 
 
-def test_context_limit(tiny):
+def test_context_limit(tiny, backend):
     for strategy, extra in (("autoregressive", {}), ("early_exit", dict(exit_layer=2)),
                             ("self_speculative", dict(exit_layer=2, num_speculations=6))):
-        r = gen(tiny, PROMPT, max_new_tokens=500, stop_token_ids=[], strategy=strategy, context_length=20, **extra)
+        r = gen(backend, tiny, PROMPT, max_new_tokens=500, stop_token_ids=[], strategy=strategy, context_length=20, **extra)
         assert len(PROMPT) + len(r.tokens) == 20 and r.finish_reason == "context", strategy
-    full = gen(tiny, PROMPT, max_new_tokens=200, stop_token_ids=[], strategy="self_speculative", exit_layer=3)
+    full = gen(backend, tiny, PROMPT, max_new_tokens=200, stop_token_ids=[], strategy="self_speculative", exit_layer=3)
     assert len(PROMPT) + len(full.tokens) == tiny.config.max_position_embeddings
-    assert full.tokens == gen(tiny, PROMPT, max_new_tokens=200, stop_token_ids=[]).tokens
+    assert full.tokens == gen(backend, tiny, PROMPT, max_new_tokens=200, stop_token_ids=[]).tokens
 
 
-def test_streaming_callback_gets_every_token_in_order(tiny):
+def test_streaming_callback_gets_every_token_in_order(tiny, backend):
     seen = []
-    r = gen(tiny, PROMPT, max_new_tokens=20, stop_token_ids=[], strategy="self_speculative", exit_layer=2,
+    r = gen(backend, tiny, PROMPT, max_new_tokens=20, stop_token_ids=[], strategy="self_speculative", exit_layer=2,
             num_speculations=3, on_token=seen.append)
     assert seen == r.tokens
 
 
-def test_stats(tiny):
-    r = gen(tiny, PROMPT, max_new_tokens=10, stop_token_ids=[])
+def test_stats(tiny, backend):
+    r = gen(backend, tiny, PROMPT, max_new_tokens=10, stop_token_ids=[])
     s = r.stats
     assert s.new_tokens == 10 and s.prompt_tokens == len(PROMPT) and s.acceptance_rate is None
     assert s.tokens_per_second > 0 and math.isclose(s.time_per_token, s.decode_time_s / 9)
@@ -211,8 +215,8 @@ def test_stats(tiny):
     (dict(context_length=5), "does not leave room"),
     (dict(context_length=1000), "exceeds the model's max_position_embeddings"),
 ])
-def test_bad_arguments(tiny, kwargs, match):
-    kwargs.setdefault("backend", BACKEND)
+def test_bad_arguments(tiny, kwargs, match, backend):
+    kwargs.setdefault("backend", backend)
     with pytest.raises(ValueError, match=match):
         layerskip_ext.generate(tiny, PROMPT, **kwargs)
 
@@ -226,14 +230,14 @@ def test_bad_arguments(tiny, kwargs, match):
     (3.5, "prompt must be a string or a list"),
     (list(range(32)) * 3, "does not leave room"),
 ])
-def test_bad_prompts(tiny, prompt, match):
+def test_bad_prompts(tiny, prompt, match, backend):
     with pytest.raises(ValueError, match=match):
-        gen(tiny, prompt, max_new_tokens=4)
+        gen(backend, tiny, prompt, max_new_tokens=4)
 
 
-def test_string_prompt_without_tokenizer(tiny):
+def test_string_prompt_without_tokenizer(tiny, backend):
     with pytest.raises(ValueError, match="no tokenizer"):
-        gen(tiny, "hello", max_new_tokens=4)
+        gen(backend, tiny, "hello", max_new_tokens=4)
 
 
 def test_not_a_model():
