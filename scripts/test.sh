@@ -15,4 +15,5 @@ echo "=== quick benchmarks"
 PYTHON="$PY" bash benchmarks/run_quick.sh
 
 echo "=== pytest"
-"$PY" -m pytest -q -p no:cacheprovider tests "$@"
+# passive OpenMP workers: spinning ones stall badly when anything else shares the 2 cores
+OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} "$PY" -m pytest -q -p no:cacheprovider tests "$@"

@@ -86,8 +86,8 @@ def cmd_bench(args) -> int:
         kwargs = dict(max_new_tokens=args.max_new_tokens, strategy=strategy, stop_token_ids=[], backend=args.backend,
                       exit_layer=None if strategy == "autoregressive" else E,
                       num_speculations=args.num_speculations if strategy == "self_speculative" else None)
-        layerskip_ext.generate(model, DEFAULT_PROMPT, **dict(kwargs, max_new_tokens=4))  # warm up
-        runs = [layerskip_ext.generate(model, DEFAULT_PROMPT, **kwargs) for _ in range(args.repeats)]
+        layerskip_ext.generate(model, args.prompt, **dict(kwargs, max_new_tokens=4))  # warm up
+        runs = [layerskip_ext.generate(model, args.prompt, **kwargs) for _ in range(args.repeats)]
         tps = statistics.median(r.stats.tokens_per_second for r in runs)
         acc = runs[0].stats.acceptance_rate
         rows.append((strategy, tps, 1e3 / tps if tps else float("nan"), acc))
@@ -140,6 +140,7 @@ def main(argv=None) -> int:
     b.add_argument("--exit-layer", type=int, default=None)
     b.add_argument("--num-speculations", type=int, default=4)
     b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--prompt", default=DEFAULT_PROMPT)
     s = sub.add_parser("sweep", help="self-speculative grid over exit layers and draft lengths")
     _model_args(s)
     s.add_argument("--max-new-tokens", type=int, default=64)
