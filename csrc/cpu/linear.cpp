@@ -1,13 +1,14 @@
 // layerskip::linear on the CPU: out [T, N] = input [T, K] @ weight [N, K]^T, weight float32 or bfloat16.
 //
 // Decoding is memory bound: a decode step (T = 1) or a verify block (T <= 16) reads every weight once and
-// does only T multiply-adds per weight element. ATen's GEMV reaches about half the memory bandwidth here
-// and its skinny GEMM reads the weights again for every few tokens, so for T <= kSkinnyMaxTokens we run our
-// own kernel: output rows N are split across threads; each thread walks its weight rows kRows at a time,
-// and every block of kRows weight rows is multiplied against all T input rows (in groups of at most
-// kTokens tokens, the later groups finding the block in L1) before moving on, so each weight byte comes
-// from memory once whatever T is. bfloat16 weights are widened to float32 in registers (a 16-bit shift),
-// halving the bytes read. Larger T (prefill) goes to at::matmul.
+// does only T multiply-adds per weight element. ATen's skinny GEMM costs more per call as T grows (2-3x from
+// T = 1 to T = 8 on the LM head) and its bf16 path runs at about half the bytes per second of its fp32 one,
+// so for T <= kSkinnyMaxTokens we run our own kernel: output rows N are split across threads; each thread
+// walks its weight rows kRows at a time, and every block of kRows weight rows is multiplied against all T
+// input rows (in passes of at most kTokens tokens, the later passes finding the block in L1) before moving
+// on, so each weight byte comes from memory once whatever T is. bfloat16 weights are widened to float32 in
+// registers (a 16-bit shift), halving the bytes read; accumulation is float32 throughout. Larger T
+// (prefill) goes to at::matmul.
 #include <ATen/Parallel.h>
 #include <torch/all.h>
 #include <torch/library.h>
