@@ -149,7 +149,7 @@ inline void dot_tokens(int64_t n, const float* x, const W* w, int64_t K, float* 
 }
 
 // All T input rows against R weight rows, in passes of at most Simd::kTokens rows of equal size
-// (T = 8 with kTokens = 6 runs 4 + 4, not 6 + 2: a small pass wastes the weight loads and widening).
+// (T = 10 with kTokens = 8 runs 5 + 5, not 8 + 2: a small pass wastes the weight loads and widening).
 template <int R, typename W>
 inline void dot_rows(const float* x, int64_t T, const W* w, int64_t K, float* out, int64_t N) {
   const int64_t passes = (T + Simd::kTokens - 1) / Simd::kTokens;
@@ -171,8 +171,8 @@ void skinny_range(const float* x, int64_t T, const W* w, int64_t K, float* out, 
 
 template <typename W>
 void skinny_linear(const float* x, int64_t T, const W* w, int64_t K, float* out, int64_t N) {
-  // Threads split N into contiguous blocks; below ~256 KiB of weights one thread does it all (a thread
-  // launch costs more than reading that much).
+  // Threads split N into contiguous blocks of at least 256 KiB of weights (a guess, not tuned: waking a
+  // second thread costs microseconds, reading 256 KiB about 15).
   const int64_t bytes_per_row = std::max<int64_t>(K * static_cast<int64_t>(sizeof(W)), 1);
   const int64_t grain = std::max<int64_t>((int64_t{256} << 10) / bytes_per_row, Simd::kRows);
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { skinny_range(x, T, w, K, out, N, n0, n1); });
