@@ -82,6 +82,7 @@ def main():
     ap.add_argument("--cpu-time", action="store_true",
                     help="one thread, calls timed by this thread's CPU time (time slices lost to other processes "
                          "do not count); the bandwidth line is then that of one thread")
+    ap.add_argument("--only", default="", help="run only the shapes whose name contains this")
     ap.add_argument("--p10", action="store_true",
                     help="report the 10th percentile instead of the median (calls not preempted on a busy machine)")
     args = ap.parse_args()
@@ -94,6 +95,7 @@ def main():
     shapes, tokens, ws_mb, reps = SHAPES, TOKENS, args.ws_mb, args.reps
     if args.quick:
         shapes, tokens, ws_mb, reps = [SHAPES[0], SHAPES[4]], [1, 8], 64, 20
+    shapes = [s for s in shapes if args.only in s[0]]
 
     bw_bytes = 1 << 26 if args.quick else 1 << 30
     bw = read_bandwidth(clock, stat, bw_bytes)
