@@ -118,9 +118,9 @@ def main():
                 torch.testing.assert_close(ours(x, w), aten_fp32(x, w.float()), rtol=1e-3, atol=1e-3)
                 t_ours, t_aten = time_pair([ours, aten], copies, x, reps, clock, stat)
                 g_ours, g_aten = nbytes / t_ours / 1e9, nbytes / t_aten / 1e9
-                print(f"{name:<20} {'fp32' if dtype == torch.float32 else 'bf16':<5} {t:>3} | {t_ours * 1e6:>8.1f} {g_ours:>6.1f} "
-                      f"{100 * g_ours / bw:>4.0f} | {t_aten * 1e6:>8.1f} {g_aten:>6.1f} {100 * g_aten / bw:>4.0f} | "
-                      f"{t_aten / t_ours:>6.2f}x", flush=True)
+                dname = "fp32" if dtype == torch.float32 else "bf16"
+                print(f"{name:<20} {dname:<5} {t:>3} | {t_ours * 1e6:>8.1f} {g_ours:>6.1f} {100 * g_ours / bw:>4.0f} | "
+                      f"{t_aten * 1e6:>8.1f} {g_aten:>6.1f} {100 * g_aten / bw:>4.0f} | {t_aten / t_ours:>6.2f}x", flush=True)
             del copies
 
 
