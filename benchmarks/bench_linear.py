@@ -120,7 +120,8 @@ def main():
                 g_ours, g_aten = nbytes / t_ours / 1e9, nbytes / t_aten / 1e9
                 dname = "fp32" if dtype == torch.float32 else "bf16"
                 print(f"{name:<20} {dname:<5} {t:>3} | {t_ours * 1e6:>8.1f} {g_ours:>6.1f} {100 * g_ours / bw:>4.0f} | "
-                      f"{t_aten * 1e6:>8.1f} {g_aten:>6.1f} {100 * g_aten / bw:>4.0f} | {t_aten / t_ours:>6.2f}x", flush=True)
+                      f"{t_aten * 1e6:>8.1f} {g_aten:>6.1f} {100 * g_aten / bw:>4.0f} | {t_aten / t_ours:>6.2f}x",
+                      flush=True)
             del copies
 
 
