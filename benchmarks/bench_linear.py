@@ -8,6 +8,7 @@ bandwidth (torch.sum over a 1 GiB float32 buffer) as the roofline for the GB/s c
 
     python benchmarks/bench_linear.py            # full table (a few minutes)
     python benchmarks/bench_linear.py --quick    # CI smoke run: two shapes, small working set
+    python benchmarks/bench_linear.py --cpu-time # 1 thread, timed by thread CPU time: robust on a busy machine
 """
 import argparse
 import statistics
@@ -16,7 +17,6 @@ import time
 import torch
 
 import layerskip_ext._C  # noqa: F401  (registers torch.ops.layerskip.*)
-
 from memory_bandwidth import read_bandwidth
 
 # (name, K = in features, N = out features) of SmolLM2-135M (hidden 576, kv 192, intermediate 1536)
@@ -30,10 +30,9 @@ SHAPES = [
 TOKENS = [1, 2, 4, 8, 16]
 
 
-
-
-def time_pair(fns, copies, x, reps):
-    """Median seconds per call of each fn(x, weight), cycling over the weight copies, fns interleaved."""
+def time_pair(fns, copies, x, reps, clock, stat):
+    """stat (median or 10th percentile) of the seconds per call of each fn(x, weight), cycling over the weight
+    copies, fns interleaved."""
     times = [[] for _ in fns]
     for i in range(len(copies)):  # warm-up: one pass over the copies
         for fn in fns:
@@ -41,10 +40,14 @@ def time_pair(fns, copies, x, reps):
     for i in range(reps):
         for j, fn in enumerate(fns):
             w = copies[(i + j * len(copies) // len(fns)) % len(copies)]  # far from the copy the other fn just read
-            t0 = time.perf_counter()
+            t0 = clock()
             fn(x, w)
-            times[j].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+            times[j].append(clock() - t0)
+    return [stat(t) for t in times]
+
+
+def p10(times):
+    return sorted(times)[len(times) // 10]
 
 
 def ours(x, w):
@@ -65,16 +68,29 @@ def main():
     ap.add_argument("--ws-mb", type=int, default=512, help="bytes of weight copies cycled through (MB)")
     ap.add_argument("--reps", type=int, default=200, help="timed calls per cell")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="one thread, calls timed by this thread's CPU time (time slices lost to other processes "
+                         "do not count); the bandwidth line is then that of one thread")
+    ap.add_argument("--only", default="", help="run only the shapes whose name contains this")
+    ap.add_argument("--p10", action="store_true",
+                    help="report the 10th percentile instead of the median (calls not preempted on a busy machine)")
     args = ap.parse_args()
+    stat = p10 if args.p10 else statistics.median
+    if args.cpu_time:
+        args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     shapes, tokens, ws_mb, reps = SHAPES, TOKENS, args.ws_mb, args.reps
     if args.quick:
         shapes, tokens, ws_mb, reps = [SHAPES[0], SHAPES[4]], [1, 8], 64, 20
+    shapes = [s for s in shapes if args.only in s[0]]
 
-    bw = read_bandwidth(1 << 26 if args.quick else 1 << 30)
-    print(f"threads {torch.get_num_threads()}, read bandwidth (torch.sum, 1 GiB) {bw:.1f} GB/s, "
-          f"weight working set {ws_mb} MB, {reps} calls per cell, medians")
+    bw_bytes = 1 << 26 if args.quick else 1 << 30
+    bw = read_bandwidth(bw_bytes, reps=11, clock=clock, stat=stat)
+    print(f"threads {torch.get_num_threads()}, {'thread CPU' if args.cpu_time else 'wall'} time, read bandwidth "
+          f"(torch.sum, {bw_bytes >> 20} MiB) {bw:.1f} GB/s, weight working set {ws_mb} MB, {reps} calls per cell, "
+          f"{'10th percentiles' if args.p10 else 'medians'}")
     header = (f"{'shape':<20} {'dtype':<5} {'T':>3} | {'ours us':>8} {'GB/s':>6} {'%bw':>4} | "
               f"{'aten us':>8} {'GB/s':>6} {'%bw':>4} | {'speedup':>7}")
     print(header)
@@ -89,11 +105,12 @@ def main():
             for t in tokens:
                 x = torch.randn(t, k, generator=gen)  # [T, K]
                 torch.testing.assert_close(ours(x, w), aten_fp32(x, w.float()), rtol=1e-3, atol=1e-3)
-                t_ours, t_aten = time_pair([ours, aten], copies, x, reps)
+                t_ours, t_aten = time_pair([ours, aten], copies, x, reps, clock, stat)
                 g_ours, g_aten = nbytes / t_ours / 1e9, nbytes / t_aten / 1e9
-                print(f"{name:<20} {str(dtype)[6:]:<5} {t:>3} | {t_ours * 1e6:>8.1f} {g_ours:>6.1f} "
-                      f"{100 * g_ours / bw:>4.0f} | {t_aten * 1e6:>8.1f} {g_aten:>6.1f} {100 * g_aten / bw:>4.0f} | "
-                      f"{t_aten / t_ours:>6.2f}x", flush=True)
+                dname = "fp32" if dtype == torch.float32 else "bf16"
+                print(f"{name:<20} {dname:<5} {t:>3} | {t_ours * 1e6:>8.1f} {g_ours:>6.1f} {100 * g_ours / bw:>4.0f} | "
+                      f"{t_aten * 1e6:>8.1f} {g_aten:>6.1f} {100 * g_aten / bw:>4.0f} | {t_aten / t_ours:>6.2f}x",
+                      flush=True)
             del copies
 
 

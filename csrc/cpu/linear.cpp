@@ -1,13 +1,14 @@
 // layerskip::linear on the CPU: out [T, N] = input [T, K] @ weight [N, K]^T, weight float32 or bfloat16.
 //
 // Decoding is memory bound: a decode step (T = 1) or a verify block (T <= 16) reads every weight once and
-// does only T multiply-adds per weight element. ATen's GEMV reaches about half the memory bandwidth here
-// and its skinny GEMM reads the weights again for every few tokens, so for T <= kSkinnyMaxTokens we run our
-// own kernel: output rows N are split across threads; each thread walks its weight rows kRows at a time,
-// and every block of kRows weight rows is multiplied against all T input rows (in groups of at most
-// kTokens tokens, the later groups finding the block in L1) before moving on, so each weight byte comes
-// from memory once whatever T is. bfloat16 weights are widened to float32 in registers (a 16-bit shift),
-// halving the bytes read. Larger T (prefill) goes to at::matmul.
+// does only T multiply-adds per weight element. ATen's skinny GEMM costs more per call as T grows (2-3x from
+// T = 1 to T = 8 on the LM head) and its bf16 path runs at about half the bytes per second of its fp32 one,
+// so for T <= kSkinnyMaxTokens we run our own kernel: output rows N are split across threads; each thread
+// walks its weight rows kRows at a time, and every block of kRows weight rows is multiplied against all T
+// input rows (in passes of at most kTokens tokens, the later passes finding the block in L1) before moving
+// on, so each weight byte comes from memory once whatever T is. bfloat16 weights are widened to float32 in
+// registers (a 16-bit shift), halving the bytes read; accumulation is float32 throughout. Larger T
+// (prefill) goes to at::matmul.
 #include <ATen/Parallel.h>
 #include <torch/all.h>
 #include <torch/library.h>
@@ -148,7 +149,7 @@ inline void dot_tokens(int64_t n, const float* x, const W* w, int64_t K, float* 
 }
 
 // All T input rows against R weight rows, in passes of at most Simd::kTokens rows of equal size
-// (T = 8 with kTokens = 6 runs 4 + 4, not 6 + 2: a small pass wastes the weight loads and widening).
+// (T = 10 with kTokens = 8 runs 5 + 5, not 8 + 2: a small pass wastes the weight loads and widening).
 template <int R, typename W>
 inline void dot_rows(const float* x, int64_t T, const W* w, int64_t K, float* out, int64_t N) {
   const int64_t passes = (T + Simd::kTokens - 1) / Simd::kTokens;
@@ -170,8 +171,8 @@ void skinny_range(const float* x, int64_t T, const W* w, int64_t K, float* out, 
 
 template <typename W>
 void skinny_linear(const float* x, int64_t T, const W* w, int64_t K, float* out, int64_t N) {
-  // Threads split N into contiguous blocks; below ~256 KiB of weights one thread does it all (a thread
-  // launch costs more than reading that much).
+  // Threads split N into contiguous blocks of at least 256 KiB of weights (a guess, not tuned: waking a
+  // second thread costs microseconds, reading 256 KiB about 15).
   const int64_t bytes_per_row = std::max<int64_t>(K * static_cast<int64_t>(sizeof(W)), 1);
   const int64_t grain = std::max<int64_t>((int64_t{256} << 10) / bytes_per_row, Simd::kRows);
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { skinny_range(x, T, w, K, out, N, n0, n1); });
