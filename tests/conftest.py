@@ -24,7 +24,8 @@ RANDOM_CONFIGS = {
 }
 
 
-def make_hf_checkpoint(directory, seed=0, file_dtype=torch.float32, max_shard_size=None, **config_kwargs):
+def make_hf_checkpoint(directory, seed=0, std=0.08, file_dtype=torch.float32, max_shard_size=None,
+                       **config_kwargs):
     """Writes a random transformers LlamaForCausalLM with save_pretrained; returns the directory."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -36,7 +37,7 @@ def make_hf_checkpoint(directory, seed=0, file_dtype=torch.float32, max_shard_si
     with torch.no_grad():  # larger than the default init so every layer matters
         for p in model.parameters():
             if p.dim() == 2:
-                p.normal_(0, 0.08)
+                p.normal_(0, std)
             else:
                 p.uniform_(0.8, 1.2)
     model = model.to(file_dtype)

@@ -17,61 +17,28 @@ import layerskip_ext
 from layerskip_ext import engine as engine_mod
 from layerskip_ext.generation import check_generation_args
 from layerskip_ext.reference_generate import generate_reference
+from conftest import make_hf_checkpoint
 
 pytestmark = pytest.mark.skipif(not engine_mod.is_available(), reason="C++ extension not built")
 
-# GQA / MQA / MHA, tied and untied, head_dim != hidden / heads, llama3 rope scaling
-ENGINE_CONFIGS = {
-    "gqa_tied": dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                     intermediate_size=128, vocab_size=257, tie_word_embeddings=True),
-    "mqa_headdim_untied": dict(num_hidden_layers=3, hidden_size=48, num_attention_heads=6, num_key_value_heads=1,
-                               head_dim=32, intermediate_size=96, vocab_size=300, tie_word_embeddings=False,
-                               rope_theta=500000.0,
-                               rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
-    "mha_untied": dict(num_hidden_layers=5, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
-                       intermediate_size=96, vocab_size=211, tie_word_embeddings=False),
-}
 PROMPT = [5, 17, 42, 7, 99, 3, 61]
 TINY_PROMPT = [5, 17, 30, 7, 9, 3, 21]  # vocabulary 32
 
 
-def write_checkpoint(directory, seed=0, std=0.08, **config_kwargs) -> str:
-    """A random transformers LlamaForCausalLM saved with save_pretrained into `directory`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    kwargs = dict(max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
-    kwargs.update(config_kwargs)
-    model = LlamaForCausalLM(LlamaConfig(**kwargs))
-    with torch.no_grad():  # larger than the default init so that every layer matters
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, std)
-            else:
-                p.uniform_(0.8, 1.2)
-    model.save_pretrained(directory)
-    return str(directory)
-
-
-@pytest.fixture(scope="module", params=sorted(ENGINE_CONFIGS))
-def random_model(request, tmp_path_factory):
-    directory = tmp_path_factory.mktemp(request.param)
-    return layerskip_ext.load(write_checkpoint(directory, **ENGINE_CONFIGS[request.param]))
+@pytest.fixture(scope="module")
+def random_model(random_checkpoint):
+    """conftest's random checkpoints: GQA / MQA / MHA, tied and untied, head_dim != hidden / heads, llama3 rope."""
+    return layerskip_ext.load(random_checkpoint[1])
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """2 layers, vocabulary 32: for the many-seed tests."""
     directory = tmp_path_factory.mktemp("tiny")
-    return layerskip_ext.load(write_checkpoint(directory, seed=3, std=0.25, num_hidden_layers=2, hidden_size=32,
-                                               num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                                               vocab_size=32, tie_word_embeddings=True))
+    return layerskip_ext.load(make_hf_checkpoint(directory, seed=3, std=0.25, num_hidden_layers=2, hidden_size=32,
+                                                 num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                                 vocab_size=32, tie_word_embeddings=True))
 
-
-@pytest.fixture(scope="session")
-def smollm2():
-    return layerskip_ext.load()
 
 
 def both(model, prompt=PROMPT, **kwargs):
