@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .generation import GenerationArgs, GenerationResult, GenerationStats
+from .sampling import seed_as_int64
 
 try:
     from . import _C  # noqa: F401  (registers the ops and the Engine class)
@@ -24,18 +25,11 @@ except ImportError as e:  # the extension is not built
 
 WEIGHT_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 _INITIAL_CAPACITY = 512  # KV positions allocated up front; the engine grows them when a call needs more
-_MASK64 = (1 << 64) - 1
 
 
 def is_available() -> bool:
     """True when the C++ extension is built and importable."""
     return _IMPORT_ERROR is None
-
-
-def _as_int64(seed: int) -> int:
-    """The 64 bits of `seed` as a signed int64 (the ops read them back as uint64, like the reference)."""
-    s = seed & _MASK64
-    return s - (1 << 64) if s >= 1 << 63 else s
 
 
 def weight_tensors(module) -> list[torch.Tensor]:
@@ -94,7 +88,7 @@ class Engine:
         spec = args.strategy == "self_speculative"
         e.begin(torch.tensor(args.prompt_ids, dtype=torch.int64, device=device), args.strategy, args.exit_layer,
                 args.num_speculations if spec else 1, args.max_new_tokens, args.temperature, args.top_k,
-                args.top_p, _as_int64(args.seed), torch.tensor(args.stop_token_ids, dtype=torch.int64),
+                args.top_p, seed_as_int64(args.seed), torch.tensor(args.stop_token_ids, dtype=torch.int64),
                 args.context_length)
         if profile:
             e.step(1)  # the prefill

@@ -2,8 +2,9 @@
 
 The schemas and their meaning live in csrc/torch_bindings.cpp; the CPU kernels in csrc/cpu/. Every op
 has a `<op>_reference` here, written with plain tensor operations, that the tests compare the kernels
-against. The references of the random ops draw the same numbers as the kernels
-(`uniform_from_counter`, a copy of csrc/random.h), so they match them token for token.
+against. The sampling references are layerskip_ext.sampling's functions (the one Python statement of those
+semantics, also used by the reference decoder); they draw the same numbers as the kernels
+(`uniform_from_counter`, the twin of csrc/random.h), so they match them token for token.
 
 Shapes: T tokens in the step, H hidden size, Hq / Hkv query / key-value heads, D head_dim,
 S cache capacity, V vocabulary, I MLP intermediate size, d draft length.
@@ -14,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from layerskip_ext.sampling import uniform_from_counter  # the Python twin of csrc/random.h
+from layerskip_ext import sampling as _sampling
+from layerskip_ext.sampling import seed_as_int64, uniform_from_counter  # uniform_from_counter: csrc/random.h
 from layerskip_ext import _C  # noqa: F401  (loads the library: registers the ops and kernels)
 
 _ops = torch.ops.layerskip
@@ -85,7 +87,7 @@ def sample_from_probs(probs: Tensor, seed: int, offset: int = 0) -> Tensor:
     Row t: u = uniform_from_counter(seed, offset + t); the first index whose float64 running sum
     exceeds u * sum(row).
     """
-    return _ops.sample_from_probs.default(probs, _signed64(seed), offset)
+    return _ops.sample_from_probs.default(probs, seed_as_int64(seed), offset)
 
 
 def sample(
@@ -93,7 +95,7 @@ def sample(
 ) -> Tensor:
     """logits [T, V] -> tokens [T] int64: argmax (first maximum) when temperature == 0, else
     sample_from_probs(sampling_probs(logits, temperature, top_k, top_p), seed, offset)."""
-    return _ops.sample.default(logits, temperature, top_k, top_p, _signed64(seed), offset)
+    return _ops.sample.default(logits, temperature, top_k, top_p, seed_as_int64(seed), offset)
 
 
 def speculative_accept_greedy(draft_tokens: Tensor, target_logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -116,7 +118,7 @@ def speculative_accept(
     when all d are accepted tokens[d] is drawn with u(2d) from target_probs[d]. u(k) uses counter
     offset + k of seed. Entries past the last valid one are -1.
     """
-    return _ops.speculative_accept.default(draft_tokens, draft_probs, target_probs, _signed64(seed), offset)
+    return _ops.speculative_accept.default(draft_tokens, draft_probs, target_probs, seed_as_int64(seed), offset)
 
 
 def rotary_cos_sin_cache(inv_freq: Tensor, max_pos: int) -> Tensor:
@@ -128,18 +130,6 @@ def rotary_cos_sin_cache(inv_freq: Tensor, max_pos: int) -> Tensor:
 def rope_inv_freq(head_dim: int, theta: float) -> Tensor:
     """The plain RoPE frequencies theta^(-2i/D), i < D/2, float32 (as HF Llama computes them)."""
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Seeds: Python ints as the schema's int64
-
-_MASK64 = (1 << 64) - 1
-
-
-def _signed64(seed: int) -> int:
-    """Any Python int seed as the int64 with the same low 64 bits (the schema's `int` is int64)."""
-    seed &= _MASK64
-    return seed - (1 << 64) if seed >= (1 << 63) else seed
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -274,74 +264,34 @@ def linear_reference(input: Tensor, weight: Tensor) -> Tensor:
     return input.float() @ weight.float().T  # [T, N]
 
 
+# The sampling semantics have one Python statement, layerskip_ext.sampling (also the reference decoder's);
+# these names are the per-op oracles the kernel tests call.
+
+
 def sampling_probs_reference(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    z = logits.float()  # [T, V]
-    T, V = z.shape
-    inv_t = torch.tensor(1.0 / temperature, dtype=torch.float32)
-    e = torch.exp((z - z.max(dim=-1, keepdim=True).values) * inv_t)  # [T, V]
-    k = V if top_k == 0 or top_k >= V else top_k
-    probs = torch.zeros_like(z)
-    for t in range(T):
-        order = torch.sort(z[t], descending=True, stable=True).indices[:k]  # [k] by logit, ties: lower index
-        kept = order
-        if top_p < 1.0:
-            mass = e[t, order].double().cumsum(0)  # [k]
-            reached = (mass >= top_p * mass[-1]).nonzero()
-            n = int(reached[0]) + 1 if len(reached) else k
-            kept = order[: max(n, 1)]
-        probs[t, kept] = (e[t, kept].double() / e[t, kept].double().sum()).float()
-    return probs
-
-
-def _invert_cdf(row: Tensor, u: float) -> int:
-    """Index of the first float64 running sum of row [V] exceeding u * sum(row); last positive as fallback."""
-    cum = row.double().cumsum(0)  # [V], left to right
-    i = int(torch.searchsorted(cum, torch.tensor([u * float(cum[-1])], dtype=torch.float64), right=True))
-    return i if i < row.numel() else int((row > 0).nonzero()[-1])
+    return _sampling.sampling_probs(logits, temperature, top_k, top_p)
 
 
 def sample_from_probs_reference(probs: Tensor, seed: int, offset: int = 0) -> Tensor:
-    rows = [_invert_cdf(probs[t], uniform_from_counter(seed, offset + t)) for t in range(probs.shape[0])]
-    return torch.tensor(rows, dtype=torch.int64)
+    return _sampling.sample_from_probs(probs, seed, offset)
 
 
 def sample_reference(
     logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0, seed: int = 0, offset: int = 0
 ) -> Tensor:
-    if temperature == 0:
-        return logits.float().argmax(dim=-1)
-    return sample_from_probs_reference(sampling_probs_reference(logits, temperature, top_k, top_p), seed, offset)
+    return _sampling.sample(logits, temperature, top_k, top_p, seed, offset)
 
 
 def speculative_accept_greedy_reference(draft_tokens: Tensor, target_logits: Tensor) -> tuple[Tensor, Tensor]:
-    d = draft_tokens.shape[0]
-    best = target_logits.float().argmax(dim=-1)  # [d+1]
-    n = 0
-    while n < d and int(draft_tokens[n]) == int(best[n]):
-        n += 1
-    tokens = torch.full((d + 1,), -1, dtype=torch.int64)
-    tokens[:n] = draft_tokens[:n]
-    tokens[n] = best[n]
+    tokens, n = _sampling.speculative_accept_greedy(draft_tokens, target_logits)
     return tokens, torch.tensor(n, dtype=torch.int64)
 
 
 def speculative_accept_reference(
     draft_tokens: Tensor, draft_probs: Tensor, target_probs: Tensor, seed: int, offset: int = 0
 ) -> tuple[Tensor, Tensor]:
-    d = draft_tokens.shape[0]
-    tokens = torch.full((d + 1,), -1, dtype=torch.int64)
-    for i in range(d):
-        x = int(draft_tokens[i])
-        q, p = draft_probs[i], target_probs[i]  # [V] float32
-        if uniform_from_counter(seed, offset + 2 * i) * float(q[x]) < float(p[x]):
-            tokens[i] = x
-            continue
-        residual = torch.clamp(p - q, min=0.0)  # [V] float32
-        row = residual if float(residual.double().sum()) > 0 else p
-        tokens[i] = _invert_cdf(row, uniform_from_counter(seed, offset + 2 * i + 1))
-        return tokens, torch.tensor(i, dtype=torch.int64)
-    tokens[d] = _invert_cdf(target_probs[d], uniform_from_counter(seed, offset + 2 * d))
-    return tokens, torch.tensor(d, dtype=torch.int64)
+    tokens, n = _sampling.speculative_accept(draft_tokens, draft_probs, target_probs, seed, offset)
+    return tokens, torch.tensor(n, dtype=torch.int64)
 
 
 __all__ = [

@@ -21,6 +21,12 @@ def uniform_from_counter(seed: int, counter: int) -> float:
     return (z >> 11) * (1.0 / (1 << 53))
 
 
+def seed_as_int64(seed: int) -> int:
+    """Any Python int seed as the int64 with the same low 64 bits (ops take int64, C++ reads them as uint64)."""
+    seed &= _MASK64
+    return seed - (1 << 64) if seed >= (1 << 63) else seed
+
+
 def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
     if not (temperature >= 0.0 and temperature < float("inf")):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
