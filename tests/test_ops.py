@@ -4,7 +4,6 @@ in layerskip_ext.ops: shape/dtype grids, opcheck, argument errors, and statistic
 bfloat16 tolerance: the kernel's error against the float32 reference may be at most a small multiple
 of the error of the same computation done by plain PyTorch in bfloat16 (flash-attention's rule).
 """
-import itertools
 import math
 from collections import Counter
 
@@ -162,7 +161,7 @@ def test_rotary_embedding(device, dtype, T, heads, D):
 
 
 def test_rotary_matches_transformers_llama():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     T, Hq, Hkv, D = 5, 4, 2, 64
