@@ -7,7 +7,7 @@ import torch
 from layerskip_ext.config import ModelConfig
 from layerskip_ext.reference import ReferenceLlama
 from layerskip_ext.sampling import uniform_from_counter
-from layerskip_ext.training.layer_dropout import LayerDropout, layer_dropout_rates
+from layerskip_ext.training.layer_dropout import LayerDropout, layer_dropout_rates, time_factor
 from layerskip_ext.training.model import residual_states
 
 # L = 5 layers: x = l / 4 = 0, .25, .5, .75, 1
@@ -65,6 +65,48 @@ def test_skip_mask_ranks_split_the_global_batch():
     assert torch.equal(torch.cat(halves, dim=1), full)
     assert full.any() and not full.all()  # p = 0.9 over 32 draws: both outcomes occur for this seed
     assert not torch.equal(ld.skip_mask(3, 8), ld.skip_mask(4, 8)), "each step draws anew"
+
+
+@pytest.mark.parametrize("time_schedule,expected", [
+    ("constant", [1.0, 1.0, 1.0, 1.0, 1.0]),
+    ("linear", X),
+    ("exp", [0.0, 2 ** 0.25 - 1, 2 ** 0.5 - 1, 2 ** 0.75 - 1, 1.0]),
+])
+def test_time_curriculum_scales_the_rates(time_schedule, expected):
+    T = 40  # steps 0, 10, 20, 30, 40 are t / T = X
+    ld = LayerDropout(3, 0.4, "linear", time_schedule=time_schedule, total_steps=T)  # depth rates 0, .2, .4
+    for step, c in zip([0, 10, 20, 30, 40], expected):
+        assert ld.rates_at(step) == pytest.approx([0.0, 0.2 * c, 0.4 * c], abs=1e-12)
+        assert time_factor(time_schedule, step, T) == pytest.approx(c, abs=1e-12)
+    assert ld.rates == pytest.approx([0.0, 0.2, 0.4]), "rates keeps the depth schedule at full strength"
+
+
+def test_time_curriculum_changes_which_samples_skip():
+    ld = LayerDropout(2, 0.8, "uniform", seed=3, time_schedule="linear", total_steps=100)
+    assert not ld.skip_mask(0, 64).any(), "rate 0 at the first step"
+    step, B = 50, 64  # rate 0.8 * 0.5 = 0.4
+    mask = ld.skip_mask(step, B)
+    for l in range(2):
+        for b in range(B):
+            assert bool(mask[l, b]) == (uniform_from_counter(3, (step * 2 + l) * B + b) < 0.4)
+
+
+def test_micro_batches_draw_anew_with_the_step_rate():
+    ld = LayerDropout(2, 0.5, "uniform", seed=5, time_schedule="linear", total_steps=10)
+    step, B, accum = 6, 4, 3  # rate 0.3, draw index step * accum + micro
+    for micro in range(accum):
+        mask = ld.skip_mask(step, B, micro=micro, grad_accum=accum)
+        for l in range(2):
+            for b in range(B):
+                u = uniform_from_counter(5, ((step * accum + micro) * 2 + l) * B + b)
+                assert bool(mask[l, b]) == (u < 0.5 * 0.6)
+
+
+def test_bad_time_schedule():
+    with pytest.raises(ValueError, match="time schedule"):
+        LayerDropout(4, 0.1, time_schedule="cosine", total_steps=10)
+    with pytest.raises(ValueError, match="total_steps"):
+        LayerDropout(4, 0.1, time_schedule="exp", total_steps=0)
 
 
 def test_skipped_samples_bypass_the_layer_and_others_are_unchanged():

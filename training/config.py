@@ -62,8 +62,9 @@ class TrainSection:
 @dataclass
 class LayerDropoutSection:
     p_max: float = 0.0
-    schedule: str = "exp"
+    schedule: str = "exp"                   # over depth: uniform, linear, exp, log, sine, sigmoid, step
     layers: list[int] | None = None
+    time_schedule: str = "constant"         # over training: constant, exp (2^(t/T) - 1), linear
 
 
 @dataclass

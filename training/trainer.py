@@ -235,7 +235,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
 
     # LayerSkip pieces
     ld = cfg.layer_dropout
-    dropout = LayerDropout(L, ld.p_max, ld.schedule, ld.layers, seed=cfg.seed)
+    dropout = LayerDropout(L, ld.p_max, ld.schedule, ld.layers, seed=cfg.seed, time_schedule=ld.time_schedule,
+                           total_steps=cfg.train.steps)
     ee = cfg.early_exit
     if ee.enabled:
         exits = list(range(L)) if ee.exit_layers is None else ee.exit_layers
@@ -262,7 +263,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             json.dump(cfg.to_dict(), f, indent=2)
         n_params = sum(p.numel() for p in {id(p): p for p in lm.parameters()}.values())
         print(f"{cfg.recipe}: {n_params / 1e6:.2f}M parameters, {L} layers, {world} process(es), "
-              f"layer dropout {[round(p, 3) for p in dropout.rates] if dropout.active else 'off'}, "
+              f"layer dropout {[round(p, 3) for p in dropout.rates] if dropout.active else 'off'}"
+              f"{' x ' + ld.time_schedule + ' curriculum over steps' if ld.time_schedule != 'constant' else ''}, "
               f"early exit {'curriculum ' + ee.curriculum + ' scale ' + ee.scale if ee.enabled else 'off'}")
 
     bar = None
@@ -283,7 +285,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             x, y = x.to(device), y.to(device)
             skip = None
             if dropout.active:  # one draw per (step, micro) so micro-batches differ
-                skip = dropout.skip_mask(step * cfg.train.grad_accum + micro, x.shape[0], rank, world).to(device)
+                skip = dropout.skip_mask(step, x.shape[0], rank, world, micro, cfg.train.grad_accum).to(device)
             sync = world == 1 or micro == cfg.train.grad_accum - 1
             ctx = model.no_sync() if not sync else contextlib.nullcontext()
             with ctx:
