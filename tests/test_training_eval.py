@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import layerskip_ext
 from layerskip_ext.config import ModelConfig
 from layerskip_ext.model import LayerSkipModel
 from layerskip_ext.reference import ReferenceLlama
@@ -44,10 +45,13 @@ def test_acceptance_rate_is_one_where_the_remaining_layers_do_nothing():
             lm.model.layers[l].mlp.down_proj.weight.zero_()
     model = LayerSkipModel(lm.config, lm, tokenizer=None)
     prompts = [[1, 2, 3, 4], [5, 6, 7]]
-    rates = acceptance_rates(model, prompts, exits=[1, 2, 3, 4], num_speculations=3, max_new_tokens=12)
+    rates = acceptance_rates(model, prompts, exits=[1, 2, 3, 4], num_speculations=3, max_new_tokens=12,
+                             backend="reference")
     assert set(rates) == {1, 2, 3}  # the last layer is not a draft exit
     assert rates[2] == 1.0 and rates[3] == 1.0
     assert rates[1] < 1.0
+    if layerskip_ext.engine.is_available():  # the default backend: the C++ engine counts the same
+        assert acceptance_rates(model, prompts, exits=[1, 2, 3, 4], num_speculations=3, max_new_tokens=12) == rates
 
 
 def test_report_files(tmp_path):

@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--prompt-len", type=int, default=64)
     e.add_argument("--max-new-tokens", type=int, default=64)
     e.add_argument("--num-speculations", type=int, default=4)
+    e.add_argument("--backend", choices=("auto", "engine", "reference"), default="auto",
+                   help="decoder for the acceptance runs (same tokens and counts; auto = engine when built)")
     e.add_argument("--threads", type=int, default=0)
     sub.add_parser("configs", help="list the bundled configs")
     # `layerskip-ext train --config ...` arrives here without the sub-command word

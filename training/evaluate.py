@@ -38,8 +38,9 @@ def exit_metrics(lm, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int
 
 
 def acceptance_rates(model: LayerSkipModel, prompts: list[list[int]], exits: list[int], num_speculations: int = 4,
-                     max_new_tokens: int = 64) -> dict[int, float]:
-    """{exit E: accepted / drafted} of greedy self-speculative decoding summed over `prompts` (token id lists)."""
+                     max_new_tokens: int = 64, backend: str = "auto") -> dict[int, float]:
+    """{exit E: accepted / drafted} of greedy self-speculative decoding summed over `prompts` (token id lists).
+    The backends give the same tokens and counts; "auto" is the C++ engine when it is built."""
     rates = {}
     for e in exits:
         if e >= model.num_layers:
@@ -48,7 +49,7 @@ def acceptance_rates(model: LayerSkipModel, prompts: list[list[int]], exits: lis
         for p in prompts:
             r = layerskip_ext.generate(model, p, max_new_tokens=max_new_tokens, strategy="self_speculative",
                                        exit_layer=e, num_speculations=num_speculations, stop_token_ids=[],
-                                       backend="reference")
+                                       backend=backend)
             drafted += r.stats.drafted
             accepted += r.stats.accepted
         rates[e] = accepted / drafted if drafted else 0.0
@@ -57,7 +58,7 @@ def acceptance_rates(model: LayerSkipModel, prompts: list[list[int]], exits: lis
 
 def evaluate_model(model: LayerSkipModel, valid_files: list[str], seq_len: int = 256, windows: int = 32,
                    accept_exits: list[int] | None = None, prompts: int = 4, prompt_len: int = 64,
-                   max_new_tokens: int = 64, num_speculations: int = 4) -> list[dict]:
+                   max_new_tokens: int = 64, num_speculations: int = 4, backend: str = "auto") -> list[dict]:
     """Rows {exit, loss, accuracy, acceptance_rate} for every exit (1-based); the acceptance rate (the costly part)
     is measured at `accept_exits` (default: every exit but the last) and None elsewhere."""
     tokens = token_stream(model.tokenizer, valid_files, eos_id(model.tokenizer))
@@ -67,7 +68,7 @@ def evaluate_model(model: LayerSkipModel, valid_files: list[str], seq_len: int =
     # prompts from the held-out text, spread over it, none overlapping the first window's start
     step = max(1, (tokens.numel() - prompt_len) // (prompts + 1))
     prompt_ids = [tokens[(i + 1) * step:(i + 1) * step + prompt_len].tolist() for i in range(prompts)]
-    rates = acceptance_rates(model, prompt_ids, exits, num_speculations, max_new_tokens)
+    rates = acceptance_rates(model, prompt_ids, exits, num_speculations, max_new_tokens, backend)
     return [dict(r, acceptance_rate=rates.get(r["exit"])) for r in rows]
 
 
@@ -143,7 +144,7 @@ def evaluate_command(args) -> int:
     for label, path in zip(labels, args.model):
         model = layerskip_ext.load(None if path == "default" else path)
         results[label] = evaluate_model(model, args.valid, args.seq_len, args.windows, exits, args.prompts,
-                                        args.prompt_len, args.max_new_tokens, args.num_speculations)
+                                        args.prompt_len, args.max_new_tokens, args.num_speculations, args.backend)
     print(write_report(results, args.out, title=", ".join(results)))
     print(f"wrote {args.out}/results.json, table.md, per_layer.png")
     return 0
