@@ -104,6 +104,21 @@ def test_config_errors(tmp_path):
         cli_main(["train", "--config", "no-such-config"])
 
 
+@pytest.mark.parametrize("override,message", [
+    ('layer_dropout.schedule="cubic"', "layer_dropout.schedule"),
+    ('layer_dropout.time_schedule="cosine"', "layer_dropout.time_schedule"),
+    ("layer_dropout.p_max=1.5", "layer_dropout.p_max"),
+    ('layer_dropout.p_max="0.1"', "layer_dropout.p_max"),
+    ('early_exit.scale="square"', "early_exit.scale"),
+    ('early_exit.curriculum="random"', "early_exit.curriculum"),
+    ("early_exit.e_scale=-1", "early_exit.e_scale"),
+    ("early_exit.rotational_period=0", "early_exit.rotational_period"),
+])
+def test_layerskip_option_errors_come_before_any_work(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, tiny_overrides(tmp_path, extra=[override]))
+
+
 def test_bundled_configs_parse():
     pytest.importorskip("yaml")
     from layerskip_ext.training.config import default_config_dir

@@ -112,6 +112,26 @@ class TrainConfig:
                     raise ValueError(f"{section}.{name} must be a positive integer, got {value!r}")
         if self.train.save_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"train.save_dtype must be float32, bfloat16 or float16, got {self.train.save_dtype!r}")
+        self._validate_layerskip()
+
+    def _validate_layerskip(self) -> None:
+        """Names and ranges of the LayerSkip options, checked before any tokenizer or model work starts."""
+        from .curriculum import CURRICULA
+        from .early_exit_loss import SCALE_TYPES
+        from .layer_dropout import SCHEDULES, TIME_SCHEDULES
+        ld, ee = self.layer_dropout, self.early_exit
+        checks = [("layer_dropout.schedule", ld.schedule, SCHEDULES),
+                  ("layer_dropout.time_schedule", ld.time_schedule, TIME_SCHEDULES),
+                  ("early_exit.scale", ee.scale, SCALE_TYPES), ("early_exit.curriculum", ee.curriculum, CURRICULA)]
+        for name, value, allowed in checks:
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if not isinstance(ld.p_max, (int, float)) or not 0.0 <= ld.p_max <= 1.0:
+            raise ValueError(f"layer_dropout.p_max must be a number in [0, 1], got {ld.p_max!r}")
+        if not isinstance(ee.e_scale, (int, float)) or ee.e_scale < 0:
+            raise ValueError(f"early_exit.e_scale must be a number >= 0, got {ee.e_scale!r}")
+        if not isinstance(ee.rotational_period, int) or ee.rotational_period < 1:
+            raise ValueError(f"early_exit.rotational_period must be a positive integer, got {ee.rotational_period!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
