@@ -99,22 +99,27 @@ def cmd_bench(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    """Self-speculative tokens/s and acceptance over a grid of exit layers and draft lengths."""
+    """Self-speculative tokens/s (median of --repeats) and acceptance over a grid of exit layers and draft lengths."""
     import layerskip_ext
     model = _load(args)
     exits = [int(x) for x in args.exit_layers.split(",")]
     ds = [int(x) for x in args.num_speculations.split(",")]
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     common = dict(max_new_tokens=args.max_new_tokens, stop_token_ids=[], backend=args.backend)
-    base = layerskip_ext.generate(model, DEFAULT_PROMPT, **common).stats.tokens_per_second
-    print(f"autoregressive: {base:.1f} tokens/s")
+
+    def median_run(**kwargs):
+        runs = [layerskip_ext.generate(model, args.prompt, **common, **kwargs) for _ in range(args.repeats)]
+        return statistics.median(r.stats.tokens_per_second for r in runs), runs[0].stats
+
+    layerskip_ext.generate(model, args.prompt, **dict(common, max_new_tokens=4))  # warm up
+    base, _ = median_run()
+    print(f"autoregressive: {base:.1f} tokens/s (median of {args.repeats})")
     print(f"{'E':>4}{'d':>4}{'tokens/s':>10}{'speedup':>9}{'acceptance':>12}")
     for E in exits:
         for d in ds:
-            r = layerskip_ext.generate(model, DEFAULT_PROMPT, strategy="self_speculative", exit_layer=E,
-                                       num_speculations=d, **common)
-            s = r.stats
-            print(f"{E:>4}{d:>4}{s.tokens_per_second:>10.1f}{s.tokens_per_second / base:>8.2f}x"
-                  f"{s.acceptance_rate:>12.1%}")
+            tps, s = median_run(strategy="self_speculative", exit_layer=E, num_speculations=d)
+            print(f"{E:>4}{d:>4}{tps:>10.1f}{tps / base:>8.2f}x{s.acceptance_rate:>12.1%}")
     return 0
 
 
@@ -146,6 +151,8 @@ def main(argv=None) -> int:
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--exit-layers", default="4,8,12,16")
     s.add_argument("--num-speculations", default="2,4,6")
+    s.add_argument("--repeats", type=int, default=1, help="runs per point; tokens/s is their median")
+    s.add_argument("--prompt", default=DEFAULT_PROMPT)
     sub.add_parser("train", help="LayerSkip training recipes (see layerskip-ext train --help)")
     args = parser.parse_args(argv)
     try:
