@@ -8,5 +8,5 @@ for bench in bench_ops.py bench_linear.py bench_generate.py; do
   "$PY" "$bench" --quick
 done
 echo "=== layerskip-ext bench on the LayerSkip demo checkpoint (checkpoints/layerskip-demo)"
-"$PY" -m layerskip_ext.cli bench --model "$PWD/../checkpoints/layerskip-demo" --exit-layer 4 --num-speculations 4 \
+"$PY" -m layerskip_ext.cli bench --model "$PWD/../checkpoints/layerskip-demo" --exit-layer 3 --num-speculations 2 \
   --max-new-tokens 64 --repeats 3 --prompt "It is a truth universally acknowledged, that"

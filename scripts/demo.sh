@@ -14,6 +14,9 @@ echo "=== SmolLM2-135M-Instruct, autoregressive"
 echo; echo "=== SmolLM2-135M-Instruct, self-speculative (exit layer 24, 3 drafts per round)"
 "$PY" -m layerskip_ext.cli generate "$PROMPT" --strategy self_speculative --exit-layer 24 --num-speculations 3 \
   --max-new-tokens 128
-echo; echo "=== LayerSkip demo checkpoint, self-speculative (exit layer 4, 4 drafts per round)"
+echo; echo "=== LayerSkip demo checkpoint, self-speculative (exit layer 3 of 8, 2 drafts per round)"
 "$PY" -m layerskip_ext.cli generate "It is a truth universally acknowledged, that" --model "$DEMO_CKPT" \
-  --strategy self_speculative --exit-layer 4 --num-speculations 4 --max-new-tokens 128
+  --strategy self_speculative --exit-layer 3 --num-speculations 2 --max-new-tokens 128
+echo; echo "=== LayerSkip demo checkpoint, every strategy (median of 3 runs)"
+"$PY" -m layerskip_ext.cli bench --model "$DEMO_CKPT" --exit-layer 3 --num-speculations 2 --max-new-tokens 128 \
+  --prompt "It is a truth universally acknowledged, that"
