@@ -4,8 +4,10 @@ p_{l,t} = p_max * S(l / (L-1)) * C(t / T).
 S is a schedule on [0, 1] with S(0) = 0 and S(1) = 1 (except "uniform", which is 1 everywhere), so the rates grow
 with depth. C is the paper's curriculum over training time: "constant" (1; the paper's choice for continual
 pretraining and fine-tuning), "exp" (2^(t/T) - 1, from 0 up to 1 at the end; its choice for pretraining from
-scratch, so the young network is not starved of depth) or "linear" (t/T). Which samples skip is a pure function of (seed, step, layer, global sample index) through the
-project's counter-based RNG, so a run is reproducible, resumable, and each DDP rank draws for its own samples.
+scratch, so the young network is not starved of depth) or "linear" (t/T).
+
+Which samples skip is a pure function of (seed, step, layer, global sample index) through the project's
+counter-based RNG, so a run is reproducible, resumable, and each DDP rank draws for its own samples.
 """
 from __future__ import annotations
 
