@@ -100,8 +100,18 @@ def test_config_errors(tmp_path):
         load_config(None, tiny_overrides(tmp_path, extra=["recipe=\"continual\""]))
     with pytest.raises(ValueError, match="train.steps"):
         load_config(None, tiny_overrides(tmp_path, steps=0))
-    with pytest.raises(FileNotFoundError, match="bundled config"):
-        cli_main(["train", "--config", "no-such-config"])
+    with pytest.raises(FileNotFoundError, match="data.train file 'no-such.txt'"):
+        train(load_config(None, tiny_overrides(tmp_path, extra=['data.train=["no-such.txt"]'])), progress=False)
+
+
+def test_cli_errors_exit_2_with_a_message(tmp_path, capsys):
+    assert cli_main(["train", "--config", "no-such-config"]) == 2
+    assert "bundled config" in capsys.readouterr().err
+    overrides = sum((["--set", o] for o in tiny_overrides(tmp_path, extra=['data.valid=["gone.txt"]'])), [])
+    (tmp_path / "config.json").write_text("{}")
+    assert cli_main(["train", "--config", str(tmp_path / "config.json"), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("layerskip-ext train: error:") and "data.valid file 'gone.txt' does not exist" in err
 
 
 @pytest.mark.parametrize("override,message", [

@@ -58,7 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] not in ("train", "eval", "configs", "-h", "--help"):
         argv = ["train"] + argv
     args = ap.parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as e:  # bad config, data or paths: a message, not a traceback
+        print(f"layerskip-ext train: error: {e}", file=sys.stderr)
+        return 2
 
+
+def _run(args) -> int:
     if args.command == "configs":
         for name in sorted(os.listdir(default_config_dir())):
             print(os.path.join(default_config_dir(), name))

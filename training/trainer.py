@@ -200,6 +200,10 @@ def _save_training_state(lm, tokenizer, opt, step: int, cfg: TrainConfig) -> str
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
     """Runs a recipe; returns {"final_dir", "steps", "val": {layer: loss}, "tokens_per_second", "rank",
     "world_size", "model" (the trained module), "tokenizer"}."""
+    for name, files in (("data.train", cfg.data.train), ("data.valid", cfg.data.valid)):
+        for path in files:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{name} file {path!r} does not exist")
     rank, world, device = dist_setup()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
