@@ -22,7 +22,8 @@ torch.save(result["model"].state_dict(), os.path.join(sys.argv[2], f"rank{result
 
 
 def test_ddp_two_processes_match_one_process(tmp_path):
-    overrides = tiny_overrides(tmp_path, out="ddp", steps=3, extra=["train.batch_size=2"])
+    dropout = ["layer_dropout.p_max=0.9", 'layer_dropout.time_schedule="linear"']  # rates 0, .3, .6 x depth
+    overrides = tiny_overrides(tmp_path, out="ddp", steps=3, extra=["train.batch_size=2", *dropout])
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -35,7 +36,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
     # one process with the global batch (2 x 2) draws the same samples and the same layer-dropout masks
-    single = train(load_config(None, tiny_overrides(tmp_path, out="one", steps=3, extra=["train.batch_size=4"])),
+    single = train(load_config(None, tiny_overrides(tmp_path, out="one", steps=3, extra=["train.batch_size=4", *dropout])),
                    progress=False)["model"].state_dict()
     for k in r0:
         torch.testing.assert_close(r0[k], single[k], rtol=1e-4, atol=1e-5)
