@@ -51,8 +51,17 @@ def test_curricula():
     grad = EarlyExitCurriculum("gradual", [0, 2, 4], 6, total_steps=8)
     assert [grad.enabled(t) for t in range(9)] == [
         [5], [5], [4, 5], [4, 5], [2, 4, 5], [2, 4, 5], [0, 2, 4, 5], [0, 2, 4, 5], [0, 2, 4, 5]]
+    # span 0.5: the same stages in half the run (one more exit every 0.5 * 8 / 4 = 1 step), then all on
+    half = EarlyExitCurriculum("gradual", [0, 2, 4], 6, total_steps=8, gradual_span=0.5)
+    assert [half.enabled(t) for t in range(9)] == [
+        [5], [4, 5], [2, 4, 5], [0, 2, 4, 5], [0, 2, 4, 5], [0, 2, 4, 5], [0, 2, 4, 5], [0, 2, 4, 5], [0, 2, 4, 5]]
+    # span 0.75 over 10 steps with 2 early exits: floor(t * 3 / 7.5): on at t = 3 (1 exit) and t = 5 (both)
+    odd = EarlyExitCurriculum("gradual", [1, 3], 5, total_steps=10, gradual_span=0.75)
+    assert [len(odd.enabled(t)) - 1 for t in range(10)] == [0, 0, 0, 1, 1, 2, 2, 2, 2, 2]
     with pytest.raises(ValueError, match="curriculum"):
         EarlyExitCurriculum("random", [0], 2)
+    with pytest.raises(ValueError, match="gradual_span"):
+        EarlyExitCurriculum("gradual", [0], 2, total_steps=4, gradual_span=0.0)
 
 
 def test_loss_hand_computed():

@@ -123,6 +123,7 @@ def test_cli_errors_exit_2_with_a_message(tmp_path, capsys):
     ('early_exit.curriculum="random"', "early_exit.curriculum"),
     ("early_exit.e_scale=-1", "early_exit.e_scale"),
     ("early_exit.rotational_period=0", "early_exit.rotational_period"),
+    ("early_exit.gradual_span=1.5", "early_exit.gradual_span"),
 ])
 def test_layerskip_option_errors_come_before_any_work(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):

@@ -75,6 +75,7 @@ class EarlyExitSection:
     e_scale: float = 1.0
     curriculum: str = "none"
     rotational_period: int = 2
+    gradual_span: float = 1.0               # gradual: fraction of the run over which the exits are switched on
     recompute: bool = False                 # recompute each exit's logits in backward (memory for time)
 
 
@@ -130,6 +131,8 @@ class TrainConfig:
             raise ValueError(f"layer_dropout.p_max must be a number in [0, 1], got {ld.p_max!r}")
         if not isinstance(ee.e_scale, (int, float)) or ee.e_scale < 0:
             raise ValueError(f"early_exit.e_scale must be a number >= 0, got {ee.e_scale!r}")
+        if not isinstance(ee.gradual_span, (int, float)) or not 0.0 < ee.gradual_span <= 1.0:
+            raise ValueError(f"early_exit.gradual_span must be a number in (0, 1], got {ee.gradual_span!r}")
         if not isinstance(ee.rotational_period, int) or ee.rotational_period < 1:
             raise ValueError(f"early_exit.rotational_period must be a positive integer, got {ee.rotational_period!r}")
 

@@ -244,7 +244,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     ee = cfg.early_exit
     if ee.enabled:
         exits = list(range(L)) if ee.exit_layers is None else ee.exit_layers
-        curriculum = EarlyExitCurriculum(ee.curriculum, exits, L, ee.rotational_period, cfg.train.steps)
+        curriculum = EarlyExitCurriculum(ee.curriculum, exits, L, ee.rotational_period, cfg.train.steps,
+                                         ee.gradual_span)
     else:
         curriculum = EarlyExitCurriculum("none", [L - 1], L)
     model = LayerSkipLM(lm, ee.scale, ee.e_scale, ee.recompute)
