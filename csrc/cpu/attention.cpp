@@ -7,6 +7,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu/dtype_dispatch.h"
 #include "cpu/op_checks.h"
 #include "cpu/reductions.h"
 #include "ops.h"
@@ -83,24 +84,13 @@ torch::Tensor attention_cpu(const torch::Tensor& query, const torch::Tensor& k_c
 
   auto out = torch::empty({tokens, q_heads, head_dim}, query.options());
   if (out.numel() == 0) return out;
-  auto run = [&](auto* q_tag, const auto* c_tag) {
+  cpu::dispatch_float_pair(query.scalar_type(), k_cache.scalar_type(), [&](auto* q_tag, const auto* c_tag) {
     using Q = std::remove_pointer_t<decltype(q_tag)>;
     using C = std::remove_const_t<std::remove_pointer_t<decltype(c_tag)>>;
     attention_kernel<Q, C>(query.data_ptr<Q>(), query.stride(0), query.stride(1), k_cache.data_ptr<C>(),
                            v_cache.data_ptr<C>(), out.data_ptr<Q>(), tokens, q_heads, kv_heads, capacity, head_dim,
                            start_pos, static_cast<float>(scale));
-  };
-  const bool q32 = query.scalar_type() == at::kFloat;
-  const bool c32 = k_cache.scalar_type() == at::kFloat;
-  if (q32 && c32) {
-    run(static_cast<float*>(nullptr), static_cast<const float*>(nullptr));
-  } else if (q32) {
-    run(static_cast<float*>(nullptr), static_cast<const c10::BFloat16*>(nullptr));
-  } else if (c32) {
-    run(static_cast<c10::BFloat16*>(nullptr), static_cast<const float*>(nullptr));
-  } else {
-    run(static_cast<c10::BFloat16*>(nullptr), static_cast<const c10::BFloat16*>(nullptr));
-  }
+  });
   return out;
 }
 

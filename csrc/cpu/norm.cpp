@@ -5,6 +5,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu/dtype_dispatch.h"
 #include "cpu/op_checks.h"
 #include "cpu/reductions.h"
 #include "ops.h"
@@ -69,20 +70,6 @@ int64_t check_norm_args(const char* op, const torch::Tensor& input, const torch:
   return hidden;
 }
 
-// Calls fn(T*, W*) with the element types of input and weight.
-template <typename Fn>
-void dispatch_norm(const torch::Tensor& input, const torch::Tensor& weight, Fn&& fn) {
-  const bool bf16 = input.scalar_type() == at::kBFloat16;
-  const bool w32 = weight.scalar_type() == at::kFloat;
-  if (!bf16) {
-    fn(static_cast<float*>(nullptr), static_cast<const float*>(nullptr));
-  } else if (w32) {
-    fn(static_cast<c10::BFloat16*>(nullptr), static_cast<const float*>(nullptr));
-  } else {
-    fn(static_cast<c10::BFloat16*>(nullptr), static_cast<const c10::BFloat16*>(nullptr));
-  }
-}
-
 }  // namespace
 
 torch::Tensor rms_norm_cpu(const torch::Tensor& input, const torch::Tensor& weight, double eps) {
@@ -92,7 +79,7 @@ torch::Tensor rms_norm_cpu(const torch::Tensor& input, const torch::Tensor& weig
   auto out = torch::empty_like(x);
   if (x.numel() == 0) return out;
   const int64_t rows = x.numel() / hidden;
-  dispatch_norm(x, w, [&](auto* t_tag, const auto* w_tag) {
+  cpu::dispatch_float_pair(x.scalar_type(), w.scalar_type(), [&](auto* t_tag, const auto* w_tag) {
     using T = std::remove_pointer_t<decltype(t_tag)>;
     using W = std::remove_const_t<std::remove_pointer_t<decltype(w_tag)>>;
     rms_norm_kernel<T, W>(x.data_ptr<T>(), w.data_ptr<W>(), out.data_ptr<T>(), rows, hidden,
@@ -116,7 +103,7 @@ torch::Tensor fused_add_rms_norm_cpu(const torch::Tensor& input, torch::Tensor& 
   auto out = torch::empty_like(x);
   if (x.numel() == 0) return out;
   const int64_t rows = x.numel() / hidden;
-  dispatch_norm(x, w, [&](auto* t_tag, const auto* w_tag) {
+  cpu::dispatch_float_pair(x.scalar_type(), w.scalar_type(), [&](auto* t_tag, const auto* w_tag) {
     using T = std::remove_pointer_t<decltype(t_tag)>;
     using W = std::remove_const_t<std::remove_pointer_t<decltype(w_tag)>>;
     fused_add_rms_norm_kernel<T, W>(x.data_ptr<T>(), residual.data_ptr<T>(), w.data_ptr<W>(), out.data_ptr<T>(),

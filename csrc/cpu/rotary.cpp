@@ -3,6 +3,7 @@
 // projection) as long as the head dimension is dense. float32 or bfloat16; math in float32.
 #include <ATen/Parallel.h>
 
+#include "cpu/dtype_dispatch.h"
 #include "cpu/op_checks.h"
 #include "cpu/reductions.h"
 #include "ops.h"
@@ -77,22 +78,13 @@ void rotary_embedding_cpu(torch::Tensor& query, torch::Tensor& key, const torch:
   }
   if (tokens == 0 || head_dim == 0) return;
 
-  auto run = [&](auto* t_tag, const auto* c_tag) {
+  cpu::dispatch_float_pair(query.scalar_type(), cache.scalar_type(), [&](auto* t_tag, const auto* c_tag) {
     using T = std::remove_pointer_t<decltype(t_tag)>;
     using C = std::remove_const_t<std::remove_pointer_t<decltype(c_tag)>>;
     const C* cs = cache.data_ptr<C>();
     rotate_all(query.data_ptr<T>(), tokens, query.size(1), query.stride(0), query.stride(1), p, cs, head_dim);
     rotate_all(key.data_ptr<T>(), tokens, key.size(1), key.stride(0), key.stride(1), p, cs, head_dim);
-  };
-  const bool bf16 = query.scalar_type() == at::kBFloat16;
-  const bool c32 = cache.scalar_type() == at::kFloat;
-  if (!bf16) {
-    run(static_cast<float*>(nullptr), static_cast<const float*>(nullptr));
-  } else if (c32) {
-    run(static_cast<c10::BFloat16*>(nullptr), static_cast<const float*>(nullptr));
-  } else {
-    run(static_cast<c10::BFloat16*>(nullptr), static_cast<const c10::BFloat16*>(nullptr));
-  }
+  });
 }
 
 TORCH_LIBRARY_IMPL(layerskip, CPU, m) { m.impl("rotary_embedding", &rotary_embedding_cpu); }
