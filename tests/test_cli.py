@@ -74,6 +74,7 @@ def test_sweep_prints_the_grid_with_acceptance_of_the_api(demo, capsys):
     (["generate", "x", "--model", "/no/such/model"], "/no/such/model"),
     (["sweep", "--model", DEMO, "--exit-layers", "2", "--num-speculations", "0"], "num_speculations"),
     (["sweep", "--model", DEMO, "--repeats", "0"], "repeats"),
+    (["bench", "--model", DEMO, "--repeats", "0"], "repeats"),
 ])
 def test_bad_input_exits_2_with_a_message(capsys, argv, message):
     assert main(argv) == 2

@@ -76,6 +76,15 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _median_run(model, prompt, repeats: int, **kwargs):
+    """(median tokens/s over `repeats` generations, the first run's stats)."""
+    import layerskip_ext
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    runs = [layerskip_ext.generate(model, prompt, **kwargs) for _ in range(repeats)]
+    return statistics.median(r.stats.tokens_per_second for r in runs), runs[0].stats
+
+
 def cmd_bench(args) -> int:
     """Median tokens/s of each strategy on one prompt."""
     import layerskip_ext
@@ -87,10 +96,8 @@ def cmd_bench(args) -> int:
                       exit_layer=None if strategy == "autoregressive" else E,
                       num_speculations=args.num_speculations if strategy == "self_speculative" else None)
         layerskip_ext.generate(model, args.prompt, **dict(kwargs, max_new_tokens=4))  # warm up
-        runs = [layerskip_ext.generate(model, args.prompt, **kwargs) for _ in range(args.repeats)]
-        tps = statistics.median(r.stats.tokens_per_second for r in runs)
-        acc = runs[0].stats.acceptance_rate
-        rows.append((strategy, tps, 1e3 / tps if tps else float("nan"), acc))
+        tps, stats = _median_run(model, args.prompt, args.repeats, **kwargs)
+        rows.append((strategy, tps, 1e3 / tps if tps else float("nan"), stats.acceptance_rate))
     base = rows[0][1]
     print(f"{'strategy':<18}{'tokens/s':>10}{'ms/token':>10}{'speedup':>9}{'acceptance':>12}")
     for name, tps, ms, acc in rows:
@@ -104,21 +111,15 @@ def cmd_sweep(args) -> int:
     model = _load(args)
     exits = [int(x) for x in args.exit_layers.split(",")]
     ds = [int(x) for x in args.num_speculations.split(",")]
-    if args.repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     common = dict(max_new_tokens=args.max_new_tokens, stop_token_ids=[], backend=args.backend)
-
-    def median_run(**kwargs):
-        runs = [layerskip_ext.generate(model, args.prompt, **common, **kwargs) for _ in range(args.repeats)]
-        return statistics.median(r.stats.tokens_per_second for r in runs), runs[0].stats
-
     layerskip_ext.generate(model, args.prompt, **dict(common, max_new_tokens=4))  # warm up
-    base, _ = median_run()
+    base, _ = _median_run(model, args.prompt, args.repeats, **common)
     print(f"autoregressive: {base:.1f} tokens/s (median of {args.repeats})")
     print(f"{'E':>4}{'d':>4}{'tokens/s':>10}{'speedup':>9}{'acceptance':>12}")
     for E in exits:
         for d in ds:
-            tps, s = median_run(strategy="self_speculative", exit_layer=E, num_speculations=d)
+            tps, s = _median_run(model, args.prompt, args.repeats, strategy="self_speculative", exit_layer=E,
+                                 num_speculations=d, **common)
             print(f"{E:>4}{d:>4}{tps:>10.1f}{tps / base:>8.2f}x{s.acceptance_rate:>12.1%}")
     return 0
 
