@@ -7,6 +7,7 @@ from . import engine as _engine
 from .generation import GenerationResult, check_generation_args
 from .model import LayerSkipModel
 from .reference_generate import generate_reference
+from .stopping import stop_strings_hook
 
 BACKENDS = ("auto", "engine", "reference")
 
@@ -15,7 +16,7 @@ def generate(model: LayerSkipModel, prompt, max_new_tokens: int = 64, strategy: 
              exit_layer: int | None = None, num_speculations: int | None = None, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_token_ids=None,
              on_token=None, backend: str = "auto", context_length: int | None = None,
-             weight_dtype: torch.dtype | None = None) -> GenerationResult:
+             weight_dtype: torch.dtype | None = None, stop=None) -> GenerationResult:
     """Generates up to `max_new_tokens` tokens after `prompt` (a string or a list of token ids).
 
     strategy: "autoregressive" (all layers), "early_exit" (layers [0, exit_layer) then the LM head) or
@@ -23,7 +24,8 @@ def generate(model: LayerSkipModel, prompt, max_new_tokens: int = 64, strategy: 
     is the full model's: identical tokens when greedy, the same distribution when sampling).
     temperature 0 is greedy; otherwise top_k (0 = off) and top_p filter, and `seed` fixes the draws.
     stop_token_ids: None stops at the model's EOS ids, [] never stops early.
-    on_token: called with each new token id as soon as it is accepted.
+    on_token: called with each new token id as soon as it is accepted; returning True ends the generation there.
+    stop: a string or list of strings; the generation ends when the text contains one (the text excludes it).
     backend: "engine" (C++ decoder loop), "reference" (pure PyTorch oracle) or "auto" (engine when built).
     weight_dtype: the engine's matmul weights, torch.float32 or torch.bfloat16 (None: bfloat16 for a
     bfloat16 model, else float32). The reference always runs in the model's dtype.
@@ -43,6 +45,13 @@ def generate(model: LayerSkipModel, prompt, max_new_tokens: int = 64, strategy: 
                                  stop_token_ids=stop_token_ids, context_length=context_length)
     if on_token is not None and not callable(on_token):
         raise TypeError("on_token must be callable")
+    text_stream = None
+    if stop is not None:
+        on_token, text_stream = stop_strings_hook(model, stop, on_token)
     if backend == "reference" or (backend == "auto" and not _engine.is_available()):
-        return generate_reference(model.module, args, decode=model.decode, on_token=on_token)
-    return _engine.get_engine(model, weight_dtype).generate(args, on_token=on_token)
+        result = generate_reference(model.module, args, decode=model.decode, on_token=on_token)
+    else:
+        result = _engine.get_engine(model, weight_dtype).generate(args, on_token=on_token)
+    if text_stream is not None and text_stream.stopped:
+        result.text = text_stream.text
+    return result

@@ -90,6 +90,7 @@ class Engine:
                 args.num_speculations if spec else 1, args.max_new_tokens, args.temperature, args.top_k,
                 args.top_p, seed_as_int64(args.seed), torch.tensor(args.stop_token_ids, dtype=torch.int64),
                 args.context_length)
+        seen, stopped = 0, False  # tokens passed to on_token; whether on_token asked to stop
         if profile:
             e.step(1)  # the prefill
             e.reset_profile()
@@ -102,17 +103,23 @@ class Engine:
         elif on_token is None:
             e.step(0)  # the whole generation in one call
         else:
-            while not e.finished():
+            while not stopped and not e.finished():
                 for token in e.step(1).tolist():  # one round: its accepted tokens, in order
-                    on_token(token)
+                    seen += 1
+                    if on_token(token):  # the caller stops here (a stop string): the rest of the round is dropped
+                        stopped = True
+                        break
         tokens = e.tokens().tolist()
+        if stopped:
+            tokens = tokens[:seen]
         s = e.stats()
         stats = GenerationStats(args.strategy, None if args.strategy == "autoregressive" else args.exit_layer,
                                 args.num_speculations if spec else None, prompt_tokens=len(args.prompt_ids),
                                 new_tokens=len(tokens), drafted=int(s["drafted"]), accepted=int(s["accepted"]),
                                 rounds=int(s["rounds"]), prefill_time_s=s["prefill_time_s"],
                                 decode_time_s=s["decode_time_s"])
-        return GenerationResult(tokens, self.model.decode(tokens), stats, e.finish_reason(), list(args.prompt_ids))
+        finish_reason = "stop" if stopped else e.finish_reason()
+        return GenerationResult(tokens, self.model.decode(tokens), stats, finish_reason, list(args.prompt_ids))
 
 
 def default_weight_dtype(model) -> torch.dtype:
