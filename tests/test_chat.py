@@ -59,7 +59,8 @@ def write_tokenizer_dir(directory, template, bos="<s>", eos="</s>"):
     """A transformers-readable tokenizer directory (the demo tokenizer.json) with a chat template."""
     os.makedirs(directory, exist_ok=True)
     shutil.copy(os.path.join(DEMO, "tokenizer.json"), os.path.join(directory, "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": {"__type": "AddedToken", "content": eos, "special": True},
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos,
+              "eos_token": {"__type": "AddedToken", "content": eos, "special": True},  # the dict form
               "chat_template": template}
     with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f)
