@@ -304,3 +304,20 @@ def test_stream_real_tokenizer_never_splits_a_character(demo):
     s = TextStream(demo.decode)
     pieces = [s.push(t) for t in ids] + [s.finish()]
     assert "".join(pieces) == demo.decode(ids) and all("\ufffd" not in p for p in pieces)
+
+
+def test_chat_repl_streams_each_reply(demo_chat_dir, monkeypatch, capsys):
+    """`layerskip-ext chat`: two turns from stdin; each printed reply is chat() on the history so far."""
+    import io
+    from layerskip_ext.cli import main
+    monkeypatch.setattr("sys.stdin", io.StringIO("Tell me of Emma.\nAnd her sister?\n"))
+    assert main(["chat", "--model", demo_chat_dir, "--strategy", "self_speculative", "--exit-layer", "3",
+                 "--num-speculations", "2", "--max-new-tokens", "12", "--system", "You tell stories."]) == 0
+    out = capsys.readouterr().out
+    model = layerskip_ext.load(demo_chat_dir)
+    history = [{"role": "system", "content": "You tell stories."}, {"role": "user", "content": "Tell me of Emma."}]
+    kwargs = dict(max_new_tokens=12, strategy="self_speculative", exit_layer=3, num_speculations=2, temperature=0)
+    first = layerskip_ext.chat(model, history, **kwargs).text
+    history += [{"role": "assistant", "content": first}, {"role": "user", "content": "And her sister?"}]
+    second = layerskip_ext.chat(model, history, **kwargs).text
+    assert out == f"> {first}\n> {second}\n> "

@@ -69,6 +69,7 @@ def create_app(model, model_name: str | None = None, max_batch: int = 8, max_que
         message = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
             message = f"the request body is not valid JSON ({first.get('ctx', {}).get('error', message)})"
+            where = ""  # the location is a character offset, not a field
         elif where:
             message = f"{where}: {message}"
         return JSONResponse(error_body(message, param=where or None), status_code=400)
