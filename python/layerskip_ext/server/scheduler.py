@@ -95,6 +95,43 @@ class SerialCore:
                                prefill_time_s=s["prefill_time_s"], decode_time_s=s["decode_time_s"])
 
 
+class BatchedCore:
+    """The batched Engine's row interface: rows join at the next step and leave at once, up to `max_rows`."""
+
+    def __init__(self, model, max_rows: int = 8, weight_dtype=None):
+        from ..engine import Engine, default_weight_dtype
+        self.max_rows = max_rows
+        # its own engine, not the model's cached one: offline generate() on the same model stays usable
+        self._engine = Engine(model, weight_dtype or default_weight_dtype(model), max_rows=max_rows)
+        self._rows: dict = {}  # key -> (engine row id, args)
+
+    def add(self, key, args: GenerationArgs) -> None:
+        self._rows[key] = (self._engine.add_row(args), args)
+
+    def step(self) -> dict:
+        """{key: CoreStep} for every active row (a row that produced nothing this step has no tokens)."""
+        new = dict(self._engine.step())  # engine row id -> tokens
+        out = {}
+        for key, (row, _) in self._rows.items():
+            out[key] = CoreStep(new.get(row, []), self._engine.finish_reason(row))
+        return out
+
+    def remove(self, key) -> GenerationStats:
+        row, args = self._rows.pop(key)
+        try:
+            return self._engine.result(row, args).stats
+        finally:
+            self._engine.remove_row(row)
+
+
+def default_core(model, max_batch: int):
+    """The batched engine's row interface when the extension has it, else one row at a time."""
+    from ..engine import Engine
+    if hasattr(Engine, "add_row"):
+        return BatchedCore(model, max_batch)
+    return SerialCore(model)
+
+
 # ----------------------------------------------------------------------------------------------
 # rows and the scheduler
 
@@ -174,7 +211,7 @@ class Scheduler:
 
     def __init__(self, model, max_batch: int = 8, max_queue: int = 64, core=None):
         self.model = model
-        self.core = core if core is not None else SerialCore(model)
+        self.core = core if core is not None else default_core(model, max_batch)
         self.max_batch = max(1, min(max_batch, self.core.max_rows))
         self.max_queue = max_queue
         self.metrics = Metrics()
@@ -274,6 +311,12 @@ class Scheduler:
         self.metrics.busy_time_s += now - t0
         for key, out in outcome.items():
             row = self._active[key]
+            if out.finish_reason == "error":  # the engine gave up on this row (non-finite logits)
+                del self._active[key]
+                self.core.remove(key)
+                self.metrics.requests_finished["error"] += 1
+                row.emit("error", RuntimeError("the model produced NaN or infinite logits for this request"))
+                continue
             kept = 0
             for token in out.tokens:
                 kept += 1
