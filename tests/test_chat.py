@@ -273,6 +273,9 @@ def test_generate_stop_strings_match_the_full_text(demo, strategy):
         checked_inside_a_round |= n not in ends
     if strategy == "self_speculative":
         assert checked_inside_a_round  # some stop fell inside an accepted block, not at a round's end
+    # the reference backend stops at the same token
+    reference = layerskip_ext.generate(demo, PROMPT, stop=[stop], backend="reference", **kwargs)
+    assert (reference.text, reference.tokens, reference.finish_reason) == (result.text, result.tokens, "stop")
 
 
 def test_stream_concatenates_to_generate(demo):

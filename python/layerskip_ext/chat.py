@@ -161,7 +161,7 @@ def get_chat_template(model, chat_template: str | None = None) -> ChatTemplate:
     if chat_template is not None:
         if not isinstance(chat_template, str) or not chat_template.strip():
             raise ValueError("chat_template must be a non-empty Jinja template string")
-        own = getattr(model, "_chat_template", None) or _cached_lookup(model)
+        own = _cached_lookup(model)  # its special tokens still apply
         return ChatTemplate(chat_template, own.special_tokens if own else {})
     template = _cached_lookup(model)
     if template is None:

@@ -180,7 +180,10 @@ def create_app(model, model_name: str | None = None, max_batch: int = 8, max_que
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(sse_events(row, rid, name, chat, include_usage), media_type="text/event-stream")
-        result = await wait_or_cancel(row, request)
+        try:
+            result = await wait_or_cancel(row, request)
+        except Exception as e:  # the engine failed on this request: a 500 for it, the server goes on
+            raise APIError(500, f"generation failed: {type(e).__name__}: {e}", "server_error") from None
         if result is None:  # the client is gone: nobody reads an answer
             return JSONResponse(error_body("the client disconnected", code="client_closed"), status_code=499)
         choice = {"index": 0, "finish_reason": result.finish_reason}
