@@ -303,3 +303,74 @@ def test_cli_serve(model_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+# ----------------------------------------------------------------------------------------------
+# the scheduler alone, on a scripted core: who is in each step
+
+
+class ScriptedCore:
+    """Each row yields one token per step until it has args.max_new_tokens; logs the rows of every step."""
+
+    max_rows = 2
+
+    def __init__(self):
+        self.rows, self.log, self.removed = {}, [], []
+
+    def add(self, key, args):
+        self.rows[key] = [args.max_new_tokens, 0]
+
+    def step(self):
+        from layerskip_ext.server.scheduler import CoreStep
+        self.log.append(sorted(self.rows))
+        out = {}
+        for key, row in self.rows.items():
+            row[1] += 1
+            out[key] = CoreStep([row[1] % 26], "length" if row[1] >= row[0] else None)
+        return out
+
+    def remove(self, key):
+        from layerskip_ext.generation import GenerationStats
+        self.removed.append(key)
+        del self.rows[key]
+        return GenerationStats("autoregressive", None, None)
+
+
+class LetterModel:
+    @staticmethod
+    def decode(ids):
+        return "".join(chr(ord("a") + t) for t in ids)
+
+
+def scripted_args(n):
+    from layerskip_ext.generation import GenerationArgs
+    return GenerationArgs([1], n, "autoregressive", 1, 1, 0.0, 0, 1.0, 0, (), 64)
+
+
+def test_scheduler_joins_rows_and_frees_slots_at_once():
+    import asyncio
+    from layerskip_ext.server.scheduler import Scheduler
+    core = ScriptedCore()
+    scheduler = Scheduler(LetterModel(), max_batch=2, max_queue=8, core=core)
+
+    async def run():
+        a, b, c = (scheduler.submit(scripted_args(n)) for n in (6, 2, 2))  # max_batch 2: c waits
+        scheduler.start()  # after the submissions, so that the first step sees a and b
+        try:
+            results = [await r.result() for r in (a, b, c)]
+            d = scheduler.submit(scripted_args(1000))
+            async for kind, _ in d:  # the first piece of text: d is decoding; its client goes away
+                d.cancel()
+                break
+            return results, await d.result()
+        finally:
+            scheduler.stop()
+
+    (ra, rb, rc), rd = asyncio.run(run())
+    assert [r.text for r in (ra, rb, rc)] == ["bcdefg", "bc", "bc"]
+    a, b, c, d = 0, 1, 2, 3
+    # b and c share steps with a; c takes b's row at the step right after b finished; a finishes alone
+    assert core.log[:6] == [[a, b], [a, b], [a, c], [a, c], [a], [a]]
+    assert core.removed[:3] == [b, c, a]
+    assert rd.finish_reason == "cancelled" and core.removed[3] == d and len(core.log) < 6 + 1000
+    assert scheduler.metrics.requests_finished["cancelled"] == 1
