@@ -65,7 +65,8 @@ def create_app(model, model_name: str | None = None, max_batch: int = 8, max_que
     async def validation_error(request, e: RequestValidationError):
         errors = e.errors()
         first = errors[0] if errors else {}
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        # the field's path, without "body" and the union-member tags pydantic adds ("str", "list[int]", ...)
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body" and not _is_type_tag(x))
         message = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
             message = f"the request body is not valid JSON ({first.get('ctx', {}).get('error', message)})"
@@ -249,6 +250,10 @@ async def sse_events(row, rid: str, name: str, chat: bool, include_usage: bool):
     finally:
         if not finished:
             row.cancel()
+
+
+def _is_type_tag(part) -> bool:
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "dict") or "[" in part)
 
 
 def usage(args, result) -> dict:
