@@ -237,15 +237,19 @@ PROMPT = "It is a truth universally acknowledged, that"
 def round_ends(model, n):
     """Token counts at which the engine's greedy self-speculative rounds (E=3, d=3) end, over n tokens.
 
-    Rounds are not visible through on_token: this replays them with the engine's one-round step."""
-    import torch
-    from layerskip_ext.engine import get_engine
-    e = get_engine(model)._engine
-    e.begin(torch.tensor(model.encode(PROMPT)), "self_speculative", 3, 3, n, 0.0, 0, 1.0, 0,
-            torch.tensor([], dtype=torch.int64), model.config.max_position_embeddings)
+    Rounds are not visible through on_token: this replays them with the row interface, one round per step."""
+    from layerskip_ext.engine import Engine
+    from layerskip_ext.generation import check_generation_args
+    args = check_generation_args(model.config, model.tokenizer, PROMPT, max_new_tokens=n, strategy="self_speculative",
+                                 exit_layer=3, num_speculations=3, temperature=0.0, top_k=0, top_p=1.0, seed=0,
+                                 stop_token_ids=[], context_length=model.config.max_position_embeddings)
+    engine = Engine(model)
+    row = engine.add_row(args)
     ends = [0]
-    while not e.finished():
-        ends.append(ends[-1] + len(e.step(1)))
+    while not engine.finish_reason(row):
+        for _, tokens in engine.step():
+            ends.append(ends[-1] + len(tokens))
+    engine.remove_row(row)
     return set(ends)
 
 

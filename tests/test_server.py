@@ -257,9 +257,9 @@ class GatedCore:
 
 
 def test_full_queue_is_a_429(model_dir):
-    from layerskip_ext.server.scheduler import default_core
+    from layerskip_ext.server.scheduler import BatchedCore
     model = layerskip_ext.load(model_dir)
-    core = GatedCore(default_core(model, 1))
+    core = GatedCore(BatchedCore(model, 1))
     server = LiveServer(create_app(model, model_name=NAME, max_batch=1, max_queue=1, core=core))
     try:
         client = server.client(timeout=120)

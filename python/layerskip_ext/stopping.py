@@ -83,16 +83,16 @@ class TextStream:
         return piece
 
 
-def stop_strings_hook(model, stop, on_token=None):
-    """(on_token for generate() that ends at the first stop string and calls the caller's `on_token` first,
-    the TextStream that holds the text)."""
-    text_stream = TextStream(model.decode, stop)
-    if model.tokenizer is None and text_stream.stop:
+def stop_strings_hook(model, stop, on_token=None, rows: int = 1):
+    """(an on_token(row, token) for generate() that ends each row at its first stop string, after calling the
+    caller's on_token(row, token); one TextStream per row, holding its text)."""
+    streams = [TextStream(model.decode, stop) for _ in range(rows)]
+    if model.tokenizer is None and streams[0].stop:
         raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
 
-    def hook(token: int) -> bool:
-        asked = bool(on_token(token)) if on_token is not None else False
-        text_stream.push(token)
-        return asked or text_stream.stopped
+    def hook(row: int, token: int) -> bool:
+        asked = bool(on_token(row, token)) if on_token is not None else False
+        streams[row].push(token)
+        return asked or streams[row].stopped
 
-    return hook, text_stream
+    return hook, streams

@@ -11,8 +11,9 @@ step), run one step of the core (a prefill for new rows, a decode or draft/verif
 row's new tokens into text (stopping.TextStream: stop strings, whole characters) and hand it to the row's
 asyncio queue, then remove the rows that finished, stopped or were cancelled, which frees their slot at once.
 
-The core is the only part that touches the engine (`Core`: add / step / remove). SerialCore runs one row at a
-time on today's batch-1 Engine; a batched engine plugs in behind the same three methods.
+The core is the only part that touches the engine (add / step / remove): BatchedCore drives the batched
+Engine's row interface (add_row / step / remove_row) on an Engine of its own, so offline generate() calls on
+the same model do not wait for the server. Tests plug scripted cores in behind the same three methods.
 """
 from __future__ import annotations
 
@@ -25,9 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine import get_engine
 from ..generation import GenerationArgs, GenerationStats
-from ..sampling import seed_as_int64
 from ..stopping import TextStream
 
 
@@ -57,44 +56,6 @@ class CoreStep:
 # cores: the engine behind add / step / remove
 
 
-class SerialCore:
-    """Today's Engine, one row at a time: add begins a generation, step runs one round, remove reads its stats."""
-
-    max_rows = 1
-
-    def __init__(self, model, weight_dtype=None):
-        self._engine = get_engine(model, weight_dtype)._engine  # the C++ object: this core drives it round by round
-        self._row = None  # (key, args)
-
-    def add(self, key, args: GenerationArgs) -> None:
-        assert self._row is None, "SerialCore holds one row"
-        spec = args.strategy == "self_speculative"
-        self._engine.begin(torch.tensor(args.prompt_ids, dtype=torch.int64), args.strategy, args.exit_layer,
-                           args.num_speculations if spec else 1, args.max_new_tokens, args.temperature, args.top_k,
-                           args.top_p, seed_as_int64(args.seed), torch.tensor(args.stop_token_ids, dtype=torch.int64),
-                           args.context_length)
-        self._row = (key, args)
-
-    def step(self) -> dict:
-        """{key: CoreStep} for every active row: the prefill's first token, or one decoding round."""
-        if self._row is None:
-            return {}
-        key, _ = self._row
-        e = self._engine
-        tokens = [] if e.finished() else e.step(1).tolist()
-        return {key: CoreStep(tokens, e.finish_reason() if e.finished() else None)}
-
-    def remove(self, key) -> GenerationStats:
-        (k, args), self._row = self._row, None
-        assert k == key
-        s = self._engine.stats()
-        spec = args.strategy == "self_speculative"
-        return GenerationStats(args.strategy, None if args.strategy == "autoregressive" else args.exit_layer,
-                               args.num_speculations if spec else None, prompt_tokens=len(args.prompt_ids),
-                               drafted=int(s["drafted"]), accepted=int(s["accepted"]), rounds=int(s["rounds"]),
-                               prefill_time_s=s["prefill_time_s"], decode_time_s=s["decode_time_s"])
-
-
 class BatchedCore:
     """The batched Engine's row interface: rows join at the next step and leave at once, up to `max_rows`."""
 
@@ -122,14 +83,6 @@ class BatchedCore:
             return self._engine.result(row, args).stats
         finally:
             self._engine.remove_row(row)
-
-
-def default_core(model, max_batch: int):
-    """The batched engine's row interface when the extension has it, else one row at a time."""
-    from ..engine import Engine
-    if hasattr(Engine, "add_row"):
-        return BatchedCore(model, max_batch)
-    return SerialCore(model)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,7 +164,7 @@ class Scheduler:
 
     def __init__(self, model, max_batch: int = 8, max_queue: int = 64, core=None):
         self.model = model
-        self.core = core if core is not None else default_core(model, max_batch)
+        self.core = core if core is not None else BatchedCore(model, max_batch)
         self.max_batch = max(1, min(max_batch, self.core.max_rows))
         self.max_queue = max_queue
         self.metrics = Metrics()
