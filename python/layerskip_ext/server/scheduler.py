@@ -104,13 +104,6 @@ class Row:
         """Ends the row at the next step (a disconnected client)."""
         self.cancelled.set()
 
-    def emit(self, kind: str, value) -> None:
-        """From the scheduler thread: hand one event to the row's event loop."""
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
-        except RuntimeError:  # the event loop is closed (the server is shutting down)
-            pass
-
     def __aiter__(self):
         return self
 
@@ -130,6 +123,12 @@ class Row:
             if kind == "done":
                 return value
         raise RuntimeError("row ended without a result")
+
+
+def _deliver(items) -> None:
+    """On the event loop: puts each (row, kind, value) event on its row's queue."""
+    for row, kind, value in items:
+        row.events.put_nowait((kind, value))
 
 
 class Metrics:
@@ -174,6 +173,7 @@ class Scheduler:
         self._keys = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._outbox: list = []  # (row, kind, value) events of this step, for _flush
 
     # ---- called from the server's event loop
 
@@ -232,18 +232,36 @@ class Scheduler:
                 self._finish(row, "cancelled")
             if self._active:
                 self._step()
+            self._flush()
         for row in list(self._active.values()) + list(self._waiting):
-            row.emit("error", RuntimeError("the server is shutting down"))
+            self._send(row, "error", RuntimeError("the server is shutting down"))
+        self._flush()
+
+    def _send(self, row: Row, kind: str, value) -> None:
+        """Queues one event for the row's event loop; _flush hands them over."""
+        self._outbox.append((row, kind, value))
+
+    def _flush(self) -> None:
+        """Hands the queued events to their event loops: one wake-up per loop per step, not one per event."""
+        by_loop: dict = {}
+        for item in self._outbox:
+            by_loop.setdefault(item[0].loop, []).append(item)
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the event loop is closed (the server is shutting down)
+                pass
 
     def _admit(self, row: Row) -> None:
         if row.cancelled.is_set():
-            row.emit("done", RowResult("", [], "cancelled", GenerationStats(row.args.strategy, None, None)))
+            self._send(row, "done", RowResult("", [], "cancelled", GenerationStats(row.args.strategy, None, None)))
             self.metrics.requests_finished["cancelled"] += 1
             return
         try:
             self.core.add(row.key, row.args)
         except Exception as e:  # a request the engine refuses: that row fails, the server goes on
-            row.emit("error", e)
+            self._send(row, "error", e)
             return
         row.admitted = time.perf_counter()
         self._active[row.key] = row
@@ -257,7 +275,7 @@ class Scheduler:
             for row in list(self._active.values()):
                 self._active.pop(row.key)
                 self.core.remove(row.key)
-                row.emit("error", e)
+                self._send(row, "error", e)
             return
         now = time.perf_counter()
         self.metrics.steps_total += 1
@@ -268,26 +286,23 @@ class Scheduler:
                 del self._active[key]
                 self.core.remove(key)
                 self.metrics.requests_finished["error"] += 1
-                row.emit("error", RuntimeError("the model produced NaN or infinite logits for this request"))
+                self._send(row, "error", RuntimeError("the model produced NaN or infinite logits for this request"))
                 continue
-            kept = 0
+            kept, text = 0, ""  # one text event per row per step
             for token in out.tokens:
                 kept += 1
-                piece = row.text.push(token)
-                if piece:
-                    if row.first_token is None:
-                        row.first_token = now
-                    row.emit("text", piece)
+                text += row.text.push(token)
                 if row.text.stopped:
                     break
             self.metrics.add_tokens(kept, now)
+            if not row.text.stopped and out.finish_reason is not None:
+                text += row.text.finish()
+            if text:
+                row.first_token = row.first_token or now
+                self._send(row, "text", text)
             if row.text.stopped:
                 self._finish(row, "stop")
             elif out.finish_reason is not None:
-                piece = row.text.finish()
-                if piece:
-                    row.first_token = row.first_token or now
-                    row.emit("text", piece)
                 self._finish(row, "length" if out.finish_reason == "context" else out.finish_reason)
 
     def _finish(self, row: Row, finish_reason: str) -> None:
@@ -298,5 +313,5 @@ class Scheduler:
         self.metrics.accepted_total += stats.accepted
         self.metrics.requests_finished[finish_reason] += 1
         ttft = None if row.first_token is None else row.first_token - row.submitted
-        row.emit("done", RowResult(row.text.text, list(row.text.tokens), finish_reason, stats,
+        self._send(row, "done", RowResult(row.text.text, list(row.text.tokens), finish_reason, stats,
                                    (row.admitted or row.submitted) - row.submitted, ttft))
