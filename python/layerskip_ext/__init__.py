@@ -5,6 +5,9 @@
     result = layerskip_ext.generate(model, "Once upon a time", max_new_tokens=64,
                                     strategy="self_speculative", exit_layer=8, num_speculations=4)
     print(result.text, result.stats.tokens_per_second, result.stats.acceptance_rate)
+    reply = layerskip_ext.chat(model, [{"role": "user", "content": "Hi"}], stop=["\n\n"])  # the model's template
+    for piece in layerskip_ext.stream(model, "Once upon a time", max_new_tokens=64):  # text as it is accepted
+        print(piece, end="")
 """
 import torch  # noqa: F401  (loads libtorch before the extension)
 
@@ -12,5 +15,8 @@ from .config import ModelConfig
 from .generation import GenerationResult, GenerationStats
 from .model import LayerSkipModel, load
 from .api import generate
+from .chat import apply_chat_template, chat
+from .streaming import stream
 
-__all__ = ["ModelConfig", "GenerationResult", "GenerationStats", "LayerSkipModel", "load", "generate"]
+__all__ = ["ModelConfig", "GenerationResult", "GenerationStats", "LayerSkipModel", "load", "generate", "chat",
+           "apply_chat_template", "stream"]

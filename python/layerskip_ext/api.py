@@ -7,6 +7,7 @@ from . import engine as _engine
 from .generation import GenerationResult, check_generation_args
 from .model import LayerSkipModel
 from .reference_generate import generate_reference_batch
+from .stopping import stop_strings_hook
 
 BACKENDS = ("auto", "engine", "reference")
 
@@ -41,7 +42,7 @@ def _row_value(name: str, value, row: int, rows: int):
 def generate(model: LayerSkipModel, prompt, max_new_tokens=64, strategy="autoregressive", exit_layer=None,
              num_speculations=None, temperature=0.0, top_k=0, top_p=1.0, seed=None, stop_token_ids=None,
              on_token=None, backend: str = "auto", context_length=None,
-             weight_dtype: torch.dtype | None = None):
+             weight_dtype: torch.dtype | None = None, stop=None):
     """Generates up to `max_new_tokens` tokens after `prompt`.
 
     prompt: a string or a list of token ids -> one GenerationResult; or a list of such prompts (lengths may
@@ -56,6 +57,9 @@ def generate(model: LayerSkipModel, prompt, max_new_tokens=64, strategy="autoreg
     temperature 0 is greedy; otherwise top_k (0 = off) and top_p filter, and `seed` fixes the draws.
     stop_token_ids: None stops at the model's EOS ids, [] never stops early.
     on_token: called with each new token id as soon as it is accepted; in batched mode with (row, token).
+    Returning True ends that generation (row) there.
+    stop: a string or list of strings (for every row): a generation ends when its text contains one, and its
+    text excludes it.
     backend: "engine" (C++ decoder loop), "reference" (pure PyTorch oracle) or "auto" (engine when built).
     weight_dtype: the engine's matmul weights, torch.float32 or torch.bfloat16 (None: bfloat16 for a
     bfloat16 model, else float32). The reference always runs in the model's dtype.
@@ -95,8 +99,14 @@ def generate(model: LayerSkipModel, prompt, max_new_tokens=64, strategy="autoreg
     if not batched and on_token is not None:
         single_callback = on_token
         on_token = lambda row, token: single_callback(token)  # noqa: E731
+    streams = None
+    if stop is not None:
+        on_token, streams = stop_strings_hook(model, stop, on_token, len(args_list))
     if backend == "reference" or (backend == "auto" and not _engine.is_available()):
         results = generate_reference_batch(model.module, args_list, decode=model.decode, on_token=on_token)
     else:
         results = _engine.get_engine(model, weight_dtype).generate_batch(args_list, on_token=on_token)
+    for result, text_stream in zip(results, streams or ()):
+        if text_stream.stopped:
+            result.text = text_stream.text
     return results if batched else results[0]

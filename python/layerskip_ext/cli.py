@@ -1,4 +1,4 @@
-"""Command line: layerskip-ext generate | bench | sweep | train."""
+"""Command line: layerskip-ext generate | chat | serve | bench | sweep | train."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,7 @@ import sys
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_PROMPT = "<|im_start|>user\nWrite a short story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n"
+DEFAULT_REQUEST = "Write a short story about a lighthouse keeper."
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -49,10 +49,18 @@ def _decode_kwargs(args, model):
                 top_p=args.top_p, seed=args.seed, backend=args.backend)
 
 
+def _default_prompt(model) -> str:
+    """DEFAULT_REQUEST as a user turn in the model's own chat template; the bare request without one."""
+    from layerskip_ext.chat import apply_chat_template, find_chat_template
+    if find_chat_template(model.path) is None:
+        return DEFAULT_REQUEST
+    return apply_chat_template(model, [{"role": "user", "content": DEFAULT_REQUEST}])
+
+
 def cmd_generate(args) -> int:
     import layerskip_ext
     model = _load(args)
-    prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
+    prompt = args.prompt if args.prompt is not None else _default_prompt(model)
     print(prompt, end="", flush=True)
     streamed: list[int] = []
 
@@ -89,6 +97,7 @@ def cmd_bench(args) -> int:
     """Median tokens/s of each strategy on one prompt."""
     import layerskip_ext
     model = _load(args)
+    args.prompt = args.prompt if args.prompt is not None else _default_prompt(model)
     E = args.exit_layer or max(1, model.num_layers // 4)
     rows = []
     for strategy in ("autoregressive", "early_exit", "self_speculative"):
@@ -109,6 +118,7 @@ def cmd_sweep(args) -> int:
     """Self-speculative tokens/s (median of --repeats) and acceptance over a grid of exit layers and draft lengths."""
     import layerskip_ext
     model = _load(args)
+    args.prompt = args.prompt if args.prompt is not None else _default_prompt(model)
     exits = [int(x) for x in args.exit_layers.split(",")]
     ds = [int(x) for x in args.num_speculations.split(",")]
     common = dict(max_new_tokens=args.max_new_tokens, stop_token_ids=[], backend=args.backend)
@@ -121,6 +131,58 @@ def cmd_sweep(args) -> int:
             tps, s = _median_run(model, args.prompt, args.repeats, strategy="self_speculative", exit_layer=E,
                                  num_speculations=d, **common)
             print(f"{E:>4}{d:>4}{tps:>10.1f}{tps / base:>8.2f}x{s.acceptance_rate:>12.1%}")
+    return 0
+
+
+def _read_template(path):
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def cmd_chat(args) -> int:
+    """Interactive chat in the model's template; replies stream as they are accepted."""
+    import layerskip_ext
+    from layerskip_ext.chat import chat_prompt_ids
+    model = _load(args)
+    template = _read_template(args.chat_template)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    chat_prompt_ids(model, [{"role": "user", "content": "hi"}], template)  # no template: fail before the prompt
+    print("layerskip-ext chat: an empty line or Ctrl-D ends the chat", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        it = layerskip_ext.stream(model, chat_prompt_ids(model, messages, template), stop=args.stop,
+                                  **_decode_kwargs(args, model))
+        for piece in it:
+            print(piece, end="", flush=True)
+        print()
+        s = it.result.stats
+        if args.verbose:
+            accept = "" if s.acceptance_rate is None else f", acceptance {s.acceptance_rate:.0%}"
+            print(f"[{s.new_tokens} tokens, {s.tokens_per_second:.1f} tokens/s{accept}]", file=sys.stderr)
+        messages.append({"role": "assistant", "content": it.result.text})
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """The OpenAI-compatible server (see layerskip_ext.server)."""
+    from layerskip_ext.server import serve
+    from layerskip_ext.server.app import ServerDefaults
+    for name in ("max_batch", "max_queue"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    model = _load(args)
+    defaults = ServerDefaults(args.strategy, args.exit_layer, args.num_speculations)
+    serve(model, host=args.host, port=args.port, log_level=args.log_level, model_name=args.model_name,
+          max_batch=args.max_batch, max_queue=args.max_queue, defaults=defaults,
+          chat_template=_read_template(args.chat_template))
     return 0
 
 
@@ -140,24 +202,47 @@ def main(argv=None) -> int:
     g.add_argument("--stream", action="store_true", help="print tokens as they are accepted")
     _model_args(g)
     _decode_args(g)
+    c = sub.add_parser("chat", help="interactive chat in the model's chat template, streamed")
+    _model_args(c)
+    _decode_args(c)
+    c.set_defaults(max_new_tokens=512)
+    c.add_argument("--system", default=None, help="a system message to start the conversation")
+    c.add_argument("--chat-template", default=None, help="a Jinja file to use instead of the model's template")
+    c.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    c.add_argument("--verbose", action="store_true", help="print tokens/s and acceptance after each reply")
+    v = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    _model_args(v)
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--model-name", default=None, help="the name clients send as 'model' (default: the file's)")
+    v.add_argument("--max-batch", type=int, default=8, help="rows decoded together")
+    v.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a row; more get 429")
+    v.add_argument("--strategy", default="autoregressive",
+                   choices=["autoregressive", "early_exit", "self_speculative"],
+                   help="for requests that do not set 'strategy'")
+    v.add_argument("--exit-layer", type=int, default=None)
+    v.add_argument("--num-speculations", type=int, default=None)
+    v.add_argument("--chat-template", default=None, help="a Jinja file to use instead of the model's template")
+    v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     b = sub.add_parser("bench", help="tokens/s of each strategy")
     _model_args(b)
     b.add_argument("--max-new-tokens", type=int, default=64)
     b.add_argument("--exit-layer", type=int, default=None)
     b.add_argument("--num-speculations", type=int, default=4)
     b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--prompt", default=DEFAULT_PROMPT)
+    b.add_argument("--prompt", default=None, help="default: a request in the model's chat template")
     s = sub.add_parser("sweep", help="self-speculative grid over exit layers and draft lengths")
     _model_args(s)
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--exit-layers", default="4,8,12,16")
     s.add_argument("--num-speculations", default="2,4,6")
     s.add_argument("--repeats", type=int, default=1, help="runs per point; tokens/s is their median")
-    s.add_argument("--prompt", default=DEFAULT_PROMPT)
+    s.add_argument("--prompt", default=None, help="default: a request in the model's chat template")
     sub.add_parser("train", help="LayerSkip training recipes (see layerskip-ext train --help)")
     args = parser.parse_args(argv)
     try:
-        return {"generate": cmd_generate, "bench": cmd_bench, "sweep": cmd_sweep}[args.command](args)
+        return {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "bench": cmd_bench,
+                "sweep": cmd_sweep}[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"layerskip-ext: error: {e}", file=sys.stderr)
         return 2

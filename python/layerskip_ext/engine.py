@@ -166,7 +166,8 @@ class Engine:
 
     def generate_batch(self, args_list: list[GenerationArgs], on_token=None,
                        profile: bool = False) -> list[GenerationResult]:
-        """Runs one generation per row in batched steps; on_token(row index, token). The engine must hold no
+        """Runs one generation per row in batched steps; on_token(row index, token), which may return True to end
+        that row there (the rest of its round is dropped; finish reason "stop"). The engine must hold no
         other rows (a server's engine is its own instance). Raises RuntimeError naming the row if a row's logits
         become non-finite; the engine is left empty and usable whatever happens."""
         with self._exclusive() as e:
@@ -182,15 +183,27 @@ class Engine:
                     e.step()  # the prefills
                     e.reset_profile()
                     e.set_profiling(True)
-                while e.has_unfinished():
+                seen = [0] * len(ids)  # tokens passed to on_token, per row
+                kept: dict[int, int] = {}  # row index -> tokens kept, for rows whose on_token asked to stop
+                while e.has_unfinished() and any(i not in kept and not e.finish_reason(row)
+                                                 for i, row in enumerate(ids)):
                     pairs = e.step()
                     if on_token is not None:
                         for row, token in pairs.tolist():
-                            on_token(index[row], token)
+                            i = index[row]
+                            if i in kept:
+                                continue
+                            seen[i] += 1
+                            if on_token(i, token):  # the caller stops this row here (a stop string)
+                                kept[i] = seen[i]
                 if profile:
                     e.set_profiling(False)
                     self.last_profile = dict(e.profile())
                 results = [self.result(row, args) for row, args in zip(ids, args_list)]
+                for i, n in kept.items():  # the rest of the stopped rows' last rounds is dropped
+                    r = results[i]
+                    r.tokens, r.finish_reason, r.stats.new_tokens = r.tokens[:n], "stop", n
+                    r.text = self.model.decode(r.tokens)
                 for i, row in enumerate(ids):
                     if results[i].finish_reason == "error":
                         raise RuntimeError(f"generation of row {i} failed: {e.error(row)} (the model produced "

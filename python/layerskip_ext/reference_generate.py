@@ -35,9 +35,9 @@ class _Output:
     def push(self, token: int) -> bool:
         """Appends one token; returns True when generation must stop."""
         self.tokens.append(token)
-        if self.on_token is not None:
-            self.on_token(token)
-        if token in self.args.stop_token_ids:
+        if self.on_token is not None and self.on_token(token):  # the caller stops here (a stop string)
+            self.finish_reason = "stop"
+        elif token in self.args.stop_token_ids:
             self.finish_reason = "stop"
         elif len(self.tokens) >= self.args.max_new_tokens:
             self.finish_reason = "length"
