@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import time
@@ -218,7 +219,12 @@ def _save_training_state(lm, tokenizer, opt, step: int, cfg: TrainConfig) -> str
 def _load_training_state(lm, opt, directory: str) -> int:
     """Weights and optimizer state from a checkpoint folder; returns its step."""
     load_weights(lm, directory)
-    state = torch.load(os.path.join(directory, "trainer_state.pt"), weights_only=True)
+    path = os.path.join(directory, "trainer_state.pt")
+    try:
+        state = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds more than tensors and plain containers; refusing to unpickle it "
+                         f"(it could run code): {str(e).splitlines()[0]}") from None
     opt.load_state_dict(state["optimizer"])
     return int(state["step"])
 
