@@ -20,6 +20,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before libgomp loads (with torch): shared machine
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import csv  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
@@ -53,9 +54,10 @@ def held_out_prompts(tokens: torch.Tensor, count: int, length: int) -> list[list
 
 
 def exit_table(model, tokens: torch.Tensor, seq_len: int, windows: int) -> list[dict]:
-    """Rows {exit, loss, perplexity, accuracy} for every exit on held-out windows [windows, seq_len]."""
+    """Rows {exit, loss, perplexity, accuracy} for every exit on held-out windows [windows, seq_len], computed in
+    float32 (a bfloat16 model is upcast: the same weights, without bfloat16 rounding of the activations)."""
     inputs, labels = valid_windows(tokens, seq_len, windows)
-    rows = exit_metrics(model.module, inputs, labels, batch_size=8)
+    rows = exit_metrics(copy.deepcopy(model.module).float(), inputs, labels, batch_size=8)
     return [dict(r, perplexity=math.exp(r["loss"])) for r in rows]
 
 
