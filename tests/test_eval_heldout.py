@@ -33,13 +33,19 @@ def test_prompts_are_spread_over_the_stream():
         eval_heldout.held_out_prompts(torch.arange(12), 4, 10)
 
 
+def test_distinct_ngrams_hand_computed():
+    assert eval_heldout.distinct_ngrams([1, 2, 3, 4, 5], 2) == 1.0
+    assert eval_heldout.distinct_ngrams([7, 8, 7, 8, 7, 8], 2) == 2 / 5  # (7,8) (8,7) (7,8) (8,7) (7,8)
+    assert eval_heldout.distinct_ngrams([1], 4) == 1.0
+
+
 def test_sweep_acceptance_matches_the_evaluation_code(tmp_path):
     pytest.importorskip("matplotlib")
     model = _model()
     prompts = eval_heldout.held_out_prompts(torch.randint(0, 40, (200,)), 3, 6)
     settings = [(E, d) for E in (1, 2) for d in (1, 3)]
     ar, rows = eval_heldout.sweep(model, prompts, settings, 12, None, "reference")
-    assert ar["strategy"] == "autoregressive" and ar["acceptance"] is None
+    assert ar["strategy"] == "autoregressive" and ar["acceptance"] is None and 0 < ar["distinct_4grams"] <= 1
     assert [(r["exit_layer"], r["num_speculations"]) for r in rows] == settings
     for d in (1, 3):
         want = acceptance_rates(model, prompts, [1, 2], num_speculations=d, max_new_tokens=12, backend="reference")
