@@ -55,3 +55,15 @@ def test_sweep_acceptance_matches_the_evaluation_code(tmp_path):
     assert 0 < min(r["acceptance"] for r in rows) < 1  # the model is one that disagrees: a real test
     eval_heldout.contour("tiny", rows, str(tmp_path / "c.png"))
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_shipped_code16_checkpoint_is_lossless_at_its_suggested_settings():
+    import layerskip_ext
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "checkpoints", "layerskip-code16")
+    model = layerskip_ext.load(path)
+    assert model.num_layers == 16 and model.config.vocab_size == 2048
+    prompt = "    def __init__(self, name):\n        self.name = name\n"
+    ar = layerskip_ext.generate(model, prompt, max_new_tokens=24, stop_token_ids=[], backend="reference")
+    spec = layerskip_ext.generate(model, prompt, max_new_tokens=24, stop_token_ids=[], backend="reference",
+                                  strategy="self_speculative", exit_layer=5, num_speculations=2)
+    assert spec.tokens == ar.tokens and spec.stats.drafted > 0
