@@ -1,4 +1,5 @@
 """Per-exit evaluation: loss / accuracy against a hand computation, acceptance rate on a model built to accept."""
+import json
 import os
 
 import pytest
@@ -9,7 +10,7 @@ import layerskip_ext
 from layerskip_ext.config import ModelConfig
 from layerskip_ext.model import LayerSkipModel
 from layerskip_ext.reference import ReferenceLlama
-from layerskip_ext.training.evaluate import acceptance_rates, exit_metrics, markdown_table, write_report
+from layerskip_ext.training.evaluate import acceptance_rates, exit_metrics, write_report
 
 
 def _model(seed=0):
@@ -37,6 +38,20 @@ def test_exit_metrics_hand_computed():
             assert r["accuracy"] == pytest.approx(float((logits.argmax(-1)[keep] == labels[keep]).float().mean()))
 
 
+def test_trainer_validation_is_the_same_per_exit_cross_entropy():
+    from layerskip_ext.training.trainer import validate
+    lm = _model().train()
+    inputs, labels = torch.randint(0, 30, (5, 8)), torch.randint(0, 30, (5, 8))
+    val = validate(lm, inputs, labels, batch_size=2)
+    assert lm.training  # handed back in training mode
+    with torch.no_grad():
+        for e in (1, 2, 3, 4):
+            logits = lm.eval()(inputs, exit_layer=e)  # [5, 8, V]
+            assert val[e] == pytest.approx(float(F.cross_entropy(logits.flatten(0, 1), labels.flatten())), rel=1e-5)
+    with pytest.raises(ValueError, match="no position to predict"):
+        exit_metrics(lm, inputs, torch.full_like(labels, -100))
+
+
 def test_acceptance_rate_is_one_where_the_remaining_layers_do_nothing():
     lm = _model()
     with torch.no_grad():  # layers 2 and 3 (0-based) add nothing to the residual: exit 2 == the full model
@@ -61,8 +76,13 @@ def test_report_files(tmp_path):
                "layerskip": [{"exit": 1, "loss": 4.0, "accuracy": 0.3, "acceptance_rate": 0.5},
                              {"exit": 2, "loss": 3.1, "accuracy": 0.39, "acceptance_rate": None}]}
     table = write_report(results, str(tmp_path))
-    assert table.splitlines()[2] == "| 1 | 5.000 | 10.0% | 5.0% | 4.000 | 30.0% | 50.0% |"
-    assert table == markdown_table(results)
+    want = ("| exit | plain loss | plain acc | plain accept | layerskip loss | layerskip acc | layerskip accept |\n"
+            "|---:|---:|---:|---:|---:|---:|---:|\n"
+            "| 1 | 5.000 | 10.0% | 5.0% | 4.000 | 30.0% | 50.0% |\n"
+            "| 2 | 3.000 | 40.0% | - | 3.100 | 39.0% | - |\n")
+    assert table == want
+    assert (tmp_path / "table.md").read_text() == want
     with open(tmp_path / "per_layer.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert os.path.isfile(tmp_path / "results.json")
+    with open(tmp_path / "results.json") as f:
+        assert json.load(f) == results

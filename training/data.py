@@ -44,7 +44,7 @@ def token_stream(tokenizer, files: list[str], eos: int | None, cache_dir: str | 
     key = hashlib.sha1(text.encode() + tokenizer.to_str().encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"tokens-{key}.pt")
     if os.path.isfile(path):
-        return torch.load(path)
+        return torch.load(path, weights_only=True)  # a plain tensor: no pickled code runs
     ids = tokenize_text(tokenizer, text, eos)
     os.makedirs(cache_dir, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"  # one per process: DDP ranks may tokenize the same files at once

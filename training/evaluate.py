@@ -18,21 +18,25 @@ from .tokenizer import eos_id
 
 @torch.no_grad()
 def exit_metrics(lm, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 4) -> list[dict]:
-    """[{exit (1-based), loss, accuracy}] for every layer of `lm` (HF or reference).
+    """[{exit (1-based), loss, accuracy}] for every layer of `lm` (HF or reference): the per-exit cross-entropy
+    and top-1 accuracy of lm_head(norm(x_E)), used by the trainer's validation and by the evaluation report.
 
-    inputs, labels: held-out windows [N, T]."""
+    inputs, labels: held-out windows [N, T] (labels -100 where there is nothing to predict)."""
     L = len(lm.model.layers)
+    device = lm.lm_head.weight.device
     loss_sum = torch.zeros(L, dtype=torch.float64)
     correct = torch.zeros(L, dtype=torch.int64)
     count = 0
     for s in range(0, inputs.shape[0], batch_size):
-        x, y = inputs[s:s + batch_size], labels[s:s + batch_size]  # [b, T]
-        mask = y != -100
+        x, y = inputs[s:s + batch_size].to(device), labels[s:s + batch_size].to(device)  # [b, T]
+        mask = y != -100  # [b, T]
         for l, h in residual_states(lm, x).items():
-            logits = lm.lm_head(lm.model.norm(h)).float()  # [b, T, V]
-            loss_sum[l] += torch.nn.functional.cross_entropy(logits[mask], y[mask], reduction="sum")
-            correct[l] += int((logits.argmax(-1)[mask] == y[mask]).sum())
+            logits = lm.lm_head(lm.model.norm(h)).float()[mask]  # [n, V] the labelled positions
+            loss_sum[l] += float(torch.nn.functional.cross_entropy(logits, y[mask], reduction="sum"))
+            correct[l] += int((logits.argmax(-1) == y[mask]).sum())
         count += int(mask.sum())
+    if count == 0:
+        raise ValueError("exit_metrics: the labels mark no position to predict (all -100)")
     return [{"exit": l + 1, "loss": float(loss_sum[l] / count), "accuracy": float(correct[l] / count)}
             for l in range(L)]
 

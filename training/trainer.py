@@ -3,12 +3,14 @@ periodic validation, resumable checkpoints in HF format, and DDP under torchrun 
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import math
 import os
+import pickle
+import re
 import shutil
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -23,8 +25,9 @@ from layerskip_ext.reference import ReferenceLlama
 from .config import TrainConfig
 from .curriculum import EarlyExitCurriculum
 from .data import ExampleSampler, WindowSampler, read_examples, token_stream, valid_windows
+from .evaluate import exit_metrics
 from .layer_dropout import LayerDropout
-from .model import LayerSkipLM, build_hf, model_config, residual_states, to_reference
+from .model import LayerSkipLM, build_hf, model_config, to_reference
 from .tokenizer import eos_id, train_bpe
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -153,31 +156,51 @@ def make_optimizer(lm, cfg: TrainConfig):
 # ---------------------------------------------------------------- validation
 
 
-@torch.no_grad()
 def validate(lm, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int) -> dict[int, float]:
-    """{exit layer (1-based): mean CE} on the validation windows."""
+    """{exit layer (1-based): mean CE} on the validation windows (evaluate.exit_metrics, in eval mode)."""
     lm.eval()
-    L = len(lm.model.layers)
-    sums = torch.zeros(L, dtype=torch.float64)
-    count = 0
-    device = lm.lm_head.weight.device
-    for s in range(0, inputs.shape[0], batch_size):
-        x, y = inputs[s:s + batch_size].to(device), labels[s:s + batch_size].to(device)
-        states = residual_states(lm, x)
-        n = int((y != -100).sum())
-        for l, h in states.items():
-            logits = lm.lm_head(lm.model.norm(h)).float()  # [B, T, V]
-            sums[l] += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
-        count += n
-    lm.train()
-    return {l + 1: float(sums[l] / max(1, count)) for l in range(L)}
+    try:
+        rows = exit_metrics(lm, inputs, labels, batch_size)
+    finally:
+        lm.train()
+    return {r["exit"]: r["loss"] for r in rows}
 
 
 # ---------------------------------------------------------------- checkpoints
+#
+# checkpoints/step_NNNNNNN/ holds the HF files (config.json, model.safetensors, tokenizer.json) and trainer_state.pt:
+# {"step", "optimizer" (AdamW state_dict: tensors, numbers, lists), "config"}, plain containers read back with
+# torch.load(weights_only=True), so a checkpoint cannot run code. Nothing else needs saving: the batches
+# (data.WindowSampler) and the layer-dropout draws are pure functions of (seed, step), and the model is built
+# from the seed. A checkpoint is written into step_N.tmp and renamed when complete; resuming reads only complete
+# ones, so a run killed while saving resumes from the previous checkpoint.
+
+_STEP_DIR = re.compile(r"step_\d{7}$")
 
 
 def _checkpoint_dirs(out_dir: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(out_dir, "checkpoints", "step_*")))
+    """Complete checkpoints of a run, oldest first (unfinished step_N.tmp folders are ignored)."""
+    root = os.path.join(out_dir, "checkpoints")
+    names = sorted(n for n in os.listdir(root) if _STEP_DIR.match(n)) if os.path.isdir(root) else []
+    return [os.path.join(root, n) for n in names]
+
+
+def _replace_dir(tmp: str, directory: str) -> None:
+    """Moves the finished folder `tmp` to `directory` (replacing an older one of the same name)."""
+    if os.path.isdir(directory):
+        old = directory + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, directory)
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def _save_training_state(lm, tokenizer, opt, step: int, cfg: TrainConfig) -> str:
@@ -187,37 +210,80 @@ def _save_training_state(lm, tokenizer, opt, step: int, cfg: TrainConfig) -> str
     save_checkpoint(lm, tokenizer, tmp)
     torch.save({"step": step, "optimizer": opt.state_dict(), "config": cfg.to_dict()},
                os.path.join(tmp, "trainer_state.pt"))
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
+    _replace_dir(tmp, directory)
     for old in _checkpoint_dirs(cfg.out_dir)[:-cfg.train.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
     return directory
 
 
-# ---------------------------------------------------------------- the loop
+def _load_training_state(lm, opt, directory: str) -> int:
+    """Weights and optimizer state from a checkpoint folder; returns its step."""
+    load_weights(lm, directory)
+    path = os.path.join(directory, "trainer_state.pt")
+    try:
+        state = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds more than tensors and plain containers; refusing to unpickle it "
+                         f"(it could run code): {str(e).splitlines()[0]}") from None
+    opt.load_state_dict(state["optimizer"])
+    return int(state["step"])
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> dict:
-    """Runs a recipe; returns {"final_dir", "steps", "val": {layer: loss}, "tokens_per_second", "rank",
-    "world_size", "model" (the trained module), "tokenizer"}."""
+def _export_final(lm, tokenizer, cfg: TrainConfig) -> str:
+    final_dir = os.path.join(cfg.out_dir, "final")
+    shutil.rmtree(final_dir + ".tmp", ignore_errors=True)
+    save_checkpoint(lm, tokenizer, final_dir + ".tmp", dtype=_DTYPES[cfg.train.save_dtype])
+    _replace_dir(final_dir + ".tmp", final_dir)
+    return final_dir
+
+
+def _trim_log(path: str, last_step: int) -> None:
+    """Drops the log records of steps after `last_step` (written before a crash, redone by the resumed run)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
+# ---------------------------------------------------------------- the run's parts
+
+
+@dataclass
+class Run:
+    """Everything a training run holds; built once by `prepare`, advanced one step at a time by `train_step`."""
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    lm: torch.nn.Module          # the HF or reference model being trained
+    tokenizer: Tokenizer
+    sampler: object              # WindowSampler or ExampleSampler: .batch(step, micro, B, rank, world)
+    valid: tuple | None          # (inputs [N, T], labels [N, T]) held-out windows, or None
+    dropout: LayerDropout
+    curriculum: EarlyExitCurriculum
+    model: torch.nn.Module       # LayerSkipLM (DDP-wrapped under torchrun)
+    opt: torch.optim.Optimizer
+    start: int = 0               # first step to run (after a resume)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.lm.model.layers)
+
+
+def _check_files(cfg: TrainConfig) -> None:
     for name, files in (("data.train", cfg.data.train), ("data.valid", cfg.data.valid)):
         for path in files:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{name} file {path!r} does not exist")
-    rank, world, device = dist_setup()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    lm, tok = build_model_and_tokenizer(cfg, rank, world)
-    lm.to(device).train()
-    mcfg = model_config(lm)
-    L = mcfg.num_layers
-    eos = eos_id(tok)
-    if eos is None and mcfg.eos_token_ids:
-        eos = mcfg.eos_token_ids[0]
 
-    # data (rank 0 tokenizes and caches first, the others read the cache)
+
+def _load_data(cfg: TrainConfig, tok, eos: int | None, rank: int, world: int):
+    """(sampler, valid windows or None); rank 0 tokenizes and caches text first, the other ranks read the cache."""
     cache = os.path.join(cfg.out_dir, "cache")
+    valid = None
     if cfg.data.format == "text":
         if rank == 0:
             train_tokens = token_stream(tok, cfg.data.train, eos, cache)
@@ -226,122 +292,194 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             train_tokens = token_stream(tok, cfg.data.train, eos, cache)
         sampler = WindowSampler(train_tokens, cfg.data.seq_len, cfg.seed)
         if cfg.data.valid:
-            vin, vlab = valid_windows(token_stream(tok, cfg.data.valid, eos, cache), cfg.data.seq_len,
-                                      cfg.train.eval_batches * cfg.train.batch_size)
+            valid = valid_windows(token_stream(tok, cfg.data.valid, eos, cache), cfg.data.seq_len,
+                                  cfg.train.eval_batches * cfg.train.batch_size)
     else:
         tin, tlab = read_examples(tok, cfg.data.train, cfg.data.seq_len, eos)
         sampler = ExampleSampler(tin, tlab, cfg.seed)
         if cfg.data.valid:
             vin, vlab = read_examples(tok, cfg.data.valid, cfg.data.seq_len, eos)
             n_valid = cfg.train.eval_batches * cfg.train.batch_size
-            vin, vlab = vin[:n_valid], vlab[:n_valid]
-    has_valid = bool(cfg.data.valid)
+            valid = (vin[:n_valid], vlab[:n_valid])
+    return sampler, valid
 
-    # LayerSkip pieces
-    ld = cfg.layer_dropout
-    dropout = LayerDropout(L, ld.p_max, ld.schedule, ld.layers, seed=cfg.seed, time_schedule=ld.time_schedule,
-                           total_steps=cfg.train.steps)
-    ee = cfg.early_exit
+
+def _layerskip_parts(cfg: TrainConfig, num_layers: int):
+    """(LayerDropout, EarlyExitCurriculum) of the config; plain training: no dropout, the last exit only."""
+    ld, ee = cfg.layer_dropout, cfg.early_exit
+    dropout = LayerDropout(num_layers, ld.p_max, ld.schedule, ld.layers, seed=cfg.seed,
+                           time_schedule=ld.time_schedule, total_steps=cfg.train.steps)
     if ee.enabled:
-        exits = list(range(L)) if ee.exit_layers is None else ee.exit_layers
-        curriculum = EarlyExitCurriculum(ee.curriculum, exits, L, ee.rotational_period, cfg.train.steps,
+        exits = list(range(num_layers)) if ee.exit_layers is None else ee.exit_layers
+        curriculum = EarlyExitCurriculum(ee.curriculum, exits, num_layers, ee.rotational_period, cfg.train.steps,
                                          ee.gradual_span)
     else:
-        curriculum = EarlyExitCurriculum("none", [L - 1], L)
+        curriculum = EarlyExitCurriculum("none", [num_layers - 1], num_layers)
+    return dropout, curriculum
+
+
+def _describe(run: Run) -> str:
+    ld, ee, dropout = run.cfg.layer_dropout, run.cfg.early_exit, run.dropout
+    n_params = sum(p.numel() for p in {id(p): p for p in run.lm.parameters()}.values())
+    return (f"{run.cfg.recipe}: {n_params / 1e6:.2f}M parameters, {run.num_layers} layers, {run.world} process(es), "
+            f"layer dropout {[round(p, 3) for p in dropout.rates] if dropout.active else 'off'}"
+            f"{' x ' + ld.time_schedule + ' curriculum over steps' if ld.time_schedule != 'constant' else ''}, "
+            f"early exit {'curriculum ' + ee.curriculum + ' scale ' + ee.scale if ee.enabled else 'off'}")
+
+
+def prepare(cfg: TrainConfig) -> Run:
+    """Processes, model and tokenizer, data, LayerSkip pieces, optimizer, and the resume from the last checkpoint."""
+    _check_files(cfg)
+    rank, world, device = dist_setup()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    lm, tok = build_model_and_tokenizer(cfg, rank, world)
+    lm.to(device).train()
+    eos = eos_id(tok)
+    if eos is None and model_config(lm).eos_token_ids:
+        eos = model_config(lm).eos_token_ids[0]
+    sampler, valid = _load_data(cfg, tok, eos, rank, world)
+    num_layers = model_config(lm).num_layers
+    dropout, curriculum = _layerskip_parts(cfg, num_layers)
+    ee = cfg.early_exit
     model = LayerSkipLM(lm, ee.scale, ee.e_scale, ee.recompute)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=dropout.active)
-    opt = make_optimizer(lm, cfg)
-
-    # resume
-    start = 0
+    run = Run(cfg, rank, world, device, lm, tok, sampler, valid, dropout, curriculum, model, make_optimizer(lm, cfg))
     ckpts = _checkpoint_dirs(cfg.out_dir) if cfg.resume else []
     if ckpts:
-        load_weights(lm, ckpts[-1])
-        state = torch.load(os.path.join(ckpts[-1], "trainer_state.pt"), weights_only=False)
-        opt.load_state_dict(state["optimizer"])
-        start = state["step"]
+        run.start = _load_training_state(lm, run.opt, ckpts[-1])
         if rank == 0:
-            print(f"resuming from {ckpts[-1]} at step {start}")
+            print(f"resuming from {ckpts[-1]} at step {run.start}")
     if rank == 0:
-        with open(os.path.join(cfg.out_dir, "train_config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
-        n_params = sum(p.numel() for p in {id(p): p for p in lm.parameters()}.values())
-        print(f"{cfg.recipe}: {n_params / 1e6:.2f}M parameters, {L} layers, {world} process(es), "
-              f"layer dropout {[round(p, 3) for p in dropout.rates] if dropout.active else 'off'}"
-              f"{' x ' + ld.time_schedule + ' curriculum over steps' if ld.time_schedule != 'constant' else ''}, "
-              f"early exit {'curriculum ' + ee.curriculum + ' scale ' + ee.scale if ee.enabled else 'off'}")
+        _trim_log(os.path.join(cfg.out_dir, "log.jsonl"), run.start)
+        _write_json(os.path.join(cfg.out_dir, "train_config.json"), cfg.to_dict())
+        print(_describe(run))
+    return run
 
-    bar = None
-    if progress and rank == 0:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.train.steps, initial=start, dynamic_ncols=True)
-    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None
-    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum * world
-    t0, tokens_seen, last_val = time.time(), 0, None
-    for step in range(start, cfg.train.steps):
-        lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        exits = curriculum.enabled(step)
-        loss_sum, per_exit_sum = 0.0, {}
-        for micro in range(cfg.train.grad_accum):
-            x, y = sampler.batch(step, micro, cfg.train.batch_size, rank, world)
-            x, y = x.to(device), y.to(device)
-            skip = None
-            if dropout.active:  # one draw per (step, micro) so micro-batches differ
-                skip = dropout.skip_mask(step, x.shape[0], rank, world, micro, cfg.train.grad_accum).to(device)
-            sync = world == 1 or micro == cfg.train.grad_accum - 1
-            ctx = model.no_sync() if not sync else contextlib.nullcontext()
-            with ctx:
-                loss, per_exit = model(x, y, exits, skip)
-                (loss / cfg.train.grad_accum).backward()
-            loss_sum += float(loss.detach()) / cfg.train.grad_accum
-            for l, v in per_exit.items():
-                per_exit_sum[l + 1] = per_exit_sum.get(l + 1, 0.0) + float(v) / cfg.train.grad_accum
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.train.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        tokens_seen += tokens_per_step
-        done = step + 1
-        tok_s = tokens_seen / max(1e-9, time.time() - t0)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{per_exit_sum[L]:.3f}", tok_s=f"{tok_s:.0f}", lr=f"{lr:.2e}")
-        record = None
-        if rank == 0 and (done % cfg.train.log_every == 0 or done == cfg.train.steps):
-            record = {"step": done, "loss": loss_sum, "final_ce": per_exit_sum[L], "exit_ce": per_exit_sum,
-                      "lr": lr, "tokens_per_second": tok_s, "elapsed_s": time.time() - t0}
-        if has_valid and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
-            if rank == 0:
-                last_val = validate(lm, vin, vlab, cfg.train.batch_size)
-                record = record or {"step": done}
-                record["val_ce"] = last_val
-                msg = f"step {done}: val CE final {last_val[L]:.3f} | " + " ".join(
-                    f"L{l}:{v:.2f}" for l, v in last_val.items())
-                (bar.write if bar is not None else print)(msg)
-            _barrier(world)
+
+def train_step(run: Run, step: int) -> tuple[float, dict[int, float]]:
+    """One optimizer step (grad_accum micro-batches) -> (loss, {exit (1-based): CE}), averaged over micro-batches."""
+    cfg = run.cfg
+    accum = cfg.train.grad_accum
+    for g in run.opt.param_groups:
+        g["lr"] = lr_at(step, cfg)
+    exits = run.curriculum.enabled(step)
+    loss_sum, per_exit_sum = 0.0, {}
+    for micro in range(accum):
+        x, y = run.sampler.batch(step, micro, cfg.train.batch_size, run.rank, run.world)  # [B, T] each
+        x, y = x.to(run.device), y.to(run.device)
+        skip = None
+        if run.dropout.active:  # [L, B]; one draw per (step, micro) so micro-batches differ
+            skip = run.dropout.skip_mask(step, x.shape[0], run.rank, run.world, micro, accum).to(run.device)
+        sync = run.world == 1 or micro == accum - 1
+        with run.model.no_sync() if not sync else contextlib.nullcontext():
+            loss, per_exit = run.model(x, y, exits, skip)
+            (loss / accum).backward()
+        loss_sum += float(loss.detach()) / accum
+        for l, v in per_exit.items():
+            per_exit_sum[l + 1] = per_exit_sum.get(l + 1, 0.0) + float(v) / accum
+    if cfg.train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.lm.parameters(), cfg.train.grad_clip)
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    return loss_sum, per_exit_sum
+
+
+class Meter:
+    """Rank 0's progress bar and log.jsonl; tokens/s counted from the start of this process."""
+
+    def __init__(self, run: Run, progress: bool):
+        cfg = run.cfg
+        self.run, self.active = run, run.rank == 0
+        self.bar = None
+        if progress and self.active:
+            from tqdm import tqdm
+            self.bar = tqdm(total=cfg.train.steps, initial=run.start, dynamic_ncols=True)
+        self.log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if self.active else None
+        self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum * run.world
+        self.t0, self.tokens_seen = time.time(), 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_seen / max(1e-9, time.time() - self.t0)
+
+    def record(self, done: int, loss: float, per_exit: dict[int, float]) -> dict | None:
+        """Counts the step's tokens; the log record of step `done` when it is a logging step (rank 0), else None."""
+        self.tokens_seen += self.tokens_per_step
+        cfg, L = self.run.cfg, self.run.num_layers
+        lr = lr_at(done - 1, cfg)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{per_exit[L]:.3f}", tok_s=f"{self.tokens_per_second:.0f}", lr=f"{lr:.2e}")
+        if self.active and (done % cfg.train.log_every == 0 or done == cfg.train.steps):
+            return {"step": done, "loss": loss, "final_ce": per_exit[L], "exit_ce": per_exit, "lr": lr,
+                    "tokens_per_second": self.tokens_per_second, "elapsed_s": time.time() - self.t0}
+        return None
+
+    def message(self, text: str) -> None:
+        (self.bar.write if self.bar is not None else print)(text)
+
+    def write(self, record: dict | None) -> None:
         if record is not None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-        if done % cfg.train.save_every == 0 and done < cfg.train.steps:
-            if rank == 0:
-                _save_training_state(lm, tok, opt, done, cfg)
-            _barrier(world)
-    if bar is not None:
-        bar.close()
+            self.log.write(json.dumps(record) + "\n")
+            self.log.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.log is not None:
+            self.log.close()
+
+
+def validate_if_due(run: Run, done: int, record: dict | None, meter: Meter) -> tuple[dict | None, dict | None]:
+    """Every eval_every steps and at the end: rank 0 validates -> (record with val_ce, {exit: CE}) or (record, None)."""
+    cfg = run.cfg
+    if run.valid is None or (done % cfg.train.eval_every and done != cfg.train.steps):
+        return record, None
+    val = None
+    if run.rank == 0:
+        val = validate(run.lm, *run.valid, cfg.train.batch_size)
+        record = dict(record or {"step": done}, val_ce=val)
+        meter.message(f"step {done}: val CE final {val[run.num_layers]:.3f} | "
+                      + " ".join(f"L{l}:{v:.2f}" for l, v in val.items()))
+    _barrier(run.world)
+    return record, val
+
+
+def save_if_due(run: Run, done: int) -> None:
+    if done % run.cfg.train.save_every == 0 and done < run.cfg.train.steps:
+        if run.rank == 0:
+            _save_training_state(run.lm, run.tokenizer, run.opt, done, run.cfg)
+        _barrier(run.world)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict:
+    """Runs a recipe; returns {"final_dir", "steps", "val": {layer: loss}, "tokens_per_second", "rank",
+    "world_size", "model" (the trained module), "tokenizer"}."""
+    run = prepare(cfg)
+    meter = Meter(run, progress)
+    last_val = None
+    for step in range(run.start, cfg.train.steps):
+        loss, per_exit = train_step(run, step)
+        record = meter.record(step + 1, loss, per_exit)
+        record, val = validate_if_due(run, step + 1, record, meter)
+        last_val = val or last_val
+        meter.write(record)
+        save_if_due(run, step + 1)
     final_dir = os.path.join(cfg.out_dir, "final")
-    if rank == 0:
-        _save_training_state(lm, tok, opt, cfg.train.steps, cfg)
-        save_checkpoint(lm, tok, final_dir, dtype=_DTYPES[cfg.train.save_dtype])
-        log.close()
-    _barrier(world)
-    elapsed = time.time() - t0
+    if run.rank == 0:
+        _save_training_state(run.lm, run.tokenizer, run.opt, cfg.train.steps, cfg)
+        final_dir = _export_final(run.lm, run.tokenizer, cfg)
+    meter.close()
+    _barrier(run.world)
     result = {"final_dir": final_dir, "steps": cfg.train.steps, "val": last_val,
-              "tokens_per_second": tokens_seen / max(1e-9, elapsed), "rank": rank, "world_size": world,
-              "model": lm, "tokenizer": tok}
-    if world > 1:
+              "tokens_per_second": meter.tokens_per_second, "rank": run.rank, "world_size": run.world,
+              "model": run.lm, "tokenizer": run.tokenizer}
+    if run.world > 1:
         dist.destroy_process_group()
     return result
-
