@@ -38,4 +38,15 @@ void speculative_accept_cpu(torch::Tensor& tokens, torch::Tensor& num_accepted, 
                             const torch::Tensor& target_probs, const torch::Tensor& seeds,
                             const torch::Tensor& counters);
 
+// packed GGUF blocks (cpu/quant_linear.cpp)
+torch::Tensor linear_quantized_cpu(const torch::Tensor& input, const torch::Tensor& packed, int64_t format,
+                                   int64_t out_features, int64_t in_features);
+torch::Tensor& linear_quantized_out_cpu(const torch::Tensor& input, const torch::Tensor& packed, int64_t format,
+                                        int64_t out_features, int64_t in_features, torch::Tensor& out);
+torch::Tensor dequantize_rows_cpu(const torch::Tensor& packed, int64_t format, int64_t out_features,
+                                  int64_t in_features, const torch::Tensor& ids);
+std::vector<std::string> quant_kernels_cpu();
+std::string quant_kernel_cpu();
+void set_quant_kernel_cpu(const std::string& name);
+
 }  // namespace layerskip

@@ -75,4 +75,19 @@ TORCH_LIBRARY(layerskip, m) {
   m.def(
       "speculative_accept(Tensor(a!) tokens, Tensor(b!) num_accepted, Tensor draft_tokens, Tensor draft_lengths, "
       "Tensor draft_probs, Tensor target_probs, Tensor seeds, Tensor counters) -> ()");
+  // ---- packed GGUF blocks (csrc/cpu/quant_linear.cpp; formats numbered as GGUF: 2 = Q4_0, 3 = Q4_1, 8 = Q8_0)
+  // Not yet used by the engine (the integration lives on branch `quant`, against the pre-batching engine).
+  // input [T, K] float32, packed [N, K / 32 * block bytes] uint8 (the file's blocks, N rows of K) ->
+  // input @ dequantized(packed).T, [T, N] float32; input rows quantized per block of 32 to int8.
+  m.def("linear_quantized(Tensor input, Tensor packed, int format, int out_features, int in_features) -> Tensor");
+  m.def(
+      "linear_quantized.out(Tensor input, Tensor packed, int format, int out_features, int in_features, *, "
+      "Tensor(a!) out) -> Tensor(a!)");
+  // packed [N, K] as above, ids [T] int64 -> the dequantized rows ids, [T, K] float32 (embedding lookup).
+  m.def("dequantize_rows(Tensor packed, int format, int out_features, int in_features, Tensor ids) -> Tensor");
+  // The kernels this CPU can run for linear_quantized, best first ("avx512vnni", "avx512", "avx2", "plain"),
+  // the one in use, and forcing one ("auto": the best; also LAYERSKIP_QUANT_KERNEL, read once).
+  m.def("quant_kernels() -> str[]");
+  m.def("quant_kernel() -> str");
+  m.def("set_quant_kernel(str name) -> ()");
 }

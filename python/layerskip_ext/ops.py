@@ -113,6 +113,38 @@ def linear(input: Tensor, weight: Tensor) -> Tensor:
     return out
 
 
+def linear_quantized(input: Tensor, packed: Tensor, format: int, out_features: int, in_features: int,
+                     out: Tensor | None = None) -> Tensor:
+    """input [T, K] float32 @ dequantized(packed).T -> [T, N] float32 (into `out` when given).
+
+    packed: [N, K / 32 * block bytes] uint8 GGUF blocks; format: GGUF type number (2 Q4_0, 3 Q4_1, 8 Q8_0).
+    Input rows are quantized per block of 32 to int8 (scale max|x| / 127) before the integer dot products.
+    """
+    if out is None:
+        return _ops.linear_quantized.default(input, packed, format, out_features, in_features)
+    return _ops.linear_quantized.out(input, packed, format, out_features, in_features, out=out)
+
+
+def dequantize_rows(packed: Tensor, format: int, out_features: int, in_features: int, ids: Tensor) -> Tensor:
+    """Rows `ids` [T] int64 of the packed [N, K] matrix, dequantized -> [T, K] float32."""
+    return _ops.dequantize_rows.default(packed, format, out_features, in_features, ids)
+
+
+def quant_kernels() -> list[str]:
+    """The linear_quantized kernels this CPU can run, best first (of avx512vnni, avx512, avx2, plain)."""
+    return list(_ops.quant_kernels.default())
+
+
+def quant_kernel() -> str:
+    """The linear_quantized kernel in use."""
+    return _ops.quant_kernel.default()
+
+
+def set_quant_kernel(name: str) -> None:
+    """Forces a linear_quantized kernel ("auto": the best this CPU supports)."""
+    _ops.set_quant_kernel.default(name)
+
+
 def sampling_probs(logits: Tensor, temperature, top_k=0, top_p=1.0) -> Tensor:
     """logits [T, V] -> probabilities [T, V] float32 after temperature, top-k and top-p (nucleus) filtering.
 
@@ -223,6 +255,16 @@ def _register_fakes() -> None:
 _register_fakes()
 
 
+@torch.library.register_fake("layerskip::linear_quantized")
+def _linear_quantized_fake(input, packed, format, out_features, in_features):
+    return input.new_empty((input.shape[0], out_features), dtype=torch.float32)
+
+
+@torch.library.register_fake("layerskip::dequantize_rows")
+def _dequantize_rows_fake(packed, format, out_features, in_features, ids):
+    return packed.new_empty((ids.shape[0], in_features), dtype=torch.float32)
+
+
 # ---------------------------------------------------------------------------------------------------
 # References: plain PyTorch, float32 math, results cast to the input dtype. In-place ops return
 # the updated tensors instead of mutating.
@@ -287,6 +329,14 @@ def silu_and_mul_reference(input: Tensor) -> Tensor:
 
 def linear_reference(input: Tensor, weight: Tensor) -> Tensor:
     return input.float() @ weight.float().T  # [T, N]
+
+
+def linear_quantized_reference(input: Tensor, packed: Tensor, format: int, out_features: int,
+                               in_features: int) -> Tensor:
+    """The float matmul on the dequantized weights (no activation rounding), [T, N] float32."""
+    from layerskip_ext.quant import FORMAT_NAMES, dequantize
+    w = dequantize(packed.reshape(out_features, -1), FORMAT_NAMES[format], in_features)  # [N, K]
+    return input.float() @ w.T
 
 
 # The sampling semantics have one Python statement, layerskip_ext.sampling (also the reference decoder's);

@@ -1,0 +1,52 @@
+// The plain C++ kernel of layerskip::linear_quantized: the reference every SIMD path is tested against,
+// and the path of CPUs without AVX2. Same arithmetic as the SIMD paths: per block an exact int32 dot
+// product of the weight codes and the int8 activations, scaled by d * scale(x); Q4_1 adds m * sum(x).
+#include "cpu/quant_kernels.h"
+
+namespace layerskip {
+namespace quant {
+
+namespace {
+
+// The 32 signed codes of a block (Q4_1: its unsigned nibbles), its scale d and its min m (Q4_1 only).
+void decode_block(int64_t format, const uint8_t* blk, int32_t* codes, float* d, float* m) {
+  *d = half_to_float(load_u16(blk));
+  *m = 0.0f;
+  if (format == kQ8_0) {
+    for (int i = 0; i < kBlock; ++i) codes[i] = static_cast<int8_t>(blk[2 + i]);
+    return;
+  }
+  const uint8_t* qs = blk + (format == kQ4_1 ? 4 : 2);
+  const int32_t offset = format == kQ4_0 ? 8 : 0;
+  if (format == kQ4_1) *m = half_to_float(load_u16(blk + 2));
+  for (int i = 0; i < kBlock / 2; ++i) {
+    codes[i] = (qs[i] & 0x0f) - offset;
+    codes[i + kBlock / 2] = (qs[i] >> 4) - offset;
+  }
+}
+
+}  // namespace
+
+void rows_plain(int64_t format, const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
+                const QuantizedActivations& x, float* out, int64_t ldo) {
+  const int64_t nb = x.K / kBlock, bb = block_bytes(format);
+  int32_t codes[kBlock];
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    for (int64_t t = 0; t < x.T; ++t) {
+      const int8_t* xq = x.q + t * x.K;
+      float acc = 0.0f;
+      for (int64_t b = 0; b < nb; ++b) {
+        float d, m;
+        decode_block(format, row + b * bb, codes, &d, &m);
+        int32_t dot = 0;
+        for (int i = 0; i < kBlock; ++i) dot += codes[i] * xq[b * kBlock + i];
+        acc += d * x.scale[t * nb + b] * static_cast<float>(dot) + m * x.sum[t * nb + b];
+      }
+      out[t * ldo + n] = acc;
+    }
+  }
+}
+
+}  // namespace quant
+}  // namespace layerskip

@@ -1,0 +1,253 @@
+// layerskip::linear_quantized and layerskip::dequantize_rows on the CPU: matmuls and embedding lookups on
+// packed GGUF blocks (Q8_0, Q4_0, Q4_1; layouts in quant_kernels.h), never widened in memory.
+//
+// linear_quantized: out [T, N] = input [T, K] @ W[N, K]^T. The input rows are quantized per block of 32 to
+// int8 (scale max|x| / 127, as llama.cpp does: the block dot products are then exact int32 sums, 4 products
+// per instruction lane, and the weights are never widened to float); output rows N are split across
+// threads, and each weight row is read from memory once for all T input rows (quant_kernel_simd.inc).
+//
+// The kernel is chosen at run time from cpuid: avx512vnni > avx512 > avx2 > plain (the reference). The
+// environment variable LAYERSKIP_QUANT_KERNEL (read once) or layerskip::set_quant_kernel forces one of
+// those the CPU supports, so tests run every path the machine has.
+#include <ATen/Parallel.h>
+#include <torch/all.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "cpu/quant_kernels.h"
+#include "ops.h"
+
+namespace layerskip {
+
+namespace {
+
+using quant::kBlock;
+
+struct KernelChoice {
+  const char* name;
+  quant::RowsKernel fn;
+  bool supported;
+};
+
+// Best first. __builtin_cpu_supports also checks that the OS saves the vector registers (XCR0).
+std::vector<KernelChoice> all_kernels() {
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl");
+  const bool vnni = avx512 && __builtin_cpu_supports("avx512vnni");
+  return {{"avx512vnni", &quant::rows_avx512vnni, vnni},
+          {"avx512", &quant::rows_avx512, avx512},
+          {"avx2", &quant::rows_avx2, avx2},
+          {"plain", &quant::rows_plain, true}};
+}
+
+const std::vector<KernelChoice>& kernels() {
+  static const std::vector<KernelChoice> k = all_kernels();
+  return k;
+}
+
+const KernelChoice* find_kernel(const std::string& name) {
+  if (name == "auto") {
+    for (const auto& k : kernels())
+      if (k.supported) return &k;
+  }
+  for (const auto& k : kernels()) {
+    if (name == k.name) {
+      TORCH_CHECK(k.supported, "quant kernel '", name, "' is not supported by this CPU (supported: ",
+                  c10::Join(", ", quant_kernels_cpu()), ")");
+      return &k;
+    }
+  }
+  TORCH_CHECK(false, "unknown quant kernel '", name, "': expected auto, avx512vnni, avx512, avx2 or plain");
+}
+
+std::atomic<const KernelChoice*> g_kernel{nullptr};
+
+const KernelChoice* current_kernel() {
+  const KernelChoice* k = g_kernel.load(std::memory_order_acquire);
+  if (k != nullptr) return k;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    const char* env = std::getenv("LAYERSKIP_QUANT_KERNEL");
+    const KernelChoice* chosen = find_kernel(env != nullptr && *env != '\0' ? env : "auto");
+    const KernelChoice* expected = nullptr;
+    g_kernel.compare_exchange_strong(expected, chosen);  // a set_quant_kernel that came first wins
+  });
+  return g_kernel.load(std::memory_order_acquire);
+}
+
+const char* format_name(int64_t format) {
+  switch (format) {
+    case quant::kQ8_0: return "Q8_0";
+    case quant::kQ4_0: return "Q4_0";
+    case quant::kQ4_1: return "Q4_1";
+    default: return "?";
+  }
+}
+
+// Checks packed against [out_features, in_features] in `format`; returns the bytes per row.
+int64_t check_packed(const char* op, const torch::Tensor& packed, int64_t format, int64_t out_features,
+                     int64_t in_features) {
+  TORCH_CHECK(packed.device().is_cpu(), op, ": expected a CPU tensor, got packed weights on ", packed.device());
+  TORCH_CHECK(quant::block_bytes(format) > 0, op, ": unsupported block format ", format,
+              " (expected GGUF type ", int64_t{quant::kQ8_0}, " = Q8_0, ", int64_t{quant::kQ4_0}, " = Q4_0 or ",
+              int64_t{quant::kQ4_1}, " = Q4_1)");
+  TORCH_CHECK(packed.scalar_type() == at::kByte, op, ": packed weights must be uint8 bytes, got ",
+              packed.scalar_type());
+  TORCH_CHECK(out_features >= 0 && in_features >= 0, op, ": negative shape [", out_features, ", ", in_features,
+              "]");
+  TORCH_CHECK(in_features % kBlock == 0, op, ": in_features ", in_features, " is not a multiple of the block size ",
+              kBlock, " of ", format_name(format));
+  const int64_t row_bytes = in_features / kBlock * quant::block_bytes(format);
+  TORCH_CHECK(packed.numel() == out_features * row_bytes, op, ": packed weights hold ", packed.numel(),
+              " bytes; a [", out_features, ", ", in_features, "] ", format_name(format), " matrix takes ",
+              out_features * row_bytes, " (", row_bytes, " per row)");
+  TORCH_CHECK(packed.dim() == 1 || (packed.dim() == 2 && packed.size(0) == out_features), op,
+              ": packed weights must be 1-D or [out_features, bytes per row], got shape ", packed.sizes());
+  return row_bytes;
+}
+
+// x [T, K] float32 -> int8 codes, scales and float sums per block of 32 (see quant_kernels.h).
+void quantize_rows(const float* x, int64_t T, int64_t K, int8_t* q, float* scale, float* sum, float* qsum) {
+  const int64_t nb = K / kBlock;
+  for (int64_t i = 0; i < T * nb; ++i) {
+    const float* v = x + i * kBlock;
+    float amax = 0.0f, s = 0.0f;
+    for (int j = 0; j < kBlock; ++j) {
+      amax = std::max(amax, std::fabs(v[j]));
+      s += v[j];
+    }
+    const float d = amax / 127.0f;
+    const float inv = d > 0.0f ? 1.0f / d : 0.0f;
+    int32_t codes = 0;
+    for (int j = 0; j < kBlock; ++j) {
+      const int8_t c = static_cast<int8_t>(std::lround(v[j] * inv));
+      q[i * kBlock + j] = c;
+      codes += c;
+    }
+    scale[i] = d;
+    sum[i] = s;
+    qsum[i] = d * static_cast<float>(codes);
+  }
+}
+
+}  // namespace
+
+std::vector<std::string> quant_kernels_cpu() {
+  std::vector<std::string> names;
+  for (const auto& k : kernels())
+    if (k.supported) names.emplace_back(k.name);
+  return names;
+}
+
+std::string quant_kernel_cpu() { return current_kernel()->name; }
+
+void set_quant_kernel_cpu(const std::string& name) { g_kernel.store(find_kernel(name), std::memory_order_release); }
+
+torch::Tensor& linear_quantized_out_cpu(const torch::Tensor& input, const torch::Tensor& packed, int64_t format,
+                                        int64_t out_features, int64_t in_features, torch::Tensor& out) {
+  const int64_t row_bytes = check_packed("linear_quantized", packed, format, out_features, in_features);
+  TORCH_CHECK(input.device().is_cpu(), "linear_quantized: expected a CPU input, got ", input.device());
+  TORCH_CHECK(input.dim() == 2 && input.size(1) == in_features, "linear_quantized: input must be [T, ",
+              in_features, "], got shape ", input.sizes());
+  TORCH_CHECK(input.scalar_type() == at::kFloat, "linear_quantized: input must be float32, got ",
+              input.scalar_type());
+  const int64_t T = input.size(0), N = out_features, K = in_features;
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == T &&
+                  out.size(1) == N && out.stride(1) == 1,
+              "linear_quantized: out must be a float32 CPU tensor [", T, ", ", N,
+              "] with contiguous rows, got ", out.scalar_type(), " ", out.sizes(), " strides ", out.strides());
+  if (T == 0 || N == 0) return out;
+  if (K == 0) return out.zero_();
+
+  const torch::Tensor x = input.contiguous();  // [T, K]
+  const torch::Tensor w = packed.contiguous();
+  const int64_t nb = K / kBlock;
+  std::vector<int8_t> q(static_cast<size_t>(T * K));
+  std::vector<float> scale(static_cast<size_t>(T * nb)), sum(static_cast<size_t>(T * nb)),
+      qsum(static_cast<size_t>(T * nb));
+  quantize_rows(x.data_ptr<float>(), T, K, q.data(), scale.data(), sum.data(), qsum.data());
+  const quant::QuantizedActivations acts{q.data(), scale.data(), sum.data(), qsum.data(), T, K};
+
+  const quant::RowsKernel fn = current_kernel()->fn;
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t ldo = out.stride(0);
+  // Threads split N into blocks of at least ~256 KiB of weights (as linear does), fewer bytes when many
+  // input rows make each row costlier to compute.
+  const int64_t work_per_row = row_bytes * (1 + (T - 1) / 8);
+  const int64_t grain = std::max<int64_t>((int64_t{256} << 10) / std::max<int64_t>(work_per_row, 1), 1);
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { fn(format, wp, row_bytes, n0, n1, acts, op, ldo); });
+  return out;
+}
+
+torch::Tensor linear_quantized_cpu(const torch::Tensor& input, const torch::Tensor& packed, int64_t format,
+                                   int64_t out_features, int64_t in_features) {
+  TORCH_CHECK(input.dim() == 2, "linear_quantized: input must be 2-D [T, K], got shape ", input.sizes());
+  torch::Tensor out = torch::empty({input.size(0), out_features}, input.options().dtype(at::kFloat));
+  return linear_quantized_out_cpu(input, packed, format, out_features, in_features, out);
+}
+
+torch::Tensor dequantize_rows_cpu(const torch::Tensor& packed, int64_t format, int64_t out_features,
+                                  int64_t in_features, const torch::Tensor& ids) {
+  const int64_t row_bytes = check_packed("dequantize_rows", packed, format, out_features, in_features);
+  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong && ids.device().is_cpu(),
+              "dequantize_rows: ids must be a 1-D int64 CPU tensor, got ", ids.scalar_type(), " ", ids.sizes());
+  const torch::Tensor w = packed.contiguous();
+  const torch::Tensor idx = ids.contiguous();
+  const int64_t T = idx.size(0), K = in_features, nb = K / kBlock, bb = quant::block_bytes(format);
+  const int64_t* id = idx.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(id[t] >= 0 && id[t] < out_features, "dequantize_rows: id ", id[t], " at position ", t,
+                " is out of range [0, ", out_features, ")");
+  }
+  torch::Tensor out = torch::empty({T, K}, packed.options().dtype(at::kFloat));  // [T, K]
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint8_t* row = wp + id[t] * row_bytes;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = row + b * bb;
+        float* o = op + t * K + b * kBlock;
+        const float d = quant::half_to_float(quant::load_u16(blk));
+        if (format == quant::kQ8_0) {
+          for (int i = 0; i < kBlock; ++i) o[i] = d * static_cast<float>(static_cast<int8_t>(blk[2 + i]));
+          continue;
+        }
+        const float m = format == quant::kQ4_1 ? quant::half_to_float(quant::load_u16(blk + 2)) : 0.0f;
+        const uint8_t* qs = blk + (format == quant::kQ4_1 ? 4 : 2);
+        const int offset = format == quant::kQ4_0 ? 8 : 0;
+        for (int i = 0; i < kBlock / 2; ++i) {
+          o[i] = d * static_cast<float>((qs[i] & 0x0f) - offset) + m;
+          o[i + kBlock / 2] = d * static_cast<float>((qs[i] >> 4) - offset) + m;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(layerskip, CPU, m) {
+  m.impl("linear_quantized", &linear_quantized_cpu);
+  m.impl("linear_quantized.out", &linear_quantized_out_cpu);
+  m.impl("dequantize_rows", &dequantize_rows_cpu);
+}
+
+// No tensor arguments: these dispatch to their CompositeImplicitAutograd kernel.
+TORCH_LIBRARY_IMPL(layerskip, CompositeImplicitAutograd, m) {
+  m.impl("quant_kernels", &quant_kernels_cpu);
+  m.impl("quant_kernel", &quant_kernel_cpu);
+  m.impl("set_quant_kernel", &set_quant_kernel_cpu);
+}
+
+}  // namespace layerskip
