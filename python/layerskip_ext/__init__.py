@@ -9,8 +9,9 @@
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from .config import ModelConfig
+from .errors import CheckpointError, ConfigError, LayerSkipError
 from .generation import GenerationResult, GenerationStats
 from .model import LayerSkipModel, load
 from .api import generate
 
-__all__ = ["ModelConfig", "GenerationResult", "GenerationStats", "LayerSkipModel", "load", "generate"]
+__all__ = ["ModelConfig", "LayerSkipError", "ConfigError", "CheckpointError", "GenerationResult", "GenerationStats", "LayerSkipModel", "load", "generate"]

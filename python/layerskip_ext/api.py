@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .errors import LayerSkipError
 from . import engine as _engine
 from .generation import GenerationResult, check_generation_args
 from .model import LayerSkipModel
@@ -31,11 +32,11 @@ def generate(model: LayerSkipModel, prompt, max_new_tokens: int = 64, strategy: 
     if not isinstance(model, LayerSkipModel):
         raise TypeError(f"model must be a LayerSkipModel from layerskip_ext.load(), got {type(model).__name__}")
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise LayerSkipError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if context_length is None:
         context_length = model.config.max_position_embeddings
     elif context_length > model.config.max_position_embeddings:
-        raise ValueError(f"context_length {context_length} exceeds the model's max_position_embeddings "
+        raise LayerSkipError(f"context_length {context_length} exceeds the model's max_position_embeddings "
                          f"({model.config.max_position_embeddings})")
     args = check_generation_args(model.config, model.tokenizer, prompt, max_new_tokens=max_new_tokens,
                                  strategy=strategy, exit_layer=exit_layer, num_speculations=num_speculations,
