@@ -31,6 +31,9 @@ void check_filter_args(const char* op, double temperature, int64_t top_k, double
               temperature);
   TORCH_CHECK(top_k >= 0, op, ": top_k must be >= 0 (0 disables it), got ", top_k);
   TORCH_CHECK(top_p > 0.0 && top_p <= 1.0, op, ": top_p must be in (0, 1] (1 disables it), got ", top_p);
+  // below 1e-4, 1/T scales logit gaps past float range (NaN probabilities); above 1e4 it is uniform anyway
+  TORCH_CHECK(temperature == 0.0 || (temperature >= 1e-4 && temperature <= 1e4), op,
+              ": temperature must be 0 (greedy) or in [1e-4, 1e4], got ", temperature);
 }
 
 void check_logits(const char* op, const torch::Tensor& logits) {
@@ -69,9 +72,8 @@ inline int64_t key_index(uint64_t key) { return static_cast<int64_t>(key & 0xFFF
 // Filtered, renormalised probabilities of one row (see the file comment). z [V] logits, out [V].
 void filter_row(const char* op, const float* z, int64_t vocab, float temperature, int64_t top_k, double top_p,
                 float* out, int64_t row) {
+  cpu::check_logits_row(z, vocab, op, row);
   const float zmax = cpu::max_value(z, vocab);
-  TORCH_CHECK(std::isfinite(zmax), op, ": logits row ", row,
-              " must have a finite maximum (entries finite or -inf), got max ", zmax);
   const float inv_t = 1.0f / temperature;
   for (int64_t i = 0; i < vocab; ++i) out[i] = cpu::exp_fast((z[i] - zmax) * inv_t);  // e [V]
 
@@ -200,7 +202,9 @@ torch::Tensor sample_from_probs_cpu(const torch::Tensor& probs, int64_t seed, in
       const double total = cpu::row_mass(row, vocab, op, "probs", r);
       TORCH_CHECK(total > 0.0 && std::isfinite(total), op, ": probs row ", r, " must have a positive finite sum, got ",
                   total);
-      const double u = uniform_from_counter(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset + r));
+      // counters in uint64 arithmetic: offset + r cannot overflow (offset may be up to 2^63 - 1)
+      const double u = uniform_from_counter(static_cast<uint64_t>(seed),
+                                            static_cast<uint64_t>(offset) + static_cast<uint64_t>(r));
       out[r] = cpu::invert_cdf(row, vocab, u * total);
     }
   });
@@ -225,6 +229,7 @@ torch::Tensor sample_cpu(const torch::Tensor& logits, double temperature, int64_
     std::vector<float> z(vocab);
     for (int64_t r = begin; r < end; ++r) {
       load_row(x, r, z.data());
+      cpu::check_logits_row(z.data(), vocab, op, r);
       out[r] = cpu::argmax(z.data(), vocab);
     }
   });

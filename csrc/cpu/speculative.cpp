@@ -57,6 +57,7 @@ std::tuple<torch::Tensor, torch::Tensor> speculative_accept_greedy_cpu(const tor
   int64_t* out = tokens.data_ptr<int64_t>();
   int64_t n = 0;
   for (;; ++n) {
+    cpu::check_logits_row(z + n * vocab, vocab, op, n);
     const int64_t best = cpu::argmax(z + n * vocab, vocab);
     out[n] = best;
     if (n == d || x[n] != best) break;

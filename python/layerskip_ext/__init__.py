@@ -6,7 +6,14 @@
                                     strategy="self_speculative", exit_layer=8, num_speculations=4)
     print(result.text, result.stats.tokens_per_second, result.stats.acceptance_rate)
 """
-import torch  # noqa: F401  (loads libtorch before the extension)
+import os
+
+# Idle OpenMP workers sleep instead of spinning unless the user chose otherwise: spinning workers collapse when
+# other processes share the cores (issue 13). libgomp reads this when it loads, i.e. with torch: it takes effect
+# when layerskip_ext is imported first. OMP_WAIT_POLICY=ACTIVE restores spinning for exclusive-use runs.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402,F401  (loads libtorch before the extension)
 
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, LayerSkipError
