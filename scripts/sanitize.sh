@@ -8,11 +8,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=build/sanitize
+mkdir -p "$OUT"
 start=$(date +%s)
 
 echo "=== building the sanitized extension in $OUT"
-LAYERSKIP_SANITIZE=1 "$PY" setup.py -q build_ext --build-lib "$OUT/lib" --build-temp "$OUT/temp" >"$OUT.log" 2>&1 ||
-  { tail -50 "$OUT.log"; exit 1; }
+LAYERSKIP_SANITIZE=1 "$PY" setup.py -q build_ext --build-lib "$OUT/lib" --build-temp "$OUT/temp" >"$OUT/build.log" 2>&1 ||
+  { tail -50 "$OUT/build.log"; exit 1; }
 # a package tree that is the sources plus the sanitized _C
 rm -rf "$OUT/pkg" && mkdir -p "$OUT/pkg/layerskip_ext"
 cp python/layerskip_ext/*.py "$OUT/pkg/layerskip_ext/"
