@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .errors import LayerSkipError
 from . import engine as _engine
+from .errors import LayerSkipError
 from .generation import GenerationResult, check_generation_args
 from .model import LayerSkipModel
 from .reference_generate import generate_reference

@@ -93,7 +93,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen dataclass)
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # normalise fields of the frozen dataclass
         for name in LIMITS:  # numpy / torch integers become Python ints
             set_(name, _int_field(name, getattr(self, name)))
         if self.num_heads % self.num_kv_heads != 0:
@@ -130,7 +130,7 @@ class ModelConfig:
         set_("eos_token_ids", eos)
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from a Hugging Face LlamaConfig dictionary (config.json). Raises ConfigError naming the key."""
         if not isinstance(d, dict):
             raise ConfigError(f"config.json must hold a JSON object, got {type(d).__name__}")
@@ -201,5 +201,5 @@ class ModelConfig:
             d["eos_token_id"] = self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids)
         return d
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)

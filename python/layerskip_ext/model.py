@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .errors import LayerSkipError
 from .checkpoint import read_checkpoint
 from .config import ModelConfig
+from .errors import LayerSkipError
 from .reference import ReferenceLlama
 
 _DTYPES = {torch.float32, torch.bfloat16, torch.float16}

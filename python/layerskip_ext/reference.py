@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import LayerSkipError
 from .config import ModelConfig
-
+from .errors import LayerSkipError
 
 # ----------------------------------------------------------------------------------------------
 # rotary embeddings
