@@ -63,6 +63,7 @@ def test_huge_max_new_tokens_runs_to_the_context(tiny, backend, huge):
     (dict(strategy="early_exit", exit_layer=True), "exit_layer"),
 ])
 def test_bad_arguments_raise_the_documented_error_and_leave_the_model_usable(tiny, backend, kwargs, match):
+    kwargs = dict(kwargs)  # the parametrized dict is shared by both backends
     before = gen(backend, tiny, max_new_tokens=6)
     with pytest.raises(LayerSkipError, match=match):
         gen(backend, tiny, max_new_tokens=kwargs.pop("max_new_tokens", 6), **kwargs)
