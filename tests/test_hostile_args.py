@@ -172,3 +172,18 @@ def test_sample_from_probs_counter_at_the_int64_limit():
     from layerskip_ext.sampling import sample_from_probs
     expected = sample_from_probs(probs / probs.sum(-1, keepdim=True), 5, offset)  # counters mod 2^64
     assert out.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("user_value,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_waits_passively_unless_the_user_chose(user_value, expected):
+    """Importing layerskip_ext first makes idle OpenMP workers sleep (they collapse under contention when they
+    spin: benchmarks/bench_contention.py); a user's OMP_WAIT_POLICY is kept."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if user_value is not None:
+        env["OMP_WAIT_POLICY"] = user_value
+    code = "import layerskip_ext, os; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.stdout.strip() == expected, out.stderr
