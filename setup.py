@@ -5,6 +5,7 @@
 #   LAYERSKIP_CUDA=0|1   force the CPU-only or the CUDA build
 #   LAYERSKIP_MARCH=...  value of -march for the CPU kernels (default: native)
 #   LAYERSKIP_DEBUG=1    build with -O0 -g
+#   LAYERSKIP_SANITIZE=1 build with AddressSanitizer + UndefinedBehaviorSanitizer (scripts/sanitize.sh)
 #   TORCH_CUDA_ARCH_LIST GPU architectures (default: the visible GPU's, or 8.0;9.0+PTX without one)
 import glob
 import os
@@ -74,6 +75,14 @@ cxx_flags = ["-O0", "-g"] if debug else ["-O3", f"-march={march}", "-ffp-contrac
 # The C++ standard comes from torch (C++17 for 2.13, C++20 for 2.14).
 cxx_flags += ["-fvisibility=hidden", "-fopenmp"]
 nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+link_flags = []
+if os.environ.get("LAYERSKIP_SANITIZE") == "1":
+    # every report is fatal; float-cast-overflow is not part of GCC's -fsanitize=undefined; vptr checks need
+    # RTTI that libtorch's classes do not all expose to us
+    sanitizers = ["-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize=vptr",
+                  "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+    cxx_flags = ["-O1", "-g", f"-march={march}", "-ffp-contract=fast", "-fvisibility=hidden", "-fopenmp"] + sanitizers
+    link_flags = sanitizers
 
 sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/engine/*.cpp"))
 include_dirs = [os.path.join(ROOT, "csrc")]
@@ -97,6 +106,7 @@ ext = Extension(
     include_dirs=include_dirs,
     define_macros=define_macros,
     extra_compile_args=extra,
+    extra_link_args=link_flags,
 )
 
 setup(

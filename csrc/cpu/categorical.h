@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "cpu/reductions.h"
 
@@ -18,6 +19,17 @@ inline int64_t argmax(const float* x, int64_t n) {
     if (x[i] == best) return i;
   }
   return 0;  // all entries NaN
+}
+
+// Throws unless the logits row z [n] holds no NaN and no +inf and has a finite maximum (-inf entries are
+// masked tokens and allowed): a broken model's output is an error, never a garbage token. One vectorised
+// pass: the sum is NaN when an entry is NaN, +inf when one is +inf.
+inline void check_logits_row(const float* z, int64_t n, const char* op, int64_t row) {
+  const float total = sum(z, n);
+  const float best = max_value(z, n);
+  TORCH_CHECK(!std::isnan(total) && total != std::numeric_limits<float>::infinity() && std::isfinite(best), op,
+              ": logits row ", row, " must have a finite maximum and no NaN or +inf entries (entries finite or -inf); ",
+              "a model producing non-finite logits has broken weights or inputs");
 }
 
 // Total mass of p [n] summed in float64 left to right (the order torch.cumsum uses), after checking

@@ -78,11 +78,13 @@ inline float sum(const float* x, int64_t n) {
 
 // exp(x) for float, branch-free so that loops calling it vectorise: Cody-Waite reduction
 // x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial for e^r (Cephes expf coefficients), 2^n from
-// the exponent bits. Relative error about 2e-7 on [-87, 88]; below -87 it returns 0 (also for -inf).
-// (No std::floor / fmin: GCC 12 does not vectorise loops calling them without -ffast-math.)
+// the exponent bits. Relative error about 2e-7 on [-87, 88]; below -87 it returns 0 (also for -inf), NaN
+// stays NaN. The clamps are written so that NaN fails both comparisons and becomes -87: the float-to-int
+// conversion below never sees NaN (undefined behaviour). (No std::floor / fmin: GCC 12 does not vectorise
+// loops calling them without -ffast-math.)
 inline float exp_fast(float x) {
-  float xc = x < -87.0f ? -87.0f : x;
-  xc = xc > 88.0f ? 88.0f : xc;
+  float xc = x > -87.0f ? x : -87.0f;
+  xc = xc < 88.0f ? xc : 88.0f;
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // rint via 1.5 * 2^23
   const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -95,7 +97,8 @@ inline float exp_fast(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.0f ? 0.0f : p * scale;
+  const float e = x < -87.0f ? 0.0f : p * scale;
+  return x == x ? e : x;  // NaN in, NaN out
 }
 
 }  // namespace cpu

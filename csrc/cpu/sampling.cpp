@@ -40,6 +40,9 @@ void check_filter_args(const char* op, int64_t tokens, const torch::Tensor& temp
   for (int64_t i = 0; i < tokens; ++i) {
     const double ti = t.data_ptr<double>()[i], pi = p.data_ptr<double>()[i];
     TORCH_CHECK(std::isfinite(ti) && ti >= 0.0, op, ": temperature[", i, "] must be finite and >= 0, got ", ti);
+    // below 1e-4, 1/T scales logit gaps past float range (NaN probabilities); above 1e4 it is uniform anyway
+    TORCH_CHECK(ti == 0.0 || (ti >= 1e-4 && ti <= 1e4), op, ": temperature[", i,
+                "] must be 0 (greedy) or in [1e-4, 1e4], got ", ti);
     TORCH_CHECK(k.data_ptr<int64_t>()[i] >= 0, op, ": top_k[", i, "] must be >= 0 (0 disables it), got ",
                 k.data_ptr<int64_t>()[i]);
     TORCH_CHECK(pi > 0.0 && pi <= 1.0, op, ": top_p[", i, "] must be in (0, 1] (1 disables it), got ", pi);
@@ -85,6 +88,7 @@ inline int64_t key_index(uint64_t key) { return static_cast<int64_t>(key & 0xFFF
 // Filtered, renormalised probabilities of one row (see the file comment). z [V] logits, out [V].
 void filter_row(const char* op, const float* z, int64_t vocab, float temperature, int64_t top_k, double top_p,
                 float* out, int64_t row) {
+  cpu::check_logits_row(z, vocab, op, row);
   const float zmax = cpu::max_value(z, vocab);
   TORCH_CHECK(std::isfinite(zmax), op, ": logits row ", row,
               " must have a finite maximum (entries finite or -inf), got max ", zmax);
@@ -260,6 +264,7 @@ void sample_cpu(torch::Tensor& out, const torch::Tensor& logits, const torch::Te
       load_row(x, r, z.data());
       const double t = temp.data_ptr<double>()[r];
       if (t == 0.0) {  // greedy: the first index of the row maximum, no softmax
+        cpu::check_logits_row(z.data(), vocab, op, r);
         o[r] = cpu::argmax(z.data(), vocab);
         continue;
       }

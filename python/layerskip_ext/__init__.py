@@ -9,14 +9,22 @@
     for piece in layerskip_ext.stream(model, "Once upon a time", max_new_tokens=64):  # text as it is accepted
         print(piece, end="")
 """
-import torch  # noqa: F401  (loads libtorch before the extension)
+import os
+
+# Idle OpenMP workers sleep instead of spinning unless the user chose otherwise: spinning workers collapse when
+# other processes share the cores (issue 13). libgomp reads this when it loads, i.e. with torch: it takes effect
+# when layerskip_ext is imported first. OMP_WAIT_POLICY=ACTIVE restores spinning for exclusive-use runs.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402,F401  (loads libtorch before the extension)
 
 from .config import ModelConfig
+from .errors import CheckpointError, ConfigError, LayerSkipError
 from .generation import GenerationResult, GenerationStats
 from .model import LayerSkipModel, load
 from .api import generate
 from .chat import apply_chat_template, chat
 from .streaming import stream
 
-__all__ = ["ModelConfig", "GenerationResult", "GenerationStats", "LayerSkipModel", "load", "generate", "chat",
-           "apply_chat_template", "stream"]
+__all__ = ["ModelConfig", "LayerSkipError", "ConfigError", "CheckpointError", "GenerationResult", "GenerationStats",
+           "LayerSkipModel", "load", "generate", "chat", "apply_chat_template", "stream"]

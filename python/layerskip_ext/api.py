@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import engine as _engine
+from .errors import LayerSkipError
 from .generation import GenerationResult, check_generation_args
 from .model import LayerSkipModel
 from .reference_generate import generate_reference_batch
@@ -35,7 +36,7 @@ def _row_value(name: str, value, row: int, rows: int):
     if not per_row:
         return value
     if len(value) != rows:
-        raise ValueError(f"{name} has {len(value)} values for {rows} prompts (give one value, or one per prompt)")
+        raise LayerSkipError(f"{name} has {len(value)} values for {rows} prompts (give one value, or one per prompt)")
     return value[row]
 
 
@@ -69,13 +70,13 @@ def generate(model: LayerSkipModel, prompt, max_new_tokens=64, strategy="autoreg
     if not isinstance(model, LayerSkipModel):
         raise TypeError(f"model must be a LayerSkipModel from layerskip_ext.load(), got {type(model).__name__}")
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise LayerSkipError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if on_token is not None and not callable(on_token):
         raise TypeError("on_token must be callable")
     batched = _is_prompt_list(prompt)
     prompts = list(prompt) if batched else [prompt]
     if batched and len(prompts) == 0:
-        raise ValueError("prompt is empty: an empty list is neither a prompt nor a batch of prompts")
+        raise LayerSkipError("prompt is empty: an empty list is neither a prompt nor a batch of prompts")
     values = dict(max_new_tokens=max_new_tokens, strategy=strategy, exit_layer=exit_layer,
                   num_speculations=num_speculations, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                   stop_token_ids=stop_token_ids, context_length=context_length)
@@ -84,18 +85,18 @@ def generate(model: LayerSkipModel, prompt, max_new_tokens=64, strategy="autoreg
         row = {k: (_row_value(k, v, i, len(prompts)) if batched else v) for k, v in values.items()}
         try:
             if batched and not isinstance(p, (str, list, tuple)) and not hasattr(p, "ndim"):
-                raise ValueError(f"a prompt must be a string or a list of token ids, got {type(p).__name__} "
+                raise LayerSkipError(f"a prompt must be a string or a list of token ids, got {type(p).__name__} "
                                  "(a batch must not mix prompts with token ids)")
             if row["context_length"] is None:
                 row["context_length"] = model.config.max_position_embeddings
             elif isinstance(row["context_length"], int) and row["context_length"] > model.config.max_position_embeddings:
-                raise ValueError(f"context_length {row['context_length']} exceeds the model's max_position_embeddings "
+                raise LayerSkipError(f"context_length {row['context_length']} exceeds the model's max_position_embeddings "
                                  f"({model.config.max_position_embeddings})")
             args_list.append(check_generation_args(model.config, model.tokenizer, p, **row))
         except ValueError as e:
             if not batched:
                 raise
-            raise ValueError(f"prompts[{i}]: {e}") from None
+            raise LayerSkipError(f"prompts[{i}]: {e}") from None
     if not batched and on_token is not None:
         single_callback = on_token
         on_token = lambda row, token: single_callback(token)  # noqa: E731

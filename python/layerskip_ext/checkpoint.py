@@ -13,6 +13,8 @@ import warnings
 import torch
 
 from .config import ModelConfig
+from .errors import CheckpointError, ConfigError, LayerSkipError
+from .validation import as_int
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -44,21 +46,25 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_state_dict(config: ModelConfig, state: dict[str, torch.Tensor], source: str) -> None:
-    """Raises ValueError naming the first missing, unexpected or misshapen tensor."""
+    """Raises CheckpointError naming the first missing, unexpected or misshapen tensor."""
     expected = expected_shapes(config)
     missing = [k for k in expected if k not in state]
     if missing:
-        raise ValueError(f"{source}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+        raise CheckpointError(f"{source}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)",
+                              source, missing[0])
     ignorable = ("rotary_emb.inv_freq",)
     unexpected = [k for k in state if k not in expected and not k.endswith(ignorable)
                   and not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if unexpected:
-        raise ValueError(f"{source}: unexpected tensor {unexpected[0]!r} (is this a Llama checkpoint?)")
+        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]!r} (is this a Llama checkpoint?)",
+                              source, unexpected[0])
     for name, shape in expected.items():
         if tuple(state[name].shape) != shape:
-            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(state[name].shape)}, expected {shape}")
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(state[name].shape)}, expected "
+                                  f"{shape}", source, name)
         if not state[name].is_floating_point():
-            raise ValueError(f"{source}: tensor {name!r} has dtype {state[name].dtype}, expected a float type")
+            raise CheckpointError(f"{source}: tensor {name!r} has dtype {state[name].dtype}, expected a float type",
+                                  source, name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,11 +72,23 @@ def check_state_dict(config: ModelConfig, state: dict[str, torch.Tensor], source
 
 
 def _read_json(path: str) -> dict:
+    """A JSON object from path; CheckpointError for bad JSON, bad UTF-8, too deep nesting or a non-object."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+            value = json.load(f)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path} is not valid JSON: {type(e).__name__}: {e}", path) from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got a {type(value).__name__}", path)
+    return value
+
+
+def _checked_config(path: str, build) -> ModelConfig:
+    """build() with its ConfigError turned into a CheckpointError naming the file and the field."""
+    try:
+        return build()
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}", path, e.field) from None
 
 
 def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
@@ -79,7 +97,7 @@ def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"cannot read {path}: truncated or corrupt safetensors file ({e})") from None
+        raise CheckpointError(f"cannot read {path}: truncated or corrupt safetensors file ({e})", path) from None
 
 
 def load_hf_directory(path: str):
@@ -88,13 +106,14 @@ def load_hf_directory(path: str):
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory or a .gguf file)")
     raw = _read_json(config_path)
-    config = ModelConfig.from_hf_dict(raw)
+    config = _checked_config(config_path, lambda: ModelConfig.from_hf_dict(raw))
     generation_config = os.path.join(path, "generation_config.json")
     if os.path.isfile(generation_config):  # may list more EOS ids than config.json
         eos = _read_json(generation_config).get("eos_token_id")
         if eos is not None:
             eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
-            config = config.replace(eos_token_ids=tuple(dict.fromkeys(config.eos_token_ids + eos_ids)))
+            config = _checked_config(generation_config, lambda: config.replace(
+                eos_token_ids=tuple(dict.fromkeys(config.eos_token_ids + eos_ids))))
 
     single = os.path.join(path, "model.safetensors")
     index = os.path.join(path, "model.safetensors.index.json")
@@ -103,10 +122,11 @@ def load_hf_directory(path: str):
         state = _load_safetensors(single)
     elif os.path.isfile(index):
         weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index} has no 'weight_map'")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index} has no 'weight_map' of tensor names to shard file names", index,
+                                  "weight_map")
         for shard in sorted(set(weight_map.values())):
-            shard_path = os.path.join(path, shard)
+            shard_path = _shard_path(path, shard, index)
             if not os.path.isfile(shard_path):
                 raise FileNotFoundError(f"{index} names the shard {shard!r}, which is not in {path}")
             state.update(_load_safetensors(shard_path))
@@ -118,8 +138,22 @@ def load_hf_directory(path: str):
     tokenizer_path = os.path.join(path, "tokenizer.json")
     if os.path.isfile(tokenizer_path):
         from tokenizers import Tokenizer
-        tokenizer = Tokenizer.from_file(tokenizer_path)
+        try:
+            tokenizer = Tokenizer.from_file(tokenizer_path)
+        except Exception as e:  # the tokenizers library raises a bare Exception for any malformed file
+            raise CheckpointError(f"{tokenizer_path} is not a valid tokenizer file: {e}", tokenizer_path) from None
     return config, state, tokenizer
+
+
+def _shard_path(directory: str, shard: str, index: str) -> str:
+    """directory/shard, refused unless it is a plain file name inside the model directory (no '..', no
+    absolute path, no link leading out): an index file must not make us open files elsewhere."""
+    root = os.path.realpath(directory)
+    full = os.path.realpath(os.path.join(directory, shard))
+    if os.path.isabs(shard) or "\0" in shard or os.path.commonpath([root, full]) != root or full == root:
+        raise CheckpointError(f"{index} names the shard {shard!r}, which is outside the model directory", index,
+                              "weight_map")
+    return full
 
 
 def save_pretrained(module, tokenizer, path: str, dtype: torch.dtype | None = None) -> None:
@@ -178,69 +212,84 @@ def load_gguf(path: str):
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError/struct errors/IndexError on bad files
-        raise ValueError(f"cannot read {path}: not a valid GGUF file ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"cannot read {path}: not a valid GGUF file ({type(e).__name__}: {e})", path) from None
     arch = _gguf_field(reader, "general.architecture")
     if arch != "llama":
-        raise ValueError(f"{path}: unsupported GGUF architecture {arch!r} (layerskip_ext loads 'llama')")
+        raise CheckpointError(f"{path}: unsupported GGUF architecture {arch!r} (layerskip_ext loads 'llama')", path,
+                              "general.architecture")
 
     def need(key):
         value = _gguf_field(reader, f"llama.{key}")
         if value is None:
-            raise ValueError(f"{path}: GGUF metadata 'llama.{key}' is missing")
+            raise CheckpointError(f"{path}: GGUF metadata 'llama.{key}' is missing", path, f"llama.{key}")
         return value
 
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
-        raise ValueError(f"{path}: GGUF rope_freqs (llama3 rope scaling) is not supported; use the HF checkpoint")
-    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+        raise CheckpointError(f"{path}: GGUF rope_freqs (llama3 rope scaling) is not supported; use the HF "
+                              "checkpoint", path, "rope_freqs.weight")
+    hidden, heads = need("embedding_length"), need("attention.head_count")
     tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
-    vocab = _gguf_field(reader, "llama.vocab_size") or (len(tokens) if tokens is not None else None)
+    vocab = _gguf_field(reader, "llama.vocab_size") or (len(tokens) if isinstance(tokens, list) else None)
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    if vocab is None and embd is not None:
+    if vocab is None and embd is not None and len(embd.shape) == 2:
         vocab = int(embd.shape[1])
     eos = _gguf_field(reader, "tokenizer.ggml.eos_token_id")
-    config = ModelConfig(
-        num_layers=int(need("block_count")),
+    default_head_dim = hidden // heads if as_int(hidden) and as_int(heads) else None  # ModelConfig checks both
+    config = _checked_config(path, lambda: ModelConfig(
+        num_layers=need("block_count"),
         hidden_size=hidden,
         num_heads=heads,
-        num_kv_heads=int(_gguf_field(reader, "llama.attention.head_count_kv", heads)),
-        head_dim=int(_gguf_field(reader, "llama.rope.dimension_count", hidden // heads)),
-        intermediate_size=int(need("feed_forward_length")),
-        vocab_size=int(vocab),
-        rope_theta=float(_gguf_field(reader, "llama.rope.freq_base", 10000.0)),
-        rms_norm_eps=float(_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        num_kv_heads=_gguf_field(reader, "llama.attention.head_count_kv", heads),
+        head_dim=_gguf_field(reader, "llama.rope.dimension_count", default_head_dim),
+        intermediate_size=need("feed_forward_length"),
+        vocab_size=vocab,
+        rope_theta=_gguf_field(reader, "llama.rope.freq_base", 10000.0),
+        rms_norm_eps=_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5),
         tie_word_embeddings="output.weight" not in names,
-        max_position_embeddings=int(_gguf_field(reader, "llama.context_length", 2048)),
+        max_position_embeddings=_gguf_field(reader, "llama.context_length", 2048),
         bos_token_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_ids=() if eos is None else (int(eos),),
-    )
+        eos_token_ids=() if eos is None else (eos,),
+    ))
+    expected = expected_shapes(config)
 
     supported = {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1}
     state = {}
     for t in reader.tensors:
         if t.tensor_type not in supported:
-            raise ValueError(f"{path}: tensor {t.name!r} uses the GGUF quantization {t.tensor_type.name}, which "
-                             f"is not supported (supported: {', '.join(sorted(q.name for q in supported))})")
+            raise CheckpointError(f"{path}: tensor {t.name!r} uses the GGUF quantization {t.tensor_type.name}, "
+                                  f"which is not supported (supported: {', '.join(sorted(q.name for q in supported))})",
+                                  path, t.name)
         parts = t.name.split(".")
         if parts[0] == "blk" and len(parts) == 4 and parts[2] in _GGUF_LAYER_NAMES:
             name = f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
         elif len(parts) == 2 and parts[0] in _GGUF_GLOBAL_NAMES:
             name = f"{_GGUF_GLOBAL_NAMES[parts[0]]}.{parts[1]}"
         else:
-            raise ValueError(f"{path}: unexpected GGUF tensor {t.name!r}")
+            raise CheckpointError(f"{path}: unexpected GGUF tensor {t.name!r}", path, t.name)
+        shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims innermost first
+        if name in expected and shape != expected[name]:  # before dequantizing or permuting rows
+            raise CheckpointError(f"{path}: tensor {t.name!r} has shape {shape}, expected {expected[name]}", path,
+                                  t.name)
         try:
             values = gguf.quants.dequantize(t.data, t.tensor_type)
+            values = values.astype("float32", copy=False).reshape(shape)
         except Exception as e:
-            raise ValueError(f"{path}: cannot dequantize tensor {t.name!r}: truncated or corrupt ({e})") from None
-        shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims innermost first
-        tensor = torch.from_numpy(values.astype("float32", copy=False).reshape(shape).copy())
+            raise CheckpointError(f"{path}: cannot dequantize tensor {t.name!r}: truncated or corrupt ({e})", path,
+                                  t.name) from None
+        tensor = torch.from_numpy(values.copy())
         if name.endswith("self_attn.q_proj.weight"):
             tensor = undo_rope_permutation(tensor, config.num_heads)
         elif name.endswith("self_attn.k_proj.weight"):
             tensor = undo_rope_permutation(tensor, config.num_kv_heads)
         state[name] = tensor
     check_state_dict(config, state, path)
-    return config, state, _gguf_tokenizer(reader, path)
+    try:
+        tokenizer = _gguf_tokenizer(reader, path)
+    except Exception as e:  # malformed token lists / merges: tokenizers raises bare Exceptions
+        raise CheckpointError(f"{path}: GGUF tokenizer metadata is malformed ({type(e).__name__}: {e})", path,
+                              "tokenizer.ggml") from None
+    return config, state, tokenizer
 
 
 def _gguf_tokenizer(reader, path):
@@ -293,4 +342,4 @@ def read_checkpoint(path: str | None):
         return load_hf_directory(path)
     if path.endswith(".gguf"):
         return load_gguf(path)
-    raise ValueError(f"{path!r} is neither a Hugging Face model directory nor a .gguf file")
+    raise LayerSkipError(f"{path!r} is neither a Hugging Face model directory nor a .gguf file")

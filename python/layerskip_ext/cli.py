@@ -98,7 +98,7 @@ def cmd_bench(args) -> int:
     import layerskip_ext
     model = _load(args)
     args.prompt = args.prompt if args.prompt is not None else _default_prompt(model)
-    E = args.exit_layer or max(1, model.num_layers // 4)
+    E = max(1, model.num_layers // 4) if args.exit_layer is None else args.exit_layer  # 0 is an error, not a default
     rows = []
     for strategy in ("autoregressive", "early_exit", "self_speculative"):
         kwargs = dict(max_new_tokens=args.max_new_tokens, strategy=strategy, stop_token_ids=[], backend=args.backend,
@@ -119,8 +119,7 @@ def cmd_sweep(args) -> int:
     import layerskip_ext
     model = _load(args)
     args.prompt = args.prompt if args.prompt is not None else _default_prompt(model)
-    exits = [int(x) for x in args.exit_layers.split(",")]
-    ds = [int(x) for x in args.num_speculations.split(",")]
+    exits, ds = _int_list("--exit-layers", args.exit_layers), _int_list("--num-speculations", args.num_speculations)
     common = dict(max_new_tokens=args.max_new_tokens, stop_token_ids=[], backend=args.backend)
     layerskip_ext.generate(model, args.prompt, **dict(common, max_new_tokens=4))  # warm up
     base, _ = _median_run(model, args.prompt, args.repeats, **common)
@@ -184,6 +183,11 @@ def cmd_serve(args) -> int:
           max_batch=args.max_batch, max_queue=args.max_queue, defaults=defaults,
           chat_template=_read_template(args.chat_template))
     return 0
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} must be a comma-separated list of integers, got {text!r}") from None
 
 
 def cmd_train(argv) -> int:
@@ -191,8 +195,30 @@ def cmd_train(argv) -> int:
     return train_main(argv)
 
 
+def _user_error(e: BaseException) -> int:
+    """One line on stderr, exit status 2: what the command line shows for bad input instead of a traceback."""
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    print(f"layerskip-ext: error: {lines[0]}", file=sys.stderr)
+    return 2
+
+
+# bad arguments and files (every layerskip_ext error is a ValueError), unreadable paths, a missing optional
+# package, and what the C++ ops report while running (RuntimeError, e.g. non-finite logits from a broken model)
+USER_ERRORS = (ValueError, OSError, ImportError, RuntimeError)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(argv)
+    except USER_ERRORS as e:
+        return _user_error(e)
+    except KeyboardInterrupt:
+        print("layerskip-ext: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv) -> int:
     if argv[:1] == ["train"]:
         return cmd_train(argv[1:])
     parser = argparse.ArgumentParser(prog="layerskip-ext", description=__doc__)
@@ -240,12 +266,8 @@ def main(argv=None) -> int:
     s.add_argument("--prompt", default=None, help="default: a request in the model's chat template")
     sub.add_parser("train", help="LayerSkip training recipes (see layerskip-ext train --help)")
     args = parser.parse_args(argv)
-    try:
-        return {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "bench": cmd_bench,
-                "sweep": cmd_sweep}[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"layerskip-ext: error: {e}", file=sys.stderr)
-        return 2
+    return {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "bench": cmd_bench,
+            "sweep": cmd_sweep}[args.command](args)
 
 
 if __name__ == "__main__":

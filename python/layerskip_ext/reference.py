@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-
+from .errors import LayerSkipError
 
 # ----------------------------------------------------------------------------------------------
 # rotary embeddings
@@ -175,11 +175,18 @@ class ReferenceLlama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self._rope_cache: torch.Tensor | None = None  # [P, D], built on first use
 
-    def rope_cache(self) -> torch.Tensor:
-        """cos | sin table [max_position_embeddings, D] (float32, CPU), built once."""
-        if self._rope_cache is None:
+    def rope_cache(self, positions: int | None = None) -> torch.Tensor:
+        """cos | sin table [P, D] (float32, CPU) covering at least `positions` positions (None: all
+        max_position_embeddings). Grown by doubling as longer contexts are used, so a model with a huge
+        max_position_embeddings does not pay for positions it never reaches."""
+        limit = self.config.max_position_embeddings
+        positions = limit if positions is None else positions
+        if positions > limit:
+            raise LayerSkipError(f"positions up to {positions} exceed max_position_embeddings ({limit})")
+        if self._rope_cache is None or self._rope_cache.shape[0] < positions:
+            size = min(limit, max(256, 1 << max(positions - 1, 1).bit_length()))
             with torch.inference_mode(False):  # a normal tensor even when first built during generation
-                self._rope_cache = rope_cos_sin_cache(self.config, self.config.max_position_embeddings)
+                self._rope_cache = rope_cos_sin_cache(self.config, size)
         return self._rope_cache
 
     @property
@@ -188,10 +195,7 @@ class ReferenceLlama(nn.Module):
 
     def rope(self, start_pos: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, D/2] for positions [start_pos, start_pos + length)."""
-        table = self.rope_cache()
-        if start_pos + length > table.shape[0]:
-            raise ValueError(f"positions up to {start_pos + length} exceed max_position_embeddings "
-                             f"({table.shape[0]})")
+        table = self.rope_cache(start_pos + length)
         cos_sin = table[start_pos:start_pos + length].to(device)
         return cos_sin.chunk(2, dim=-1)
 
@@ -223,6 +227,6 @@ class ReferenceLlama(nn.Module):
         """[B, T] -> logits [B, T, V] of exit `exit_layer` (1..L; default L, the full model)."""
         exit_layer = self.num_layers if exit_layer is None else exit_layer
         if not 1 <= exit_layer <= self.num_layers:
-            raise ValueError(f"exit_layer must be in [1, {self.num_layers}], got {exit_layer}")
+            raise LayerSkipError(f"exit_layer must be in [1, {self.num_layers}], got {exit_layer}")
         x = self.run_layers(self.embed(input_ids), 0, exit_layer)
         return self.exit_logits(x)

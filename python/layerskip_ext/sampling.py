@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from .errors import LayerSkipError
+from .validation import as_float, as_int
+
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 
@@ -27,13 +30,26 @@ def seed_as_int64(seed: int) -> int:
     return seed - (1 << 64) if seed >= (1 << 63) else seed
 
 
-def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
-    if not (temperature >= 0.0 and temperature < float("inf")):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-    if not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
-    if not (0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+# temperature is 0 (greedy) or in [MIN_TEMPERATURE, MAX_TEMPERATURE]: below, 1/T overflows float32 scaling of the
+# logits (NaN probabilities); above, the distribution is uniform to float32 precision anyway.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4
+
+
+def check_sampling_args(temperature, top_k, top_p) -> tuple[float, int, float]:
+    """(temperature, top_k, top_p) as (float, int, float), or LayerSkipError naming the bad one.
+
+    Accepts numpy / 0-d tensor scalars; refuses bools (top_k=True is not top_k=1) and strings."""
+    t = as_float(temperature)
+    if t is None or not (t == 0.0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):
+        raise LayerSkipError(f"temperature must be 0 (greedy) or a number in [{MIN_TEMPERATURE:g}, "
+                             f"{MAX_TEMPERATURE:g}], got {temperature!r}")
+    k = as_int(top_k)
+    if k is None or k < 0:
+        raise LayerSkipError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
+    p = as_float(top_p)
+    if p is None or not (0.0 < p <= 1.0):
+        raise LayerSkipError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    return t, k, p
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -41,7 +57,7 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top
 
     Ties at the top-k / top-p boundary are broken by the lower token id (a stable sort)."""
     if temperature <= 0:
-        raise ValueError("sampling_probs needs temperature > 0 (temperature 0 is greedy decoding)")
+        raise LayerSkipError("sampling_probs needs temperature > 0 (temperature 0 is greedy decoding)")
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # [T, V]
     V = probs.shape[-1]
     if top_k == 0 and top_p >= 1.0:
