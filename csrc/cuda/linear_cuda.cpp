@@ -1,0 +1,42 @@
+// Torch glue of the CUDA linear: out [T, N] = input [T, K] @ weight [N, K]^T in the dtype of input. T <= 64
+// runs the skinny kernel of linear.cu (each weight row read once for all rows); larger T (prefill) goes to
+// cuBLAS through at::mm, with the weight converted to the input's dtype when they differ.
+#include "cuda/glue.h"
+
+namespace layerskip {
+namespace cuda {
+namespace {
+
+at::Tensor linear_cuda(const at::Tensor& input, const at::Tensor& weight) {
+  const char* op = "linear";
+  check_cuda(input, op, "input");
+  check_same_device(weight, input, op, "weight");
+  check_dim(input, 2, op, "input [T, K]");
+  check_dim(weight, 2, op, "weight [N, K]");
+  check_float(input, op, "input");
+  check_float(weight, op, "weight");
+  TORCH_CHECK(weight.size(1) == input.size(1), op, ": weight must have shape [N, ", input.size(1),
+              "] to match input ", input.sizes(), ", got ", weight.sizes());
+  const int64_t tokens = input.size(0), n = weight.size(0), k = input.size(1);
+  const c10::cuda::CUDAGuard guard(input.device());
+  if (tokens > kSkinnyMaxRows) {
+    const auto w = weight.scalar_type() == input.scalar_type() ? weight : weight.to(input.scalar_type());
+    return at::mm(input, w.t());
+  }
+  auto out = at::empty({tokens, n}, input.options());
+  if (out.numel() == 0) return out;
+  if (k == 0) return out.zero_();
+  const auto x = input.stride(1) == 1 ? input : input.contiguous();
+  const auto w = weight.contiguous();
+  check_launch(linear_skinny(dtype_of(x), dtype_of(w), x.data_ptr(), x.stride(0), w.data_ptr(), out.data_ptr(), tokens,
+                             n, k, current_stream()),
+               op);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(layerskip, CUDA, m) { m.impl("linear", &linear_cuda); }
+
+}  // namespace cuda
+}  // namespace layerskip
