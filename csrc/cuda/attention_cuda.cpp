@@ -40,8 +40,8 @@ at::Tensor attention_cuda(const at::Tensor& query, const at::Tensor& k_cache, co
   auto out = at::empty({tokens, q_heads, head_dim}, query.options());
   if (out.numel() == 0) return out;
   check_launch(attention(dtype_of(query), dtype_of(k_cache), query.data_ptr(), query.stride(0), query.stride(1),
-                         k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), tokens, q_heads, kv_heads, capacity,
-                         head_dim, start_pos, nullptr, static_cast<float>(scale), current_stream()),
+                         k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), tokens, q_heads, 1, kv_heads, capacity,
+                         head_dim, nullptr, start_pos, nullptr, static_cast<float>(scale), current_stream()),
                op);
   return out;
 }

@@ -11,12 +11,12 @@ at::Tensor linear_cuda(const at::Tensor& input, const at::Tensor& weight) {
   const char* op = "linear";
   check_cuda(input, op, "input");
   check_same_device(weight, input, op, "weight");
-  check_dim(input, 2, op, "input [T, K]");
-  check_dim(weight, 2, op, "weight [N, K]");
+  TORCH_CHECK(input.dim() == 2, "linear: input must be 2-D [T, K], got shape ", input.sizes());
+  TORCH_CHECK(weight.dim() == 2, "linear: weight must be 2-D [N, K], got shape ", weight.sizes());
   check_float(input, op, "input");
   check_float(weight, op, "weight");
-  TORCH_CHECK(weight.size(1) == input.size(1), op, ": weight must have shape [N, ", input.size(1),
-              "] to match input ", input.sizes(), ", got ", weight.sizes());
+  TORCH_CHECK(input.size(1) == weight.size(1), "linear: input [T, K] and weight [N, K] disagree on K: input ",
+              input.sizes(), ", weight ", weight.sizes());
   const int64_t tokens = input.size(0), n = weight.size(0), k = input.size(1);
   const c10::cuda::CUDAGuard guard(input.device());
   if (tokens > kSkinnyMaxRows) {

@@ -43,7 +43,7 @@ __global__ void silu_and_mul_kernel(const T* __restrict__ in, T* __restrict__ ou
     const int64_t r = e / inter, i = e % inter;
     const float g = to_float(in[r * 2 * inter + i]);
     const float u = to_float(in[r * 2 * inter + inter + i]);
-    out[e] = from_float<T>(g / (1.0f + __expf(-g)) * u);
+    out[e] = from_float<T>(g / (1.0f + expf(-g)) * u);
   }
 }
 

@@ -34,18 +34,19 @@ __global__ void rotary_kernel(T* x, int64_t tokens, int64_t heads, int64_t st, i
 // (the CPU op keeps the last one).
 template <typename C, typename S>
 __global__ void kv_write_kernel(C* __restrict__ cache, const S* __restrict__ src, int64_t s0, int64_t s1,
-                                const int64_t* __restrict__ slots, int64_t tokens, int64_t heads, int64_t capacity,
-                                int64_t head_dim, int32_t* bad) {
+                                const int64_t* __restrict__ rows, const int64_t* __restrict__ slots, int64_t tokens,
+                                int64_t batch, int64_t heads, int64_t capacity, int64_t head_dim, int32_t* bad) {
   const int64_t total = tokens * heads * head_dim;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t i = e % head_dim, th = e / head_dim, h = th % heads, t = th / heads;
-    const int64_t slot = slots[t];
-    if (slot < 0 || slot >= capacity) {
+    const int64_t slot = slots[t], row = rows != nullptr ? rows[t] : 0;
+    if (slot < 0 || slot >= capacity || row < 0 || row >= batch) {
       if (bad != nullptr && h == 0 && i == 0) atomicAdd(bad, 1);
       continue;
     }
-    cache[cache_offset(h, slot, capacity, head_dim) + i] = from_float<C>(to_float(src[t * s0 + h * s1 + i]));
+    cache[cache_offset(row * heads + h, slot, capacity, head_dim) + i] =
+        from_float<C>(to_float(src[t * s0 + h * s1 + i]));
   }
 }
 
@@ -70,8 +71,8 @@ cudaError_t rotary_embedding(DType t, DType ct, void* x, int64_t tokens, int64_t
 }
 
 cudaError_t kv_cache_write(DType ct, DType src_t, void* cache, const void* src, int64_t s0, int64_t s1,
-                           const int64_t* slots, int64_t tokens, int64_t heads, int64_t capacity, int64_t head_dim,
-                           int32_t* bad, cudaStream_t stream) {
+                           const int64_t* rows, const int64_t* slots, int64_t tokens, int64_t batch, int64_t heads,
+                           int64_t capacity, int64_t head_dim, int32_t* bad, cudaStream_t stream) {
   const int64_t total = tokens * heads * head_dim;
   if (total == 0) return cudaSuccess;
   const int threads = 256;
@@ -81,7 +82,7 @@ cudaError_t kv_cache_write(DType ct, DType src_t, void* cache, const void* src, 
     return dispatch_dtype(src_t, [&](auto s_tag) {
       using S = decltype(s_tag);
       kv_write_kernel<C, S><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-          static_cast<C*>(cache), static_cast<const S*>(src), s0, s1, slots, tokens, heads, capacity, head_dim, bad);
+          static_cast<C*>(cache), static_cast<const S*>(src), s0, s1, rows, slots, tokens, batch, heads, capacity, head_dim, bad);
       return launch_status();
     });
   });

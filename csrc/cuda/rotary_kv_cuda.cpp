@@ -85,11 +85,12 @@ void kv_cache_write_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Ten
   const auto s = slots.contiguous();
   const cudaStream_t stream = current_stream();
   check_launch(kv_cache_write(dtype_of(k_cache), dtype_of(key), k_cache.data_ptr(), key.data_ptr(), key.stride(0),
-                              key.stride(1), s.data_ptr<int64_t>(), tokens, heads, capacity, head_dim, nullptr, stream),
+                              key.stride(1), nullptr, s.data_ptr<int64_t>(), tokens, 1, heads, capacity, head_dim, nullptr,
+                              stream),
                op);
   check_launch(kv_cache_write(dtype_of(v_cache), dtype_of(value), v_cache.data_ptr(), value.data_ptr(),
-                              value.stride(0), value.stride(1), s.data_ptr<int64_t>(), tokens, heads, capacity,
-                              head_dim, nullptr, stream),
+                              value.stride(0), value.stride(1), nullptr, s.data_ptr<int64_t>(), tokens, 1, heads,
+                              capacity, head_dim, nullptr, stream),
                op);
 }
 

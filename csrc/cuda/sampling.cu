@@ -163,26 +163,41 @@ __device__ uint64_t radix_select(const T* z, const float* e, int64_t vocab, uint
   return s_prefix;
 }
 
+// Row r's filtering parameters; false when they are out of range (the CPU op raises; the row gets zeros).
+__device__ bool row_filter(const FilterParams& f, int64_t r, double* temperature, int64_t* top_k, double* top_p) {
+  *temperature = f.temperature != nullptr ? f.temperature[r] : f.temperature_all;
+  *top_k = f.top_k != nullptr ? f.top_k[r] : f.top_k_all;
+  *top_p = f.top_p != nullptr ? f.top_p[r] : f.top_p_all;
+  return isfinite(*temperature) && *temperature >= 0.0 && *top_k >= 0 && *top_p > 0.0 && *top_p <= 1.0;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    sampling_probs_kernel(const T* __restrict__ logits, float* __restrict__ probs, int64_t vocab, float temperature,
-                          int64_t top_k, double top_p) {
+    sampling_probs_kernel(const T* __restrict__ logits, float* __restrict__ probs, int64_t vocab, FilterParams f) {
   __shared__ float s_red[32];
   __shared__ double s_dred[32];
   const int64_t r = blockIdx.x;
   const T* z = logits + r * vocab;
   float* out = probs + r * vocab;
+  double temperature, top_p;
+  int64_t top_k;
+  const bool valid = row_filter(f, r, &temperature, &top_k, &top_p);
   float local_max = -INFINITY;
   for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) local_max = fmaxf(local_max, to_float(z[i]));
   const float zmax = block_max(local_max, s_red);
-  if (!isfinite(zmax)) {
+  if (!valid || !isfinite(zmax)) {
     for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) out[i] = 0.f;
     return;
   }
-  const float inv_t = 1.0f / temperature;
+  if (temperature == 0.0) {  // greedy: one-hot of the first argmax
+    const int64_t best = block_argmax(z, vocab);
+    for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) out[i] = i == best ? 1.f : 0.f;
+    return;
+  }
+  const float inv_t = 1.0f / static_cast<float>(temperature);
   float local_sum = 0.f;
   for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
-    const float e = __expf((to_float(z[i]) - zmax) * inv_t);
+    const float e = expf((to_float(z[i]) - zmax) * inv_t);
     out[i] = e;  // e [V], written and re-read by the same thread
     local_sum += e;
   }
@@ -214,72 +229,98 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+__device__ __forceinline__ uint64_t row_seed(const DrawParams& r, int64_t row) {
+  return static_cast<uint64_t>(r.seeds != nullptr ? r.seeds[row] : r.seed_all);
+}
+
 __global__ void __launch_bounds__(kThreads)
-    sample_from_probs_kernel(const float* __restrict__ probs, int64_t* tokens, int64_t vocab, uint64_t seed,
-                             int64_t offset) {
+    sample_from_probs_kernel(const float* __restrict__ probs, int64_t* tokens, int64_t vocab, DrawParams d) {
   const int64_t r = blockIdx.x;
-  const double u = uniform_from_counter(seed, static_cast<uint64_t>(offset + r));
+  const int64_t counter = d.counters != nullptr ? d.counters[r] : d.offset + r;
+  const double u = uniform_from_counter(row_seed(d, r), static_cast<uint64_t>(counter));
   const int64_t token = block_sample(RowProb{probs + r * vocab}, vocab, u);
   if (threadIdx.x == 0) tokens[r] = token;
 }
 
-// One thread: n = longest prefix of draft matching the argmax rows; tokens [d+1], num_accepted [1].
-__global__ void accept_greedy_kernel(const int64_t* __restrict__ draft, const int64_t* __restrict__ best, int64_t d,
-                                     int64_t* tokens, int64_t* num_accepted) {
-  if (threadIdx.x != 0 || blockIdx.x != 0) return;
-  int64_t n = 0;
-  while (n < d && draft[n] == best[n]) ++n;
-  for (int64_t i = 0; i <= d; ++i) tokens[i] = i <= n ? best[i] : -1;
-  *num_accepted = n;
+__device__ __forceinline__ int64_t draft_length(const int64_t* lengths, int64_t b, int64_t d) {
+  if (lengths == nullptr) return d;
+  const int64_t n = lengths[b];
+  return n < 0 ? 0 : (n > d ? d : n);
 }
 
+// One thread per row b: n = longest prefix of draft[b] matching the argmax rows best[b]; tokens [B, d+1],
+// num_accepted [B].
+__global__ void accept_greedy_kernel(const int64_t* __restrict__ draft, const int64_t* __restrict__ lengths,
+                                     const int64_t* __restrict__ best, int64_t batch, int64_t d, int64_t* tokens,
+                                     int64_t* num_accepted) {
+  const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (b >= batch) return;
+  const int64_t db = draft_length(lengths, b, d);
+  const int64_t* x = draft + b * d;
+  const int64_t* y = best + b * (d + 1);
+  int64_t n = 0;
+  while (n < db && x[n] == y[n]) ++n;
+  for (int64_t i = 0; i <= d; ++i) tokens[b * (d + 1) + i] = i <= n ? y[i] : -1;
+  num_accepted[b] = n;
+}
+
+// One block per row b.
 __global__ void __launch_bounds__(kThreads)
-    accept_kernel(const int64_t* __restrict__ draft, const float* __restrict__ q, const float* __restrict__ p,
-                  int64_t d, int64_t vocab, uint64_t seed, int64_t offset, int64_t* tokens, int64_t* num_accepted) {
+    accept_kernel(const int64_t* __restrict__ draft, const int64_t* __restrict__ lengths, const float* __restrict__ q_all,
+                  const float* __restrict__ p_all, int64_t d, int64_t vocab, DrawParams r, int64_t* tokens,
+                  int64_t* num_accepted) {
   __shared__ int64_t s_n;
+  const int64_t b = blockIdx.x;
+  const int64_t db = draft_length(lengths, b, d);
+  const int64_t* x = draft + b * d;
+  const float* q = q_all + b * d * vocab;
+  const float* p = p_all + b * (d + 1) * vocab;
+  const uint64_t seed = row_seed(r, b);
+  const int64_t offset = r.counters != nullptr ? r.counters[b] : r.offset;
   if (threadIdx.x == 0) {
     int64_t n = 0;
-    for (; n < d; ++n) {
-      const int64_t x = draft[n];
-      if (x < 0 || x >= vocab) break;
+    for (; n < db; ++n) {
+      const int64_t xn = x[n];
+      if (xn < 0 || xn >= vocab) break;
       const double u = uniform_from_counter(seed, accept_counter(offset, n));
-      if (!accept_draft(u, valid_prob(q[n * vocab + x]), valid_prob(p[n * vocab + x]))) break;
+      if (!accept_draft(u, valid_prob(q[n * vocab + xn]), valid_prob(p[n * vocab + xn]))) break;
     }
     s_n = n;
   }
   __syncthreads();
   const int64_t n = s_n;
   int64_t last;
-  if (n < d) {
+  if (n < db) {
     const double u = uniform_from_counter(seed, resample_counter(offset, n));
     last = block_sample(ResidualProb{p + n * vocab, q + n * vocab}, vocab, u);
     if (last < 0) last = block_sample(RowProb{p + n * vocab}, vocab, u);  // p == q: draw from p
   } else {
-    last = block_sample(RowProb{p + d * vocab}, vocab, uniform_from_counter(seed, bonus_counter(offset, d)));
+    last = block_sample(RowProb{p + db * vocab}, vocab, uniform_from_counter(seed, bonus_counter(offset, db)));
   }
-  for (int64_t i = threadIdx.x; i <= d; i += blockDim.x) tokens[i] = i < n ? draft[i] : (i == n ? last : -1);
-  if (threadIdx.x == 0) *num_accepted = n;
+  int64_t* out = tokens + b * (d + 1);
+  for (int64_t i = threadIdx.x; i <= d; i += blockDim.x) out[i] = i < n ? x[i] : (i == n ? last : -1);
+  if (threadIdx.x == 0) num_accepted[b] = n;
 }
 
 }  // namespace
 
-cudaError_t sampling_probs(DType lt, const void* logits, float* probs, int64_t rows, int64_t vocab, float temperature,
-                           int64_t top_k, double top_p, cudaStream_t stream) {
+cudaError_t sampling_probs(DType lt, const void* logits, float* probs, int64_t rows, int64_t vocab, FilterParams f,
+                           cudaStream_t stream) {
   if (rows == 0 || vocab == 0) return cudaSuccess;
   if (rows > 0x7fffffff) return cudaErrorInvalidConfiguration;
   return dispatch_dtype(lt, [&](auto l_tag) {
     using T = decltype(l_tag);
-    sampling_probs_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-        static_cast<const T*>(logits), probs, vocab, temperature, top_k, top_p);
+    sampling_probs_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(static_cast<const T*>(logits),
+                                                                                   probs, vocab, f);
     return launch_status();
   });
 }
 
-cudaError_t sample_from_probs(const float* probs, int64_t* tokens, int64_t rows, int64_t vocab, uint64_t seed,
-                              int64_t offset, cudaStream_t stream) {
+cudaError_t sample_from_probs(const float* probs, int64_t* tokens, int64_t rows, int64_t vocab, DrawParams r,
+                              cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   if (rows > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  sample_from_probs_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(probs, tokens, vocab, seed, offset);
+  sample_from_probs_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(probs, tokens, vocab, r);
   return launch_status();
 }
 
@@ -295,20 +336,25 @@ cudaError_t argmax_rows(DType lt, const void* logits, int64_t* tokens, int64_t r
   });
 }
 
-cudaError_t speculative_accept_greedy(DType lt, const int64_t* draft, const void* target_logits, int64_t d,
-                                      int64_t vocab, int64_t* scratch, int64_t* tokens, int64_t* num_accepted,
-                                      cudaStream_t stream) {
-  const cudaError_t err = argmax_rows(lt, target_logits, scratch, d + 1, vocab, stream);
+cudaError_t speculative_accept_greedy(DType lt, const int64_t* draft, const int64_t* draft_lengths,
+                                      const void* target_logits, int64_t batch, int64_t d, int64_t vocab,
+                                      int64_t* scratch, int64_t* tokens, int64_t* num_accepted, cudaStream_t stream) {
+  if (batch == 0) return cudaSuccess;
+  const cudaError_t err = argmax_rows(lt, target_logits, scratch, batch * (d + 1), vocab, stream);
   if (err != cudaSuccess) return err;
-  accept_greedy_kernel<<<1, 32, 0, stream>>>(draft, scratch, d, tokens, num_accepted);
+  const int threads = 128;
+  accept_greedy_kernel<<<static_cast<unsigned>(ceil_div(batch, threads)), threads, 0, stream>>>(
+      draft, draft_lengths, scratch, batch, d, tokens, num_accepted);
   return launch_status();
 }
 
-cudaError_t speculative_accept(const int64_t* draft, const float* draft_probs, const float* target_probs, int64_t d,
-                               int64_t vocab, uint64_t seed, int64_t offset, int64_t* tokens, int64_t* num_accepted,
-                               cudaStream_t stream) {
-  accept_kernel<<<1, kThreads, 0, stream>>>(draft, draft_probs, target_probs, d, vocab, seed, offset, tokens,
-                                            num_accepted);
+cudaError_t speculative_accept(const int64_t* draft, const int64_t* draft_lengths, const float* draft_probs,
+                               const float* target_probs, int64_t batch, int64_t d, int64_t vocab, DrawParams r,
+                               int64_t* tokens, int64_t* num_accepted, cudaStream_t stream) {
+  if (batch == 0) return cudaSuccess;
+  if (batch > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  accept_kernel<<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(draft, draft_lengths, draft_probs,
+                                                                      target_probs, d, vocab, r, tokens, num_accepted);
   return launch_status();
 }
 

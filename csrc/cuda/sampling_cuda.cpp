@@ -32,8 +32,10 @@ at::Tensor filtered_probs(const char* op, const at::Tensor& logits, double tempe
                              double top_p) {
   const auto x = logits.contiguous();
   auto probs = at::empty(x.sizes(), x.options().dtype(at::kFloat));
-  check_launch(sampling_probs(dtype_of(x), x.data_ptr(), probs.data_ptr<float>(), x.size(0), x.size(1),
-                              static_cast<float>(temperature), top_k, top_p, current_stream()),
+  FilterParams f;
+  f.temperature_all = temperature, f.top_k_all = top_k, f.top_p_all = top_p;
+  check_launch(sampling_probs(dtype_of(x), x.data_ptr(), probs.data_ptr<float>(), x.size(0), x.size(1), f,
+                              current_stream()),
                op);
   return probs;
 }
@@ -49,8 +51,10 @@ at::Tensor sampling_probs_cuda(const at::Tensor& logits, double temperature, int
 
 at::Tensor draw(const char* op, const at::Tensor& probs, int64_t seed, int64_t offset) {
   auto tokens = at::empty({probs.size(0)}, probs.options().dtype(at::kLong));
-  check_launch(sample_from_probs(probs.data_ptr<float>(), tokens.data_ptr<int64_t>(), probs.size(0), probs.size(1),
-                                 static_cast<uint64_t>(seed), offset, current_stream()),
+  DrawParams r;
+  r.seed_all = seed, r.offset = offset;
+  check_launch(sample_from_probs(probs.data_ptr<float>(), tokens.data_ptr<int64_t>(), probs.size(0), probs.size(1), r,
+                                 current_stream()),
                op);
   return tokens;
 }
@@ -106,8 +110,8 @@ std::tuple<at::Tensor, at::Tensor> speculative_accept_greedy_cuda(const at::Tens
   auto tokens = at::empty({d + 1}, draft.options());
   auto num_accepted = at::empty({}, draft.options());
   auto scratch = at::empty({d + 1}, draft.options());
-  check_launch(speculative_accept_greedy(dtype_of(logits), draft.data_ptr<int64_t>(), logits.data_ptr(), d, vocab,
-                                         scratch.data_ptr<int64_t>(), tokens.data_ptr<int64_t>(),
+  check_launch(speculative_accept_greedy(dtype_of(logits), draft.data_ptr<int64_t>(), nullptr, logits.data_ptr(), 1, d,
+                                         vocab, scratch.data_ptr<int64_t>(), tokens.data_ptr<int64_t>(),
                                          num_accepted.data_ptr<int64_t>(), current_stream()),
                op);
   return {tokens, num_accepted};
@@ -139,9 +143,11 @@ std::tuple<at::Tensor, at::Tensor> speculative_accept_cuda(const at::Tensor& dra
   const auto p = target_probs.contiguous();
   auto tokens = at::empty({d + 1}, draft.options());
   auto num_accepted = at::empty({}, draft.options());
-  check_launch(speculative_accept(draft.data_ptr<int64_t>(), q.data_ptr<float>(), p.data_ptr<float>(), d, vocab,
-                                  static_cast<uint64_t>(seed), offset, tokens.data_ptr<int64_t>(),
-                                  num_accepted.data_ptr<int64_t>(), current_stream()),
+  DrawParams r;
+  r.seed_all = seed, r.offset = offset;
+  check_launch(speculative_accept(draft.data_ptr<int64_t>(), nullptr, q.data_ptr<float>(), p.data_ptr<float>(), 1, d,
+                                  vocab, r, tokens.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(),
+                                  current_stream()),
                op);
   return {tokens, num_accepted};
 }

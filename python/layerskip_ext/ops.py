@@ -168,7 +168,7 @@ def _silu_and_mul_fake(input):
 
 @torch.library.register_fake("layerskip::linear")
 def _linear_fake(input, weight):
-    return input.new_empty((input.shape[0], weight.shape[0]), dtype=torch.float32)
+    return input.new_empty((input.shape[0], weight.shape[0]), dtype=input.dtype)  # float32 on the CPU
 
 
 @torch.library.register_fake("layerskip::sampling_probs")

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# CI check of the CUDA build on a machine without a GPU: creates (once) a virtual environment with the CUDA 13
+# build of torch 2.14.1 from local disk, builds layerskip_ext with its CUDA kernels (fails when nvcc or the C++
+# compiler fails), imports it and checks that every op of the library has a CUDA kernel registered
+# (scripts/check_cuda_build.py). Prints the wall time of each stage.
+#   bash scripts/build_cuda.sh                       # venv in ${LAYERSKIP_CUDA_VENV:-~/.cache/layerskip/cuda-torch}
+#   TORCH_CUDA_ARCH_LIST="8.0;9.0" MAX_JOBS=2        # (the defaults)
+# Without nvcc on the machine it says so and exits 0 (there is nothing to compile the kernels with).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=${LAYERSKIP_CUDA_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/layerskip/cuda-torch}
+TORCH_VERSION=2.14.1
+start=$(date +%s)
+stage() { echo "--- $1 ($(( $(date +%s) - start )) s)"; }
+
+if ! command -v nvcc >/dev/null 2>&1 && [ ! -x /usr/local/cuda/bin/nvcc ]; then
+  echo "build_cuda: SKIPPED, no nvcc on this machine (the CUDA kernels cannot be compiled here)"
+  exit 0
+fi
+
+stage "virtual environment $VENV"
+if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') and torch.version.cuda else 1)" 2>/dev/null; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --disable-pip-version-check -q "torch==$TORCH_VERSION" setuptools wheel ninja numpy
+fi
+"$VENV/bin/python" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
+
+stage "build (CUDAExtension, MAX_JOBS=${MAX_JOBS:-2}, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0})"
+# ccache (when installed) with paths relative to the checkout, so that a fresh clone elsewhere hits the cache
+if [ -z "${CXX:-}" ] && [ -x /usr/lib/ccache/g++ ]; then export CXX=/usr/lib/ccache/g++; fi
+export CCACHE_BASEDIR=${CCACHE_BASEDIR:-$ROOT} CCACHE_NOHASHDIR=1
+export MAX_JOBS=${MAX_JOBS:-2} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0} LAYERSKIP_CUDA=1
+BUILD=build/cuda
+"$VENV/bin/python" setup.py -q build --build-base "$BUILD" > "$BUILD.log" 2>&1 || {
+  tail -n 60 "$BUILD.log"
+  echo "build_cuda: FAILED, the CUDA build did not compile (full log: $BUILD.log)"
+  exit 1
+}
+LIB=$(ls -d "$BUILD"/lib.* | head -n 1)
+
+stage "import and check the CUDA registrations"
+PYTHONPATH="$ROOT/$LIB" "$VENV/bin/python" scripts/check_cuda_build.py "$ROOT/$LIB"
+stage "done"
