@@ -3,13 +3,15 @@
 # build of torch 2.14.1 from local disk, builds layerskip_ext with its CUDA kernels (fails when nvcc or the C++
 # compiler fails), imports it and checks that every op of the library has a CUDA kernel registered
 # (scripts/check_cuda_build.py). Prints the wall time of each stage.
-#   bash scripts/build_cuda.sh                       # venv in ${LAYERSKIP_CUDA_VENV:-~/.cache/layerskip/cuda-torch}
+#   bash scripts/build_cuda.sh                       # venv in $LAYERSKIP_CUDA_VENV (default: see VENV below)
 #   TORCH_CUDA_ARCH_LIST="8.0;9.0" MAX_JOBS=2        # (the defaults)
 # Without nvcc on the machine it says so and exits 0 (there is nothing to compile the kernels with).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-VENV=${LAYERSKIP_CUDA_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/layerskip/cuda-torch}
+# the venv: LAYERSKIP_CUDA_VENV, else /work/venvs/cuda-torch on our machines, else under ~/.cache
+if [ -d /work/venvs ]; then DEFAULT_VENV=/work/venvs/cuda-torch; else DEFAULT_VENV=${XDG_CACHE_HOME:-$HOME/.cache}/layerskip/cuda-torch; fi
+VENV=${LAYERSKIP_CUDA_VENV:-$DEFAULT_VENV}
 TORCH_VERSION=2.14.1
 start=$(date +%s)
 stage() { echo "--- $1 ($(( $(date +%s) - start )) s)"; }
@@ -32,6 +34,7 @@ if [ -z "${CXX:-}" ] && [ -x /usr/lib/ccache/g++ ]; then export CXX=/usr/lib/cca
 export CCACHE_BASEDIR=${CCACHE_BASEDIR:-$ROOT} CCACHE_NOHASHDIR=1
 export MAX_JOBS=${MAX_JOBS:-2} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0} LAYERSKIP_CUDA=1
 BUILD=build/cuda
+mkdir -p build
 "$VENV/bin/python" setup.py -q build --build-base "$BUILD" > "$BUILD.log" 2>&1 || {
   tail -n 60 "$BUILD.log"
   echo "build_cuda: FAILED, the CUDA build did not compile (full log: $BUILD.log)"

@@ -98,13 +98,15 @@ __device__ int64_t block_sample(Prob prob, int64_t n, double u) {
   if (last_positive >= 0) atomicMax(&s_last, static_cast<unsigned long long>(last_positive));
   if (before <= target && target < before + chunk) {
     double cum = before;
+    int64_t found = last_positive;  // rounding of the walk left the target at its end: the chunk's last token
     for (int64_t i = r.begin; i < r.end; ++i) {
       cum += prob(i);
       if (cum > target) {
-        atomicMin(&s_found, static_cast<unsigned long long>(i));
+        found = i;
         break;
       }
     }
+    atomicMin(&s_found, static_cast<unsigned long long>(found));
   }
   __syncthreads();
   const int64_t result = s_found != ~0ull ? static_cast<int64_t>(s_found) : static_cast<int64_t>(s_last);
