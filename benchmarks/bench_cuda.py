@@ -77,32 +77,39 @@ def strategies(model, exit_layer, d):
 def bench_strategies(model, args, bandwidth, weight_dtype):
     eng = engine_mod.get_engine(model, weight_dtype)
     bytes_per_token = eng.weight_bytes_per_token
-    roofline = bandwidth * 1e9 / bytes_per_token
-    prompt = list(range(3, 3 + args.prompt_tokens))
+    roofline = bandwidth * 1e9 / bytes_per_token  # tokens/s of a batch-1 full decode step that only reads weights
     rows = []
     for name, kw in strategies(model, args.exit_layer, args.d):
         for batch in args.batch:
-            if batch != 1:
-                rows.append([name, batch, "not supported by this engine", "", "", ""])
-                continue
-            layerskip_ext.generate(model, prompt, max_new_tokens=8, stop_token_ids=[], weight_dtype=weight_dtype,
-                                   **kw)  # warm-up
+            prompts = [list(range(3 + b, 3 + b + args.prompt_tokens)) for b in range(batch)]
+            gen = dict(max_new_tokens=args.tokens, stop_token_ids=[], weight_dtype=weight_dtype, **kw)
+            layerskip_ext.generate(model, prompts if batch > 1 else prompts[0], **dict(gen, max_new_tokens=8))
             tps, acc = [], None
             for _ in range(args.repeats):
-                r = layerskip_ext.generate(model, prompt, max_new_tokens=args.tokens, stop_token_ids=[],
-                                           weight_dtype=weight_dtype, **kw)
-                tps.append(r.stats.tokens_per_second)
-                acc = r.stats.acceptance_rate
+                sync(model.device)
+                t0 = time.perf_counter()
+                out = layerskip_ext.generate(model, prompts if batch > 1 else prompts[0], **gen)
+                wall = time.perf_counter() - t0
+                results = out if batch > 1 else [out]
+                # batch 1: decode tokens/s from the engine's stats (prefill excluded); batch > 1: wall clock of
+                # the whole call over all new tokens (prefills included)
+                tps.append(results[0].stats.tokens_per_second if batch == 1 else
+                           sum(r.stats.new_tokens for r in results) / wall)
+                drafted = sum(r.stats.drafted for r in results)
+                acc = sum(r.stats.accepted for r in results) / drafted if drafted else None
             t = statistics.median(tps)
-            rows.append([name, batch, t, t / roofline, 1e3 / t, "-" if acc is None else f"{acc:.2f}"])
+            rows.append([name, batch, t, t / roofline, 1e3 * batch / t, "-" if acc is None else f"{acc:.2f}"])
     table(f"engine on {model.device}, {str(weight_dtype).replace('torch.', '')} weights: {bytes_per_token / 1e6:.1f} MB "
-          f"per token, roofline {roofline:.0f} tok/s at {bandwidth:.0f} GB/s ({args.tokens} new tokens, median of "
-          f"{args.repeats})", ["strategy", "batch", "tok/s", "of roofline", "ms/tok", "acceptance"], rows)
+          f"per token, batch-1 roofline {roofline:.0f} tok/s at {bandwidth:.0f} GB/s ({args.tokens} new tokens per "
+          f"row, median of {args.repeats})",
+          ["strategy", "batch", "tok/s (all rows)", "of batch-1 roofline", "ms/step", "acceptance"], rows)
 
 
 def decode_step_fn(model, weight_dtype, position):
     """One decode step (all layers, final norm, LM head, greedy sample) of our ops on fixed buffers."""
-    ops = torch.ops.layerskip
+    from layerskip_ext import ops as wrappers
+
+    raw = torch.ops.layerskip
     c, m, dev = model.config, model.module, model.device
     H, D, Hq, Hkv = c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads
     S = position + 8
@@ -116,26 +123,34 @@ def decode_step_fn(model, weight_dtype, position):
             o=a.o_proj.weight.detach().to(weight_dtype),
             gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach().to(weight_dtype),
             down=mlp.down_proj.weight.detach().to(weight_dtype),
-            k=torch.randn(Hkv, S, D, device=dev), v=torch.randn(Hkv, S, D, device=dev)))
+            k=torch.randn(1, Hkv, S, D, device=dev), v=torch.randn(1, Hkv, S, D, device=dev)))
     final_norm = m.model.norm.weight.detach().float()
     head = m.lm_head.weight.detach().to(weight_dtype)
     x = torch.randn(1, H, device=dev)
+    temperature = torch.zeros(1, dtype=torch.float64, device=dev)  # greedy
+    top_k, seeds, counters = (torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(3))
+    top_p = torch.ones(1, dtype=torch.float64, device=dev)
     pos = torch.tensor([position], device=dev)
+    row = torch.zeros(1, dtype=torch.int64, device=dev)
 
     def step():
         h = x.clone()
         for w in layers:
-            a = ops.rms_norm(h, w["n1"], 1e-5)
-            qkv = ops.linear(a, w["qkv"])
+            a = wrappers.rms_norm(h, w["n1"], 1e-5)
+            qkv = wrappers.linear(a, w["qkv"])
             q = qkv[:, : Hq * D].view(1, Hq, D)
             k = qkv[:, Hq * D : (Hq + Hkv) * D].view(1, Hkv, D)
             v = qkv[:, (Hq + Hkv) * D :].view(1, Hkv, D)
-            ops.rotary_embedding(q, k, pos, table_)
-            ops.kv_cache_write(w["k"], w["v"], k, v, pos)
-            attn = ops.attention(q, w["k"], w["v"], position, D**-0.5)
-            a2 = ops.fused_add_rms_norm(ops.linear(attn.view(1, Hq * D), w["o"]), h, w["n2"], 1e-5)
-            h = h + ops.linear(ops.silu_and_mul(ops.linear(a2, w["gate_up"])), w["down"])
-        return ops.sample(ops.linear(ops.rms_norm(h, final_norm, 1e-5), head), 0.0, 0, 1.0, 0, 0)
+            wrappers.rotary_embedding(q, k, pos, table_)
+            wrappers.kv_cache_write(w["k"], w["v"], k, v, row, pos)
+            attn = torch.empty_like(q)
+            raw.attention(attn, q, w["k"], w["v"], row, pos, D**-0.5)
+            a2 = wrappers.fused_add_rms_norm(wrappers.linear(attn.view(1, Hq * D), w["o"]), h, w["n2"], 1e-5)
+            h = h + wrappers.linear(wrappers.silu_and_mul(wrappers.linear(a2, w["gate_up"])), w["down"])
+        logits = wrappers.linear(wrappers.rms_norm(h, final_norm, 1e-5), head)
+        tokens = torch.empty(1, dtype=torch.int64, device=dev)
+        raw.sample(tokens, logits, temperature, top_k, top_p, seeds, counters)
+        return tokens
 
     return step
 

@@ -100,11 +100,10 @@ def breakdown(model, prompt, new_tokens, weight_dtype=torch.float32, **kw):
     n = max(r.stats.new_tokens - 1, 1)
     per = {k: v * 1e3 / n for k, v in eng.last_profile.items()}
     total = r.stats.decode_time_s * 1e3 / n
-    layers = sum(per[k] for k in ("embed", "norm", "qkv_proj", "rotary_kv", "attention", "o_proj", "mlp_proj",
-                                  "silu"))
+    layers = sum(per[k] for k in ("embed", "attention", "mlp"))
     rest = total - sum(per.values())
     rows = [[k, per[k], 100 * per[k] / total] for k in per]
-    rows += [["= layers (embed..silu)", layers, 100 * layers / total],
+    rows += [["= layers (embed, attention, mlp)", layers, 100 * layers / total],
              ["loop overhead (rest)", rest, 100 * rest / total], ["total decode", total, 100.0]]
     return rows
 
@@ -165,8 +164,8 @@ def quick(args):
     x, w_h, w_qkv = torch.randn(1, H), torch.ones(H), torch.randn((Hq + 2 * Hkv) * D, H)
     w_qkv16 = w_qkv.bfloat16()
     q, k = torch.randn(1, Hq, D), torch.randn(1, Hkv, D)
-    kc, vc = torch.randn(Hkv, S, D), torch.randn(Hkv, S, D)
-    pos, table_ = torch.tensor([100]), model.module.rope_cache()
+    kc, vc = torch.randn(1, Hkv, S, D), torch.randn(1, Hkv, S, D)
+    pos, row0, table_ = torch.tensor([100]), torch.tensor([0]), model.module.rope_cache()
     logits = torch.randn(1, V)
     rows = [
         ["rms_norm [1, H]", time_op(lambda: ops.rms_norm(x, w_h, 1e-5))],
@@ -175,8 +174,8 @@ def quick(args):
         ["linear qkv [1, H] bf16", time_op(lambda: ops.linear(x, w_qkv16))],
         ["linear lm_head [1, H] fp32", time_op(lambda: ops.linear(x, model.module.lm_head.weight.detach()))],
         ["rotary_embedding [1 token]", time_op(lambda: ops.rotary_embedding(q, k, pos, table_))],
-        ["kv_cache_write [1 token]", time_op(lambda: ops.kv_cache_write(kc, vc, k, k, pos))],
-        ["attention [1 q, 200 ctx]", time_op(lambda: ops.attention(q, kc, vc, 199, D ** -0.5))],
+        ["kv_cache_write [1 token]", time_op(lambda: ops.kv_cache_write(kc, vc, k, k, row0, pos))],
+        ["attention [1 q, 200 ctx]", time_op(lambda: ops.attention(q, kc, vc, row0, torch.tensor([199]), D ** -0.5))],
         ["silu_and_mul [1, 2I]", time_op(lambda: ops.silu_and_mul(torch.randn(1, 2 * I)))],
         ["sample greedy [1, V]", time_op(lambda: ops.sample(logits, 0.0, 0, 1.0, 0, 0))],
         ["sample t=0.8 top_p=0.9 [1, V]", time_op(lambda: ops.sample(logits, 0.8, 0, 0.9, 0, 0))],

@@ -38,7 +38,8 @@ def cases(T: int):
     q, k, v = torch.randn(T, HQ, D, generator=g), torch.randn(T, HKV, D, generator=g), torch.randn(T, HKV, D, generator=g)
     cache = ops.rotary_cos_sin_cache(ops.rope_inv_freq(D, 100000.0), 2048)
     positions = torch.arange(CONTEXT - T, CONTEXT)
-    k_cache, v_cache = torch.randn(HKV, 2048, D, generator=g), torch.randn(HKV, 2048, D, generator=g)
+    k_cache, v_cache = torch.randn(1, HKV, 2048, D, generator=g), torch.randn(1, HKV, 2048, D, generator=g)
+    rows = torch.zeros(T, dtype=torch.int64)  # every token in cache row 0
     gate_up = torch.randn(T, 2 * I, generator=g)
     logits = torch.randn(T, V, generator=g) * 3
     probs = torch.softmax(logits, -1)
@@ -48,8 +49,8 @@ def cases(T: int):
     w_in, w_down = torch.randn(2 * I, H, generator=g), torch.randn(H, I, generator=g)
 
     def torch_attention():
-        kk = k_cache[:, :CONTEXT].repeat_interleave(HQ // HKV, 0)
-        vv = v_cache[:, :CONTEXT].repeat_interleave(HQ // HKV, 0)
+        kk = k_cache[0, :, :CONTEXT].repeat_interleave(HQ // HKV, 0)
+        vv = v_cache[0, :, :CONTEXT].repeat_interleave(HQ // HKV, 0)
         mask = torch.arange(CONTEXT)[None, :] <= positions[:, None]
         return torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), kk, vv, attn_mask=mask)
 
@@ -58,9 +59,10 @@ def cases(T: int):
            lambda: ops.rms_norm_reference(res.add_(x), w, 1e-5))
     yield ("rotary_embedding", lambda: ops.rotary_embedding(q, k, positions, cache),
            lambda: ops.rotary_embedding_reference(q, k, positions, cache))
-    yield ("kv_cache_write", lambda: ops.kv_cache_write(k_cache, v_cache, k, v, positions),
-           lambda: (k_cache[:, start:CONTEXT].copy_(k.transpose(0, 1)), v_cache[:, start:CONTEXT].copy_(v.transpose(0, 1))))
-    yield "attention", lambda: ops.attention(q, k_cache, v_cache, start, scale), torch_attention
+    yield ("kv_cache_write", lambda: ops.kv_cache_write(k_cache, v_cache, k, v, rows, positions),
+           lambda: (k_cache[0, :, start:CONTEXT].copy_(k.transpose(0, 1)),
+                    v_cache[0, :, start:CONTEXT].copy_(v.transpose(0, 1))))
+    yield "attention", lambda: ops.attention(q, k_cache, v_cache, rows, positions, scale), torch_attention
     yield "silu_and_mul", lambda: ops.silu_and_mul(gate_up), lambda: ops.silu_and_mul_reference(gate_up)
     if has_cpu_kernel("linear"):
         yield "linear gate_up [3072x576]", lambda: ops.linear(x, w_in), lambda: torch.nn.functional.linear(x, w_in)

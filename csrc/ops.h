@@ -1,34 +1,41 @@
-// Declarations of every layerskip op (the schemas and their meaning live in torch_bindings.cpp).
-// Shapes: T = tokens in the step (1 for a decode step, d for a verify block, prompt length for
-// prefill), H = hidden size, Hq / Hkv = query / key-value heads, D = head_dim, S = cache capacity,
-// V = vocabulary, I = MLP intermediate size.
+// Declarations of the CPU kernels of every op (the schemas and their meaning live in torch_bindings.cpp).
+// Every op writes into caller-owned outputs (the first arguments) and returns nothing.
+// Shapes: T = tokens in the step (flattened over rows), B = cache rows, H = hidden size, Hq / Hkv = query /
+// key-value heads, D = head_dim, S = cache positions per row, V = vocabulary, I = MLP intermediate size,
+// d = maximal draft length.
 #pragma once
 #include <torch/all.h>
 
-#include <tuple>
-
 namespace layerskip {
 
-torch::Tensor rms_norm_cpu(const torch::Tensor& input, const torch::Tensor& weight, double eps);
-torch::Tensor fused_add_rms_norm_cpu(const torch::Tensor& input, torch::Tensor& residual,
-                                     const torch::Tensor& weight, double eps);
+// Row counts up to which `linear` runs the batch-invariant skinny kernel (each weight row read once).
+constexpr int64_t kLinearSkinnyMaxTokens = 64;
+
+void rms_norm_cpu(torch::Tensor& out, const torch::Tensor& input, const torch::Tensor& weight, double eps);
+void fused_add_rms_norm_cpu(torch::Tensor& out, const torch::Tensor& input, torch::Tensor& residual,
+                            const torch::Tensor& weight, double eps);
 void rotary_embedding_cpu(torch::Tensor& query, torch::Tensor& key, const torch::Tensor& positions,
                           const torch::Tensor& cos_sin_cache);
 void kv_cache_write_cpu(torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& key,
-                        const torch::Tensor& value, const torch::Tensor& slots);
-torch::Tensor attention_cpu(const torch::Tensor& query, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                            int64_t start_pos, double scale);
-torch::Tensor silu_and_mul_cpu(const torch::Tensor& input);
-torch::Tensor linear_cpu(const torch::Tensor& input, const torch::Tensor& weight);
-torch::Tensor sampling_probs_cpu(const torch::Tensor& logits, double temperature, int64_t top_k, double top_p);
-torch::Tensor sample_from_probs_cpu(const torch::Tensor& probs, int64_t seed, int64_t offset);
-torch::Tensor sample_cpu(const torch::Tensor& logits, double temperature, int64_t top_k, double top_p, int64_t seed,
-                         int64_t offset);
-std::tuple<torch::Tensor, torch::Tensor> speculative_accept_greedy_cpu(const torch::Tensor& draft_tokens,
-                                                                       const torch::Tensor& target_logits);
-std::tuple<torch::Tensor, torch::Tensor> speculative_accept_cpu(const torch::Tensor& draft_tokens,
-                                                                const torch::Tensor& draft_probs,
-                                                                const torch::Tensor& target_probs, int64_t seed,
-                                                                int64_t offset);
+                        const torch::Tensor& value, const torch::Tensor& rows, const torch::Tensor& positions);
+void attention_cpu(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor& k_cache,
+                   const torch::Tensor& v_cache, const torch::Tensor& rows, const torch::Tensor& positions,
+                   double scale);
+void silu_and_mul_cpu(torch::Tensor& out, const torch::Tensor& input);
+void linear_cpu(torch::Tensor& out, const torch::Tensor& input, const torch::Tensor& weight);
+void sampling_probs_cpu(torch::Tensor& out, const torch::Tensor& logits, const torch::Tensor& temperature,
+                        const torch::Tensor& top_k, const torch::Tensor& top_p);
+void sample_from_probs_cpu(torch::Tensor& out, const torch::Tensor& probs, const torch::Tensor& seeds,
+                           const torch::Tensor& counters);
+void sample_cpu(torch::Tensor& out, const torch::Tensor& logits, const torch::Tensor& temperature,
+                const torch::Tensor& top_k, const torch::Tensor& top_p, const torch::Tensor& seeds,
+                const torch::Tensor& counters);
+void speculative_accept_greedy_cpu(torch::Tensor& tokens, torch::Tensor& num_accepted,
+                                   const torch::Tensor& draft_tokens, const torch::Tensor& draft_lengths,
+                                   const torch::Tensor& target_logits);
+void speculative_accept_cpu(torch::Tensor& tokens, torch::Tensor& num_accepted, const torch::Tensor& draft_tokens,
+                            const torch::Tensor& draft_lengths, const torch::Tensor& draft_probs,
+                            const torch::Tensor& target_probs, const torch::Tensor& seeds,
+                            const torch::Tensor& counters);
 
 }  // namespace layerskip

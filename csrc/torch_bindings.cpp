@@ -1,44 +1,78 @@
 // The one registration block of the `layerskip` op library: every schema, with what it computes.
 // Kernels register themselves per backend (csrc/cpu/*.cpp: CPU, csrc/cuda/*_cuda.cpp: CUDA).
-// Random draws come from csrc/random.h: draw k of an op uses counter `offset + k` of `seed`.
+//
+// Conventions (chosen so that a whole decode / draft / verify step can be captured once as a CUDA graph):
+// - Destination passing: every op writes into tensors the caller owns (`Tensor(a!) out`, preallocated with the
+//   shape and dtype given below) and returns nothing; no op allocates its result.
+// - Flattened ("varlen") tokens: a step processes T tokens drawn from any rows of a batch. Token t carries its
+//   cache row rows[t] and its position positions[t] (int64 device tensors), so ragged rows, per-row draft
+//   lengths and mixed prefill / decode tokens share one schema.
+// - Nothing that changes from step to step is a host scalar: positions, rows, per-token sampling parameters,
+//   seeds and random counters are device tensors that the kernels read. Host scalars (eps, scale) are
+//   properties of the model.
+// - Random draws come from csrc/random.h: draw k of a token or row uses counter `counters[.] + k` of
+//   `seeds[.]`, a pure function, so CPU and CUDA kernels and the Python reference draw the same numbers.
+// - Batch invariance: every output element is computed with a reduction order that does not depend on T or on
+//   where a token sits in the step, so row i of a batch gets exactly the numbers of a batch-1 run.
+// Shapes: T tokens, B cache rows, H hidden, Hq / Hkv heads, D head_dim, S cache positions per row, V vocab,
+// I MLP intermediate, d maximal draft length.
 #include <torch/library.h>
 
 TORCH_LIBRARY(layerskip, m) {
-  // input [..., H], weight [H] -> input / rms(input) * weight, [..., H]
-  m.def("rms_norm(Tensor input, Tensor weight, float eps) -> Tensor");
-  // residual += input (in place); returns rms_norm(residual, weight, eps)
-  m.def("fused_add_rms_norm(Tensor input, Tensor(a!) residual, Tensor weight, float eps) -> Tensor");
+  // out [..., H] = input [..., H] / rms(input) * weight [H]; out has input's shape and dtype.
+  m.def("rms_norm(Tensor(a!) out, Tensor input, Tensor weight, float eps) -> ()");
+  // residual += input (in place, contiguous residual); out = rms_norm(residual, weight, eps).
+  m.def("fused_add_rms_norm(Tensor(a!) out, Tensor input, Tensor(b!) residual, Tensor weight, float eps) -> ()");
   // In place, rotate-half (HF Llama) layout. query [T, Hq, D], key [T, Hkv, D], positions [T] int64,
   // cos_sin_cache [max_pos, D]: cos of the D/2 frequencies, then their sin.
   m.def("rotary_embedding(Tensor(a!) query, Tensor(b!) key, Tensor positions, Tensor cos_sin_cache) -> ()");
-  // k_cache[:, slots[t]] = key[t], v_cache[:, slots[t]] = value[t] (in place).
-  // caches [Hkv, S, D]; key, value [T, Hkv, D]; slots [T] int64 in [0, S)
-  m.def("kv_cache_write(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor key, Tensor value, Tensor slots) -> ()");
-  // Causal attention of T queries against the cache; query t sits at position start_pos + t and sees
-  // cache slots [0, start_pos + t]. GQA: query head h reads kv head h / (Hq / Hkv).
-  // query [T, Hq, D], caches [Hkv, S, D] -> [T, Hq, D]
-  m.def("attention(Tensor query, Tensor k_cache, Tensor v_cache, int start_pos, float scale) -> Tensor");
-  // input [..., 2I] = gate | up -> silu(gate) * up, [..., I]
-  m.def("silu_and_mul(Tensor input) -> Tensor");
-  // input [T, K] float32, weight [N, K] float32 or bfloat16 -> input @ weight.T, [T, N] float32.
-  // T <= 16 (a decode step or a verify block) runs our skinny kernel reading each weight row once.
-  m.def("linear(Tensor input, Tensor weight) -> Tensor");
-  // logits [T, V] -> probabilities [T, V] of softmax(logits / temperature) restricted to the top_k
-  // (0: all) and to the smallest top-probability set whose mass reaches top_p, renormalised.
-  m.def("sampling_probs(Tensor logits, float temperature, int top_k, float top_p) -> Tensor");
-  // probs [T, V] (rows need not sum to 1) -> [T] int64; row t inverts the CDF at draw t.
-  m.def("sample_from_probs(Tensor probs, int seed, int offset) -> Tensor");
-  // logits [T, V] -> [T] int64: argmax if temperature == 0, else sample_from_probs(sampling_probs(...)).
-  m.def("sample(Tensor logits, float temperature, int top_k, float top_p, int seed, int offset) -> Tensor");
-  // Greedy verification. draft_tokens [d] int64, target_logits [d+1, V] ->
-  // (tokens [d+1] int64, num_accepted [] int64): n = longest prefix where draft == argmax(target);
-  // tokens[:n] = draft[:n], tokens[n] = argmax(target_logits[n]); entries past n are -1.
-  m.def("speculative_accept_greedy(Tensor draft_tokens, Tensor target_logits) -> (Tensor, Tensor)");
-  // Rejection sampling. draft_tokens [d], draft_probs [d, V], target_probs [d+1, V] -> same outputs.
-  // Step i accepts draft[i] if draw (2i) < target[i, x] / draft[i, x]; on rejection tokens[i] is drawn
-  // (draw 2i + 1) from max(0, target[i] - draft[i]) renormalised; if all d are accepted,
-  // tokens[d] is drawn (draw 2d) from target[d]. The output follows the target distribution.
+  // k_cache[rows[t], :, positions[t]] = key[t], likewise v (in place).
+  // caches [B, Hkv, S, D]; key, value [T, Hkv, D]; rows [T] int64 in [0, B); positions [T] int64 in [0, S).
+  // Each row owns a contiguous slot of S positions (position p in slot p): rolling a row back is moving its
+  // length. (Not paged: one engine holds a few dozen rows at most on our targets, and contiguous slots keep
+  // attention a plain strided loop; a paged layout would add a block table and an indirection per key.)
   m.def(
-      "speculative_accept(Tensor draft_tokens, Tensor draft_probs, Tensor target_probs, int seed, int offset) "
-      "-> (Tensor, Tensor)");
+      "kv_cache_write(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor key, Tensor value, Tensor rows, "
+      "Tensor positions) -> ()");
+  // Causal GQA attention: token t attends to slots [0, positions[t]] of cache row rows[t] (its own key must
+  // be written first). Query head h reads kv head h / (Hq / Hkv).
+  // out, query [T, Hq, D]; caches [B, Hkv, S, D]; rows, positions [T] int64.
+  m.def(
+      "attention(Tensor(a!) out, Tensor query, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor positions, "
+      "float scale) -> ()");
+  // out [..., I] = silu(gate) * up of input [..., 2I] = gate | up.
+  m.def("silu_and_mul(Tensor(a!) out, Tensor input) -> ()");
+  // out [T, N] float32 = input [T, K] float32 @ weight [N, K].T, weight float32 or bfloat16.
+  // T <= 64 (decode steps, verify blocks, batches of them): each weight row is read once for all T rows and
+  // every output element has one reduction order whatever T is (batch invariant). Larger T (prefill) may use
+  // a GEMM library, whose order depends on T.
+  m.def("linear(Tensor(a!) out, Tensor input, Tensor weight) -> ()");
+  // out [T, V] float32: probabilities of logits [T, V] after per-token filtering. temperature [T] float64
+  // (0: one-hot of the first argmax, so greedy and sampled tokens share every downstream op),
+  // top_k [T] int64 (0: off), top_p [T] float64 in (0, 1]. Row t = softmax(logits[t] / temperature[t])
+  // restricted to its top_k, then to the smallest top-probability prefix whose mass reaches top_p,
+  // renormalised.
+  m.def("sampling_probs(Tensor(a!) out, Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p) -> ()");
+  // out [T] int64: row t of probs [T, V] (rows >= 0, need not sum to 1) inverts its CDF at the draw
+  // counters[t] of seeds[t] (seeds, counters [T] int64).
+  m.def("sample_from_probs(Tensor(a!) out, Tensor probs, Tensor seeds, Tensor counters) -> ()");
+  // out [T] int64: argmax of logits[t] where temperature[t] == 0, else
+  // sample_from_probs(sampling_probs(logits, ...), seeds, counters) for that token.
+  m.def(
+      "sample(Tensor(a!) out, Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seeds, "
+      "Tensor counters) -> ()");
+  // Greedy verification of B rows at once. draft_tokens [B, d] int64, draft_lengths [B] int64 in [0, d]
+  // (row b uses its first d_b drafts), target_logits [B, d + 1, V] (row b uses its first d_b + 1) ->
+  // tokens [B, d + 1] int64, num_accepted [B] int64: n_b = longest prefix where draft == argmax(target);
+  // tokens[b, :n_b] = drafts, tokens[b, n_b] = argmax(target_logits[b, n_b]); entries past n_b are -1.
+  m.def(
+      "speculative_accept_greedy(Tensor(a!) tokens, Tensor(b!) num_accepted, Tensor draft_tokens, "
+      "Tensor draft_lengths, Tensor target_logits) -> ()");
+  // Rejection sampling of B rows at once, same outputs. draft_probs [B, d, V], target_probs [B, d + 1, V],
+  // seeds, counters [B] int64. Row b, step i accepts draft[b, i] if draw (2i) < target[i, x] / draft[i, x];
+  // on rejection tokens[b, i] is drawn (draw 2i + 1) from max(0, target[i] - draft[i]) renormalised; if all
+  // d_b are accepted, tokens[b, d_b] is drawn (draw 2 d_b) from target[d_b]. The output follows the target.
+  m.def(
+      "speculative_accept(Tensor(a!) tokens, Tensor(b!) num_accepted, Tensor draft_tokens, Tensor draft_lengths, "
+      "Tensor draft_probs, Tensor target_probs, Tensor seeds, Tensor counters) -> ()");
 }

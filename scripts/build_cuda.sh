@@ -22,11 +22,21 @@ if ! command -v nvcc >/dev/null 2>&1 && [ ! -x /usr/local/cuda/bin/nvcc ]; then
 fi
 
 stage "virtual environment $VENV"
-if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') and torch.version.cuda else 1)" 2>/dev/null; then
+# torch's version.py read without importing torch (an import takes a minute on a loaded machine)
+has_cuda_torch() {
+  "$VENV/bin/python" - "$TORCH_VERSION" <<'PY' 2>/dev/null
+import importlib.util, os, re, sys
+spec = importlib.util.find_spec("torch")
+text = open(os.path.join(os.path.dirname(spec.origin), "version.py")).read()
+version = re.search(r"__version__ = .(\S+?).$", text, re.M).group(1)
+cuda = re.search(r"^cuda: .*= '([^']+)'", text, re.M)
+sys.exit(0 if version.startswith(sys.argv[1]) and cuda else 1)
+PY
+}
+if ! has_cuda_torch; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --disable-pip-version-check -q "torch==$TORCH_VERSION" setuptools wheel ninja numpy
 fi
-"$VENV/bin/python" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 
 stage "build (CUDAExtension, MAX_JOBS=${MAX_JOBS:-2}, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0})"
 # ccache (when installed) with paths relative to the checkout, so that a fresh clone elsewhere hits the cache

@@ -97,42 +97,49 @@ def test_rotary_out_of_range_position_is_clamped():
 @pytest.mark.parametrize("cache_dtype", ALL_DTYPES)
 @pytest.mark.parametrize("src_dtype", ALL_DTYPES)
 def test_kv_cache_write(cache_dtype, src_dtype):
-    Hkv, S, D, T = 3, 20, 64, 5
-    k_cache = torch.zeros(Hkv, S, D, dtype=cache_dtype, device="cuda")
+    B, Hkv, S, D, T = 3, 3, 20, 64, 5
+    k_cache = torch.zeros(B, Hkv, S, D, dtype=cache_dtype, device="cuda")
     v_cache = torch.zeros_like(k_cache)
     kv = randn(T, 2 * Hkv * D, seed=8).to("cuda", src_dtype)
     key, value = kv[:, : Hkv * D].view(T, Hkv, D), kv[:, Hkv * D :].view(T, Hkv, D)  # strided views
-    slots = torch.tensor([4, 0, 19, 7, 8], device="cuda")
-    ref_k, ref_v = ops.kv_cache_write_reference(k_cache, v_cache, key, value, slots)
-    ops.kv_cache_write(k_cache, v_cache, key, value, slots)
+    rows = torch.tensor([0, 2, 2, 1, 0], device="cuda")
+    positions = torch.tensor([4, 0, 19, 7, 8], device="cuda")
+    ref_k, ref_v = ops.kv_cache_write_reference(k_cache, v_cache, key, value, rows, positions)
+    ops.kv_cache_write(k_cache, v_cache, key, value, rows, positions)
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
 
 
-def test_kv_cache_write_out_of_range_slot_is_skipped():
-    """The CPU op raises for a slot outside [0, S); the CUDA op (no host sync) writes nothing for it."""
-    k_cache = torch.zeros(1, 4, 8, device="cuda")
+def test_kv_cache_write_out_of_range_is_skipped():
+    """The CPU op raises for a row or position out of range; the CUDA op (no host sync) writes nothing for it."""
+    k_cache = torch.zeros(2, 1, 4, 8, device="cuda")
     v_cache = torch.zeros_like(k_cache)
-    key = torch.ones(2, 1, 8, device="cuda")
-    ops.kv_cache_write(k_cache, v_cache, key, key, torch.tensor([1, 4], device="cuda"))
-    assert k_cache[0, 1].eq(1).all() and k_cache.sum().item() == 8 and v_cache.sum().item() == 8
+    key = torch.ones(3, 1, 8, device="cuda")
+    ops.kv_cache_write(k_cache, v_cache, key, key, torch.tensor([1, 0, 2], device="cuda"),
+                       torch.tensor([1, 4, 0], device="cuda"))
+    assert k_cache[1, 0, 1].eq(1).all() and k_cache.sum().item() == 8 and v_cache.sum().item() == 8
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-@pytest.mark.parametrize("T,Hq,Hkv,D,start_pos", [(1, 9, 3, 64, 0), (1, 8, 1, 128, 700), (5, 6, 6, 32, 100),
-                                                  (37, 4, 2, 64, 3), (3, 32, 8, 128, 2000), (2, 2, 1, 80, 50)])
-def test_attention(dtype, T, Hq, Hkv, D, start_pos):
-    S = start_pos + T + 5
-    q, k_cache, v_cache = randn(T, Hq, D, seed=9), randn(Hkv, S, D, seed=10), randn(Hkv, S, D, seed=11)
+@pytest.mark.parametrize("T,Hq,Hkv,D,start", [(1, 9, 3, 64, 0), (1, 8, 1, 128, 700), (5, 6, 6, 32, 100),
+                                              (37, 4, 2, 64, 3), (3, 32, 8, 128, 2000), (2, 2, 1, 80, 50)])
+def test_attention(dtype, T, Hq, Hkv, D, start):
+    """Tokens of two cache rows: a block at positions start.. in row 1, and one decode token in row 0."""
+    B, S = 2, start + T + 5
+    q, k_cache, v_cache = randn(T + 1, Hq, D, seed=9), randn(B, Hkv, S, D, seed=10), randn(B, Hkv, S, D, seed=11)
+    rows = torch.tensor([1] * T + [0])
+    positions = torch.cat([start + torch.arange(T), torch.tensor([S - 1])])
     scale = D**-0.5
-    ref = ops.attention(q, k_cache, v_cache, start_pos, scale)  # the CPU op, float32
+    ref = ops.attention(q, k_cache, v_cache, rows, positions, scale)  # the CPU op, float32
     qc, kc, vc = (t.to("cuda", dtype) for t in (q, k_cache, v_cache))
-    n = start_pos + T
-    k = kc[:, :n].repeat_interleave(Hq // Hkv, 0)
-    v = vc[:, :n].repeat_interleave(Hq // Hkv, 0)
-    s = (qc.transpose(0, 1) @ k.transpose(1, 2)) * scale
-    mask = torch.arange(n, device="cuda")[None, :] > (start_pos + torch.arange(T, device="cuda"))[:, None]
-    baseline = (torch.softmax(s.masked_fill(mask, float("-inf")), -1) @ v).transpose(0, 1)
-    check(ops.attention(qc, kc, vc, start_pos, scale), ref, baseline)
+    baseline = torch.empty_like(qc)  # the same math in dtype, token by token
+    for t in range(T + 1):
+        n, r = int(positions[t]) + 1, int(rows[t])
+        k = kc[r, :, :n].repeat_interleave(Hq // Hkv, 0)  # [Hq, n, D]
+        v = vc[r, :, :n].repeat_interleave(Hq // Hkv, 0)
+        s = (qc[t][:, None, :] @ k.transpose(1, 2)) * scale  # [Hq, 1, n]
+        baseline[t] = (torch.softmax(s, -1) @ v)[:, 0]
+    out = ops.attention(qc, kc, vc, rows.cuda(), positions.cuda(), scale)
+    check(out, ref, baseline)
 
 
 # ---- linear
@@ -191,6 +198,23 @@ def test_sampling_probs_and_sample_match_cpu(V, temperature, top_k, top_p, dtype
     for seed, offset in [(0, 0), (123, 17), (-5, 2**40)]:
         tokens = ops.sample(logits.cuda(), temperature, top_k, top_p, seed, offset).cpu()
         assert torch.equal(tokens, ops.sample(cpu_logits, temperature, top_k, top_p, seed, offset))
+
+
+def test_per_token_parameters_match_cpu():
+    """Each token its own temperature (0: greedy one-hot), top_k, top_p, seed and counter."""
+    logits = randn(5, 3000, seed=15, scale=2.0)
+    temperature, top_k, top_p = [0.0, 0.7, 1.0, 1.5, 0.0], [0, 10, 0, 200, 5], [1.0, 1.0, 0.8, 0.95, 0.5]
+    seeds, counters = torch.tensor([1, 2, 3, 4, 5]), torch.tensor([0, 10, 20, 30, 40])
+    probs = ops.sampling_probs(logits.cuda(), torch.tensor(temperature, device="cuda", dtype=torch.float64),
+                               torch.tensor(top_k, device="cuda"), torch.tensor(top_p, device="cuda",
+                                                                                dtype=torch.float64))
+    ref = ops.sampling_probs(logits, temperature, top_k, top_p)
+    assert torch.equal(probs.cpu() > 0, ref > 0)
+    torch.testing.assert_close(probs.cpu(), ref, rtol=1e-5, atol=1e-7)
+    tokens = ops.sample(logits.cuda(), torch.tensor(temperature, device="cuda", dtype=torch.float64),
+                        torch.tensor(top_k, device="cuda"), torch.tensor(top_p, device="cuda", dtype=torch.float64),
+                        seeds.cuda(), counters.cuda())
+    assert torch.equal(tokens.cpu(), ops.sample(logits, temperature, top_k, top_p, seeds, counters))
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
@@ -267,25 +291,64 @@ def test_errors_name_the_op_and_argument():
         ops.linear(x, torch.randn(4, 63, device="cuda"))
     with pytest.raises(RuntimeError, match="silu_and_mul: input must be float32, float16 or bfloat16"):
         ops.silu_and_mul(x.double())
-    with pytest.raises(RuntimeError, match="attention: start_pos \\+ T"):
-        ops.attention(torch.randn(2, 2, 32, device="cuda"), torch.randn(1, 4, 32, device="cuda"),
-                      torch.randn(1, 4, 32, device="cuda"), 3, 1.0)
+    cache = torch.randn(1, 1, 4, 32, device="cuda")
+    with pytest.raises(RuntimeError, match=r"attention: rows must have shape \[2\]"):
+        ops.attention(torch.randn(2, 2, 32, device="cuda"), cache, cache, torch.zeros(3, dtype=torch.int64,
+                      device="cuda"), torch.zeros(2, dtype=torch.int64, device="cuda"), 1.0)
     with pytest.raises(RuntimeError, match="sample_from_probs: probs must be float32"):
         ops.sample_from_probs(torch.rand(2, 5, device="cuda").half(), 0, 0)
+    with pytest.raises(RuntimeError, match="rms_norm: out must have shape"):
+        torch.ops.layerskip.rms_norm(torch.empty(3, 64, device="cuda"), x, torch.ones(64, device="cuda"), 1e-5)
+
+
+def _cuda(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device="cuda").to(dtype)
+
+
+def _longs(*values):
+    return torch.tensor(values, dtype=torch.int64, device="cuda")
+
+
+def _doubles(*values):
+    return torch.tensor(values, dtype=torch.float64, device="cuda")
 
 
 @pytest.mark.parametrize("name,args", [
-    ("rms_norm", lambda: (torch.randn(3, 64, device="cuda"), torch.randn(64, device="cuda"), 1e-5)),
-    ("silu_and_mul", lambda: (torch.randn(3, 64, device="cuda"),)),
-    ("linear", lambda: (torch.randn(3, 64, device="cuda"), torch.randn(24, 64, device="cuda").bfloat16())),
-    ("linear", lambda: (torch.randn(3, 64, device="cuda").bfloat16(), torch.randn(24, 64, device="cuda"))),
-    ("attention", lambda: (torch.randn(2, 4, 32, device="cuda"), torch.randn(2, 9, 32, device="cuda"),
-                           torch.randn(2, 9, 32, device="cuda"), 3, 0.2)),
-    ("sampling_probs", lambda: (torch.randn(2, 50, device="cuda"), 0.8, 5, 0.9)),
-    ("sample", lambda: (torch.randn(2, 50, device="cuda"), 0.8, 5, 0.9, 1, 2)),
+    ("rms_norm", lambda: (_cuda(3, 64), _cuda(3, 64), _cuda(64), 1e-5)),
+    ("silu_and_mul", lambda: (_cuda(3, 32), _cuda(3, 64))),
+    ("linear", lambda: (_cuda(3, 24), _cuda(3, 64), _cuda(24, 64, dtype=torch.bfloat16))),
+    ("linear", lambda: (_cuda(3, 24, dtype=torch.bfloat16), _cuda(3, 64, dtype=torch.bfloat16), _cuda(24, 64))),
+    ("attention", lambda: (_cuda(2, 4, 32), _cuda(2, 4, 32), _cuda(2, 2, 9, 32), _cuda(2, 2, 9, 32), _longs(1, 0),
+                           _longs(3, 8), 0.2)),
+    ("sampling_probs", lambda: (_cuda(2, 50), _cuda(2, 50), _doubles(0.8, 0.0), _longs(5, 0), _doubles(0.9, 1.0))),
+    ("sample", lambda: (_longs(0, 0), _cuda(2, 50), _doubles(0.8, 0.0), _longs(5, 0), _doubles(0.9, 1.0),
+                        _longs(1, 2), _longs(3, 4))),
 ])
 def test_opcheck_cuda(name, args):
     torch.library.opcheck(getattr(torch.ops.layerskip, name).default, args())
+
+
+@pytest.mark.parametrize("B,d", [(3, 4), (8, 2)])
+def test_batched_acceptance_rows_match_batch_of_one(B, d):
+    """Per-row draft lengths, seeds and counters: row b of a batch gives the tokens of a batch of one."""
+    gen = torch.Generator().manual_seed(B)
+    V = 500
+    q = torch.softmax(torch.randn(B, d, V, generator=gen), -1)
+    p = torch.softmax(torch.randn(B, d + 1, V, generator=gen), -1)
+    logits = torch.randn(B, d + 1, V, generator=gen)
+    draft = torch.multinomial(q.view(B * d, V), 1, generator=gen).view(B, d)
+    lengths = torch.randint(0, d + 1, (B,), generator=gen)
+    seeds, counters = torch.arange(B) * 7 + 1, torch.arange(B) * 100
+    tokens, n = ops.speculative_accept(draft.cuda(), q.cuda(), p.cuda(), seeds.cuda(), counters.cuda(),
+                                       draft_lengths=lengths.cuda())
+    g_tokens, g_n = ops.speculative_accept_greedy(draft.cuda(), logits.cuda(), draft_lengths=lengths.cuda())
+    for b in range(B):
+        db = int(lengths[b])
+        one, m = ops.speculative_accept(draft[b, :db], q[b, :db], p[b, : db + 1], int(seeds[b]), int(counters[b]))
+        assert n[b].item() == m.item() and tokens[b, : db + 1].tolist() == one.tolist()
+        assert (tokens[b, db + 1 :] == -1).all()
+        one, m = ops.speculative_accept_greedy(draft[b, :db], logits[b, : db + 1])
+        assert g_n[b].item() == m.item() and g_tokens[b, : db + 1].tolist() == one.tolist()
 
 
 def test_a_decode_step_of_ops_replays_as_a_cuda_graph():

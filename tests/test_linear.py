@@ -1,14 +1,22 @@
 """torch.ops.layerskip.linear against a float64 PyTorch reference: T on both sides of the skinny-kernel
-limit (16), K with and without a vector tail, N not a multiple of the row block, fp32 and bf16 weights,
-non-contiguous inputs, error messages, and opcheck."""
+limit (64), K with and without a vector tail, N not a multiple of the row block, fp32 and bf16 weights,
+non-contiguous inputs, batch invariance, error messages, and opcheck."""
 import pytest
 import torch
 
 import layerskip_ext._C  # noqa: F401  (registers torch.ops.layerskip.*)
 
-linear = torch.ops.layerskip.linear
+_linear = torch.ops.layerskip.linear
 
-TOKENS = list(range(1, 18)) + [33]
+
+def linear(x, w):
+    """The op with an output allocated here: [T, N] float32."""
+    out = torch.empty((x.shape[0] if x.dim() == 2 else 0, w.shape[0] if w.dim() == 2 else 0))
+    _linear.default(out, x, w)
+    return out
+
+
+TOKENS = list(range(1, 18)) + [33, 64, 65, 90]
 KS = [7, 64, 576, 1536, 1000]
 NS = [1, 5, 192, 576, 1000]
 
@@ -47,7 +55,19 @@ def test_lm_head_shape(wdtype):
     check(linear(x, w), x, w)
 
 
-@pytest.mark.parametrize("t", [4, 20])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_batch_invariance(wdtype):
+    """Up to 64 rows, each output row is bit for bit the row computed alone or in any other batch."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 576, generator=gen)
+    w = torch.randn(700, 576, generator=gen).to(wdtype)
+    full = linear(x, w)
+    for t in (0, 1, 9, 31, 63):
+        assert torch.equal(linear(x[t:t + 1], w)[0], full[t])
+        assert torch.equal(linear(x[t // 2:], w)[t - t // 2], full[t])
+
+
+@pytest.mark.parametrize("t", [4, 20, 70])
 def test_non_contiguous(t):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(64, t, generator=gen).T  # [T, 64], stride (1, T)
@@ -67,15 +87,15 @@ def test_empty(t):
 @pytest.mark.parametrize(
     "x, w, message",
     [
-        (torch.randn(8), torch.randn(4, 8), "input must be 2-D"),
-        (torch.randn(1, 2, 8), torch.randn(4, 8), "input must be 2-D"),
-        (torch.randn(2, 8), torch.randn(8), "weight must be 2-D"),
+        (torch.randn(8), torch.randn(4, 8), "input \\[T, K\\] must have 2 dimensions"),
+        (torch.randn(1, 2, 8), torch.randn(4, 8), "input \\[T, K\\] must have 2 dimensions"),
+        (torch.randn(2, 8), torch.randn(8), "weight \\[N, K\\] must have 2 dimensions"),
         (torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 8), "input must be float32"),
         (torch.randn(2, 8).bfloat16(), torch.randn(4, 8), "input must be float32"),
         (torch.randn(2, 8), torch.randn(4, 8).half(), "weight must be float32 or bfloat16"),
         (torch.randn(2, 8), torch.randint(0, 3, (4, 8)), "weight must be float32 or bfloat16"),
         (torch.randn(2, 8), torch.randn(4, 9), "disagree on K"),
-        (torch.randn(20, 8), torch.randn(4, 9), "disagree on K"),  # also on the ATen path
+        (torch.randn(70, 8), torch.randn(4, 9), "disagree on K"),  # also on the ATen path
     ],
 )
 def test_errors(x, w, message):
@@ -91,11 +111,18 @@ def _ops_module():
     return ops
 
 
-@pytest.mark.parametrize("t", [1, 8, 17])
+def test_out_errors():
+    with pytest.raises(RuntimeError, match=r"linear: out \[T, N\] must have shape \[2, 4\]"):
+        _linear.default(torch.empty(2, 5), torch.randn(2, 8), torch.randn(4, 8))
+    with pytest.raises(RuntimeError, match=r"linear: out \[T, N\] must be contiguous"):
+        _linear.default(torch.empty(4, 2).T, torch.randn(2, 8), torch.randn(4, 8))
+
+
+@pytest.mark.parametrize("t", [1, 8, 17, 70])
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
 def test_opcheck(t, wdtype):
     if _ops_module() is None:
         pytest.skip("layerskip_ext.ops (register_fake for linear) not available in this checkout")
     x = torch.randn(t, 64)
     w = torch.randn(24, 64).to(wdtype)
-    torch.library.opcheck(linear.default, (x, w))
+    torch.library.opcheck(_linear.default, (torch.empty(t, 24), x, w))

@@ -107,9 +107,11 @@ def test_fused_add_rms_norm(device, dtype, T, H):
 
 def test_norm_opcheck():
     x, w = randn(3, 64, seed=8), randn(64, seed=9)
-    torch.library.opcheck(torch.ops.layerskip.rms_norm.default, (x, w, 1e-5))
-    torch.library.opcheck(torch.ops.layerskip.rms_norm.default, (x.bfloat16(), w.bfloat16(), 1e-5))
-    torch.library.opcheck(torch.ops.layerskip.fused_add_rms_norm.default, (x, randn(3, 64, seed=10), w, 1e-5))
+    torch.library.opcheck(torch.ops.layerskip.rms_norm.default, (torch.empty_like(x), x, w, 1e-5))
+    xb = x.bfloat16()
+    torch.library.opcheck(torch.ops.layerskip.rms_norm.default, (torch.empty_like(xb), xb, w.bfloat16(), 1e-5))
+    torch.library.opcheck(torch.ops.layerskip.fused_add_rms_norm.default,
+                          (torch.empty_like(x), x, randn(3, 64, seed=10), w, 1e-5))
 
 
 def test_norm_errors():
@@ -124,6 +126,10 @@ def test_norm_errors():
         ops.fused_add_rms_norm(x, randn(4, 64), w, 1e-5)
     with pytest.raises(RuntimeError, match="fused_add_rms_norm: residual .* must be contiguous"):
         ops.fused_add_rms_norm(x, randn(64, 3).T, w, 1e-5)
+    with pytest.raises(RuntimeError, match=r"rms_norm: out must have shape \[3, 64\]"):
+        torch.ops.layerskip.rms_norm.default(torch.empty(3, 32), x, w, 1e-5)
+    with pytest.raises(RuntimeError, match="rms_norm: out must be Float"):
+        torch.ops.layerskip.rms_norm.default(torch.empty(3, 64, dtype=torch.bfloat16), x, w, 1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -212,40 +218,48 @@ def test_rotary_opcheck_and_errors():
 @pytest.mark.parametrize("src_dtype", DTYPES)
 @pytest.mark.parametrize("T", [1, 3, 16])
 @pytest.mark.parametrize("Hkv", [1, 3])
-def test_kv_cache_write(device, cache_dtype, src_dtype, T, Hkv):
+@pytest.mark.parametrize("B", [1, 3])
+def test_kv_cache_write(device, cache_dtype, src_dtype, T, Hkv, B):
     S, D = 40, 64
-    k_cache, v_cache = randn(Hkv, S, D, seed=18, dtype=cache_dtype), randn(Hkv, S, D, seed=19, dtype=cache_dtype)
+    k_cache = randn(B, Hkv, S, D, seed=18, dtype=cache_dtype)
+    v_cache = randn(B, Hkv, S, D, seed=19, dtype=cache_dtype)
     key, value = randn(T, Hkv, D, seed=20, dtype=src_dtype), randn(T, Hkv, D, seed=21, dtype=src_dtype)
-    slots = torch.randperm(S, generator=gen(T))[:T]
-    ref_k, ref_v = ops.kv_cache_write_reference(k_cache, v_cache, key, value, slots)
+    cells = torch.randperm(B * S, generator=gen(T))[:T]  # distinct (row, position) pairs
+    rows, positions = cells // S, cells % S
+    ref_k, ref_v = ops.kv_cache_write_reference(k_cache, v_cache, key, value, rows, positions)
     kc, vc = k_cache.to(device), v_cache.to(device)
-    ops.kv_cache_write(kc, vc, key.to(device), value.to(device), slots.to(device))
+    ops.kv_cache_write(kc, vc, key.to(device), value.to(device), rows.to(device), positions.to(device))
     assert torch.equal(kc.cpu(), ref_k) and torch.equal(vc.cpu(), ref_v)  # copies (one rounding) are exact
 
 
 def test_kv_cache_write_duplicate_slots_last_wins():
-    kc, vc = torch.zeros(2, 8, 4), torch.zeros(2, 8, 4)
+    kc, vc = torch.zeros(2, 2, 8, 4), torch.zeros(2, 2, 8, 4)
     key = torch.arange(3 * 2 * 4, dtype=torch.float32).view(3, 2, 4)
-    slots = torch.tensor([5, 1, 5])
-    ops.kv_cache_write(kc, vc, key, -key, slots)
-    assert torch.equal(kc[:, 5], key[2]) and torch.equal(kc[:, 1], key[1]) and torch.equal(vc[:, 5], -key[2])
-    assert kc[:, [0, 2, 3, 4, 6, 7]].abs().sum() == 0
+    rows, positions = torch.tensor([1, 1, 1]), torch.tensor([5, 1, 5])
+    ops.kv_cache_write(kc, vc, key, -key, rows, positions)
+    assert torch.equal(kc[1, :, 5], key[2]) and torch.equal(kc[1, :, 1], key[1]) and torch.equal(vc[1, :, 5], -key[2])
+    assert kc[1, :, [0, 2, 3, 4, 6, 7]].abs().sum() == 0 and kc[0].abs().sum() == 0
 
 
 def test_kv_cache_write_opcheck_and_errors():
-    kc, vc = torch.zeros(2, 8, 4), torch.zeros(2, 8, 4)
-    key, value, slots = randn(3, 2, 4), randn(3, 2, 4, seed=1), torch.tensor([0, 1, 2])
-    torch.library.opcheck(torch.ops.layerskip.kv_cache_write.default, (kc, vc, key, value, slots))
-    with pytest.raises(RuntimeError, match=r"kv_cache_write: slots\[1\] = 8 is outside \[0, 8\)"):
-        ops.kv_cache_write(kc, vc, key, value, torch.tensor([0, 8, 1]))
-    with pytest.raises(RuntimeError, match=r"kv_cache_write: slots\[0\] = -1 is outside"):
-        ops.kv_cache_write(kc, vc, key, value, torch.tensor([-1, 0, 1]))
+    kc, vc = torch.zeros(2, 2, 8, 4), torch.zeros(2, 2, 8, 4)
+    key, value = randn(3, 2, 4), randn(3, 2, 4, seed=1)
+    rows, positions = torch.tensor([0, 1, 1]), torch.tensor([0, 1, 2])
+    torch.library.opcheck(torch.ops.layerskip.kv_cache_write.default, (kc, vc, key, value, rows, positions))
+    with pytest.raises(RuntimeError, match=r"kv_cache_write: positions\[1\] = 8 is outside \[0, 8\)"):
+        ops.kv_cache_write(kc, vc, key, value, rows, torch.tensor([0, 8, 1]))
+    with pytest.raises(RuntimeError, match=r"kv_cache_write: positions\[0\] = -1 is outside"):
+        ops.kv_cache_write(kc, vc, key, value, rows, torch.tensor([-1, 0, 1]))
+    with pytest.raises(RuntimeError, match=r"kv_cache_write: rows\[2\] = 2 is outside \[0, 2\)"):
+        ops.kv_cache_write(kc, vc, key, value, torch.tensor([0, 1, 2]), positions)
     with pytest.raises(RuntimeError, match=r"kv_cache_write: key must have shape \[T, 2, 4\]"):
-        ops.kv_cache_write(kc, vc, randn(3, 1, 4), randn(3, 1, 4), slots)
+        ops.kv_cache_write(kc, vc, randn(3, 1, 4), randn(3, 1, 4), rows, positions)
     with pytest.raises(RuntimeError, match="kv_cache_write: k_cache must be contiguous"):
-        ops.kv_cache_write(torch.zeros(8, 2, 4).transpose(0, 1), vc, key, value, slots)
-    with pytest.raises(RuntimeError, match=r"kv_cache_write: slots must have shape \[3\]"):
-        ops.kv_cache_write(kc, vc, key, value, torch.tensor([0, 1]))
+        ops.kv_cache_write(torch.zeros(2, 8, 2, 4).transpose(1, 2), vc, key, value, rows, positions)
+    with pytest.raises(RuntimeError, match=r"kv_cache_write: positions must have shape \[3\]"):
+        ops.kv_cache_write(kc, vc, key, value, rows, torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="kv_cache_write: rows must be Long"):
+        ops.kv_cache_write(kc, vc, key, value, rows.int(), positions)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -253,14 +267,18 @@ def test_kv_cache_write_opcheck_and_errors():
 
 
 def _attention_case(T, heads, D, start_pos, dtype, seed=0):
+    """T tokens of cache row 1 of 2 at positions start_pos .. start_pos + T - 1 (row 0 and the slots past the
+    last position are NaN: they must never be read)."""
     Hq, Hkv = heads
-    S = start_pos + T + 3  # a few slots past the end: must never be read
+    S = start_pos + T + 3
     q = randn(T, Hq, D, seed=seed, dtype=dtype)
-    k_cache = randn(Hkv, S, D, seed=seed + 1, dtype=dtype)
-    v_cache = randn(Hkv, S, D, seed=seed + 2, dtype=dtype)
-    k_cache[:, start_pos + T :] = float("nan")  # poison unused slots
-    v_cache[:, start_pos + T :] = float("nan")
-    return q, k_cache, v_cache
+    k_cache = randn(2, Hkv, S, D, seed=seed + 1, dtype=dtype)
+    v_cache = randn(2, Hkv, S, D, seed=seed + 2, dtype=dtype)
+    for cache in (k_cache, v_cache):
+        cache[0] = float("nan")
+        cache[1, :, start_pos + T :] = float("nan")
+    rows, positions = torch.ones(T, dtype=torch.int64), start_pos + torch.arange(T)
+    return q, k_cache, v_cache, rows, positions
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -270,56 +288,78 @@ def _attention_case(T, heads, D, start_pos, dtype, seed=0):
 @pytest.mark.parametrize("D", [32, 64, 128])
 @pytest.mark.parametrize("start_pos", [0, 5, 100])
 def test_attention(device, dtype, T, heads, D, start_pos):
-    q, k_cache, v_cache = _attention_case(T, heads, D, start_pos, dtype, seed=T + D)
+    q, k_cache, v_cache, rows, positions = _attention_case(T, heads, D, start_pos, dtype, seed=T + D)
     scale = D**-0.5
-    out = ops.attention(q.to(device), k_cache.to(device), v_cache.to(device), start_pos, scale)
+    out = ops.attention(q.to(device), k_cache.to(device), v_cache.to(device), rows.to(device), positions.to(device),
+                        scale)
     assert out.shape == q.shape and out.dtype == dtype
-    ref = ops.attention_reference(q.float(), k_cache.float(), v_cache.float(), start_pos, scale)
+    ref = ops.attention_reference(q.float(), k_cache.float(), v_cache.float(), rows, positions, scale)
     baseline = None
     if dtype != torch.float32:  # the same math in dtype
         Hq, Hkv = heads
         n = start_pos + T
-        k = k_cache[:, :n].repeat_interleave(Hq // Hkv, 0)
-        v = v_cache[:, :n].repeat_interleave(Hq // Hkv, 0)
+        k = k_cache[1, :, :n].repeat_interleave(Hq // Hkv, 0)
+        v = v_cache[1, :, :n].repeat_interleave(Hq // Hkv, 0)
         s = (q.transpose(0, 1) @ k.transpose(1, 2)) * scale
         mask = torch.arange(n)[None, :] > (start_pos + torch.arange(T))[:, None]
         baseline = (torch.softmax(s.masked_fill(mask, float("-inf")), -1) @ v).transpose(0, 1)
     assert_matches(out, ref, baseline, rtol=2e-5, atol=2e-5)
 
 
+def test_attention_ragged_rows_are_batch_invariant():
+    """Tokens of several rows at different positions in one call: each equals the call with that token alone
+    (bit for bit) and the reference."""
+    B, Hq, Hkv, S, D = 3, 4, 2, 30, 32
+    k_cache, v_cache = randn(B, Hkv, S, D, seed=1), randn(B, Hkv, S, D, seed=2)
+    rows, positions = torch.tensor([2, 0, 2, 1, 0]), torch.tensor([7, 0, 8, 29, 13])
+    q = randn(5, Hq, D, seed=3)
+    out = ops.attention(q, k_cache, v_cache, rows, positions, 0.2)
+    torch.testing.assert_close(out, ops.attention_reference(q, k_cache, v_cache, rows, positions, 0.2), rtol=2e-5,
+                               atol=2e-5)
+    for t in range(5):
+        alone = ops.attention(q[t:t + 1], k_cache, v_cache, rows[t:t + 1], positions[t:t + 1], 0.2)
+        assert torch.equal(alone[0], out[t])
+
+
 def test_attention_matches_sdpa_prefill():
     T, Hq, Hkv, D = 12, 6, 2, 32
-    q, k_cache, v_cache = _attention_case(T, (Hq, Hkv), D, 0, torch.float32)
-    out = ops.attention(q, k_cache, v_cache, 0, D**-0.5)
-    k = k_cache[:, :T].repeat_interleave(3, 0)
-    v = v_cache[:, :T].repeat_interleave(3, 0)
+    q, k_cache, v_cache, rows, positions = _attention_case(T, (Hq, Hkv), D, 0, torch.float32)
+    out = ops.attention(q, k_cache, v_cache, rows, positions, D**-0.5)
+    k = k_cache[1, :, :T].repeat_interleave(3, 0)
+    v = v_cache[1, :, :T].repeat_interleave(3, 0)
     sdpa = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k, v, is_causal=True)
     torch.testing.assert_close(out, sdpa.transpose(0, 1), rtol=2e-5, atol=2e-5)
 
 
 def test_attention_single_slot_returns_value():
-    q, k_cache, v_cache = _attention_case(1, (2, 1), 16, 0, torch.float32)
-    out = ops.attention(q, k_cache, v_cache, 0, 0.25)  # one visible slot: softmax weight 1
-    torch.testing.assert_close(out[0], v_cache[0, 0].expand(2, 16), rtol=0, atol=0)
+    q, k_cache, v_cache, rows, positions = _attention_case(1, (2, 1), 16, 0, torch.float32)
+    out = ops.attention(q, k_cache, v_cache, rows, positions, 0.25)  # one visible slot: softmax weight 1
+    torch.testing.assert_close(out[0], v_cache[1, 0, 0].expand(2, 16), rtol=0, atol=0)
 
 
 def test_attention_opcheck_and_errors():
-    q, k_cache, v_cache = _attention_case(3, (4, 2), 32, 5, torch.float32)
+    q, k_cache, v_cache, rows, positions = _attention_case(3, (4, 2), 32, 5, torch.float32)
     k_cache, v_cache = k_cache.nan_to_num(), v_cache.nan_to_num()
-    torch.library.opcheck(torch.ops.layerskip.attention.default, (q, k_cache, v_cache, 5, 0.1))
-    torch.library.opcheck(torch.ops.layerskip.attention.default, (q.bfloat16(), k_cache.bfloat16(),
-                                                                  v_cache.bfloat16(), 2, 0.1))
-    S = k_cache.shape[1]
-    with pytest.raises(RuntimeError, match=f"attention: start_pos \\+ T = {S - 2} \\+ 3 exceeds the cache capacity"):
-        ops.attention(q, k_cache, v_cache, S - 2, 0.1)
-    with pytest.raises(RuntimeError, match="attention: start_pos must be >= 0"):
-        ops.attention(q, k_cache, v_cache, -1, 0.1)
+    torch.library.opcheck(torch.ops.layerskip.attention.default,
+                          (torch.empty_like(q), q, k_cache, v_cache, rows, positions, 0.1))
+    qb = q.bfloat16()
+    torch.library.opcheck(torch.ops.layerskip.attention.default,
+                          (torch.empty_like(qb), qb, k_cache.bfloat16(), v_cache.bfloat16(), rows, positions - 3, 0.1))
+    S = k_cache.shape[2]
+    with pytest.raises(RuntimeError, match=rf"attention: positions\[2\] = {S} is outside \[0, {S}\)"):
+        ops.attention(q, k_cache, v_cache, rows, torch.tensor([0, 1, S]), 0.1)
+    with pytest.raises(RuntimeError, match=r"attention: positions\[0\] = -1 is outside"):
+        ops.attention(q, k_cache, v_cache, rows, torch.tensor([-1, 0, 1]), 0.1)
+    with pytest.raises(RuntimeError, match=r"attention: rows\[1\] = 2 is outside \[0, 2\)"):
+        ops.attention(q, k_cache, v_cache, torch.tensor([0, 2, 1]), positions, 0.1)
     with pytest.raises(RuntimeError, match=r"attention: query heads \(4\) must be a multiple of cache heads \(3\)"):
-        ops.attention(q, torch.zeros(3, S, 32), torch.zeros(3, S, 32), 0, 0.1)
+        ops.attention(q, torch.zeros(2, 3, S, 32), torch.zeros(2, 3, S, 32), rows, positions, 0.1)
     with pytest.raises(RuntimeError, match="attention: k_cache head_dim 16 differs"):
-        ops.attention(q, torch.zeros(2, S, 16), torch.zeros(2, S, 16), 0, 0.1)
+        ops.attention(q, torch.zeros(2, 2, S, 16), torch.zeros(2, 2, S, 16), rows, positions, 0.1)
     with pytest.raises(RuntimeError, match="attention: v_cache must have the dtype of k_cache"):
-        ops.attention(q, k_cache, v_cache.bfloat16(), 0, 0.1)
+        ops.attention(q, k_cache, v_cache.bfloat16(), rows, positions, 0.1)
+    with pytest.raises(RuntimeError, match=r"attention: positions must have shape \[3\]"):
+        ops.attention(q, k_cache, v_cache, rows, positions[:2], 0.1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -345,7 +385,7 @@ def test_silu_and_mul_extreme_inputs():
 
 
 def test_silu_and_mul_opcheck_and_errors():
-    torch.library.opcheck(torch.ops.layerskip.silu_and_mul.default, (randn(2, 3, 8),))
+    torch.library.opcheck(torch.ops.layerskip.silu_and_mul.default, (torch.empty(2, 3, 4), randn(2, 3, 8)))
     with pytest.raises(RuntimeError, match="silu_and_mul: the last dimension of input .* must be even"):
         ops.silu_and_mul(randn(2, 7))
     with pytest.raises(RuntimeError, match="silu_and_mul: input must be float32 or bfloat16"):
@@ -439,16 +479,22 @@ def test_sampling_probs_hand_cases():
 
 def test_sampling_probs_opcheck_and_errors():
     logits = randn(2, 50)
-    torch.library.opcheck(torch.ops.layerskip.sampling_probs.default, (logits, 0.8, 5, 0.9))
-    with pytest.raises(RuntimeError, match="sampling_probs: temperature must be > 0"):
-        ops.sampling_probs(logits, 0.0, 0, 1.0)
-    with pytest.raises(RuntimeError, match="sampling_probs: temperature must be finite and >= 0"):
+    params = (torch.tensor([0.8, 0.0], dtype=torch.float64), torch.tensor([5, 0]),
+              torch.tensor([0.9, 1.0], dtype=torch.float64))
+    torch.library.opcheck(torch.ops.layerskip.sampling_probs.default, (torch.empty(2, 50), logits, *params))
+    with pytest.raises(RuntimeError, match=r"sampling_probs: temperature\[0\] must be finite and >= 0"):
         ops.sampling_probs(logits, -1.0, 0, 1.0)
-    with pytest.raises(RuntimeError, match="sampling_probs: top_k must be >= 0"):
+    with pytest.raises(RuntimeError, match=r"sampling_probs: temperature\[1\] must be finite and >= 0"):
+        ops.sampling_probs(logits, [1.0, float("nan")], 0, 1.0)
+    with pytest.raises(RuntimeError, match=r"sampling_probs: top_k\[0\] must be >= 0"):
         ops.sampling_probs(logits, 1.0, -1, 1.0)
     for bad in (0.0, 1.5, -0.1):
-        with pytest.raises(RuntimeError, match=r"sampling_probs: top_p must be in \(0, 1\]"):
+        with pytest.raises(RuntimeError, match=r"sampling_probs: top_p\[0\] must be in \(0, 1\]"):
             ops.sampling_probs(logits, 1.0, 0, bad)
+    with pytest.raises(RuntimeError, match=r"sampling_probs: temperature must have shape \[2\]"):
+        ops.sampling_probs(logits, [1.0], 0, 1.0)
+    with pytest.raises(RuntimeError, match="sampling_probs: top_p must be Double"):
+        ops.sampling_probs(logits, 1.0, 0, torch.ones(2))
     with pytest.raises(RuntimeError, match="sampling_probs: logits row 1 must have a finite maximum"):
         ops.sampling_probs(torch.tensor([[0.0, 1.0], [float("-inf"), float("-inf")]]), 1.0, 0, 1.0)
     with pytest.raises(RuntimeError, match=r"sampling_probs: logits \[T, V\] must have 2 dimensions"):
@@ -495,7 +541,8 @@ def test_sample_from_probs_edges():
 
 def test_sample_from_probs_opcheck_and_errors():
     probs = torch.rand(3, 20, generator=gen(0))
-    torch.library.opcheck(torch.ops.layerskip.sample_from_probs.default, (probs, 3, 4))
+    torch.library.opcheck(torch.ops.layerskip.sample_from_probs.default,
+                          (torch.empty(3, dtype=torch.int64), probs, torch.tensor([3, 3, -5]), torch.tensor([4, 5, 0])))
     with pytest.raises(RuntimeError, match=r"sample_from_probs: probs\[1, 2\] must be finite and >= 0"):
         bad = probs.clone()
         bad[1, 2] = -0.5
@@ -510,7 +557,7 @@ def test_sample_from_probs_opcheck_and_errors():
         ops.sample_from_probs(bad, 0, 0)
     with pytest.raises(RuntimeError, match="sample_from_probs: probs must be float32"):
         ops.sample_from_probs(probs.double(), 0, 0)
-    with pytest.raises(RuntimeError, match="sample_from_probs: offset must be >= 0"):
+    with pytest.raises(RuntimeError, match=r"sample_from_probs: counters\[0\] = -1 is outside"):
         ops.sample_from_probs(probs, 0, -1)
 
 
@@ -558,14 +605,20 @@ def test_sample_top_k_frequencies():
 
 def test_sample_opcheck_and_errors():
     logits = randn(2, 30)
-    torch.library.opcheck(torch.ops.layerskip.sample.default, (logits, 0.9, 4, 0.9, 5, 0))
-    torch.library.opcheck(torch.ops.layerskip.sample.default, (logits, 0.0, 0, 1.0, 5, 0))
-    with pytest.raises(RuntimeError, match="sample: temperature must be finite and >= 0"):
+    f64 = dict(dtype=torch.float64)
+    for temperature in ([0.9, 0.9], [0.0, 0.7]):
+        torch.library.opcheck(torch.ops.layerskip.sample.default,
+                              (torch.empty(2, dtype=torch.int64), logits, torch.tensor(temperature, **f64),
+                               torch.tensor([4, 0]), torch.tensor([0.9, 1.0], **f64), torch.tensor([5, 6]),
+                               torch.tensor([0, 1])))
+    with pytest.raises(RuntimeError, match=r"sample: temperature\[0\] must be finite and >= 0"):
         ops.sample(logits, -0.1, 0, 1.0, 0, 0)
-    with pytest.raises(RuntimeError, match=r"sample: top_p must be in \(0, 1\]"):
+    with pytest.raises(RuntimeError, match=r"sample: top_p\[0\] must be in \(0, 1\]"):
         ops.sample(logits, 0.0, 0, 0.0, 0, 0)
-    with pytest.raises(RuntimeError, match="sample: top_k must be >= 0"):
+    with pytest.raises(RuntimeError, match=r"sample: top_k\[0\] must be >= 0"):
         ops.sample(logits, 1.0, -2, 1.0, 0, 0)
+    with pytest.raises(RuntimeError, match=r"sample: seeds must have shape \[2\]"):
+        ops.sample(logits, 1.0, 0, 1.0, torch.tensor([1]), 0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -608,10 +661,14 @@ def test_speculative_accept_greedy_random(d):
 
 def test_speculative_accept_greedy_opcheck_and_errors():
     logits, draft = randn(4, 10), torch.tensor([1, 2, 3])
-    torch.library.opcheck(torch.ops.layerskip.speculative_accept_greedy.default, (draft, logits))
-    with pytest.raises(RuntimeError, match=r"speculative_accept_greedy: target_logits must have d \+ 1 = 4 rows"):
+    torch.library.opcheck(torch.ops.layerskip.speculative_accept_greedy.default,
+                          (torch.empty(1, 4, dtype=torch.int64), torch.empty(1, dtype=torch.int64), draft[None],
+                           torch.tensor([2]), logits[None]))
+    with pytest.raises(RuntimeError, match=r"speculative_accept_greedy: target_logits must have shape \[1, 4, V\]"):
         ops.speculative_accept_greedy(draft, logits[:3])
-    with pytest.raises(RuntimeError, match=r"speculative_accept_greedy: draft_tokens\[1\] = 10 is outside"):
+    with pytest.raises(RuntimeError, match=r"speculative_accept_greedy: draft_lengths\[0\] = 4 is outside"):
+        ops.speculative_accept_greedy(draft[None], logits[None], torch.tensor([4]))
+    with pytest.raises(RuntimeError, match=r"speculative_accept_greedy: draft_tokens\[0, 1\] = 10 is outside"):
         ops.speculative_accept_greedy(torch.tensor([1, 10, 3]), logits)
     with pytest.raises(RuntimeError, match="speculative_accept_greedy: draft_tokens must be int64"):
         ops.speculative_accept_greedy(draft.int(), logits)
@@ -732,14 +789,62 @@ def test_speculative_accept_residual_fallback_to_target():
 
 def test_speculative_accept_opcheck_and_errors():
     q, p, draft = _random_probs(2, 8, seed=1), _random_probs(3, 8, seed=2), torch.tensor([1, 2])
-    torch.library.opcheck(torch.ops.layerskip.speculative_accept.default, (draft, q, p, 3, 0))
-    with pytest.raises(RuntimeError, match=r"speculative_accept: draft_probs must have shape \[2, 8\]"):
+    torch.library.opcheck(torch.ops.layerskip.speculative_accept.default,
+                          (torch.empty(1, 3, dtype=torch.int64), torch.empty(1, dtype=torch.int64), draft[None],
+                           torch.tensor([2]), q[None], p[None], torch.tensor([3]), torch.tensor([0])))
+    with pytest.raises(RuntimeError, match=r"speculative_accept: draft_probs must have shape \[1, 2, 8\]"):
         ops.speculative_accept(draft, q[:1], p, 0, 0)
-    with pytest.raises(RuntimeError, match=r"speculative_accept: target_probs must have d \+ 1 = 3 rows"):
+    with pytest.raises(RuntimeError, match=r"speculative_accept: target_probs must have shape \[1, 3, V\]"):
         ops.speculative_accept(draft, q, p[:2], 0, 0)
-    with pytest.raises(RuntimeError, match=r"speculative_accept: draft_tokens\[0\] = -1 is outside"):
+    with pytest.raises(RuntimeError, match=r"speculative_accept: draft_tokens\[0, 0\] = -1 is outside"):
         ops.speculative_accept(torch.tensor([-1, 2]), q, p, 0, 0)
     with pytest.raises(RuntimeError, match="speculative_accept: target_probs must be float32"):
         ops.speculative_accept(draft, q, p.double(), 0, 0)
-    with pytest.raises(RuntimeError, match="speculative_accept: offset must be >= 0"):
+    with pytest.raises(RuntimeError, match=r"speculative_accept: counters\[0\] = -4 is outside"):
         ops.speculative_accept(draft, q, p, 0, -4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-token parameters and batched acceptance (the engine's batched use)
+
+
+def test_sampling_per_token_parameters_match_reference():
+    """Every token with its own temperature (0: one-hot argmax / greedy), top_k, top_p, seed and counter."""
+    logits = randn(6, 300, seed=12, scale=2.0)
+    temperature = [0.0, 0.7, 1.3, 0.0, 1.0, 2.0]
+    top_k, top_p = [0, 5, 0, 3, 40, 0], [1.0, 1.0, 0.8, 0.5, 0.9, 0.95]
+    seeds, counters = torch.tensor([1, 2, 3, 4, 5, -6]), torch.tensor([0, 7, 7, 1, 100, 3])
+    probs = ops.sampling_probs(logits, temperature, top_k, top_p)
+    _mask_and_probs_match(probs, ops.sampling_probs_reference(logits, temperature, top_k, top_p))
+    assert torch.equal(probs[0], torch.nn.functional.one_hot(logits[0].argmax(), 300).float())
+    out = ops.sample(logits, temperature, top_k, top_p, seeds, counters)
+    assert torch.equal(out, ops.sample_reference(logits, temperature, top_k, top_p, seeds, counters))
+    assert out[0] == logits[0].argmax() and out[3] == logits[3].argmax()
+    assert torch.equal(ops.sample_from_probs(probs, seeds, counters), out)  # one-hot rows draw their argmax
+    for t in range(6):  # each token alone gives the same result (batch invariance)
+        alone = ops.sample(logits[t:t + 1], temperature[t], top_k[t], top_p[t], seeds[t:t + 1], counters[t:t + 1])
+        assert alone.item() == out[t].item()
+
+
+def test_speculative_accept_batched_ragged_matches_rows_alone():
+    B, d, V = 4, 3, 9
+    lengths = torch.tensor([3, 0, 2, 1])
+    q = torch.stack([_random_probs(d, V, seed=b) for b in range(B)])           # [B, d, V]
+    p = torch.stack([_random_probs(d + 1, V, seed=b + 50) for b in range(B)])  # [B, d + 1, V]
+    logits = randn(B, d + 1, V, seed=8)
+    for trial in range(10):
+        drafts = torch.randint(0, V, (B, d), generator=gen(trial))
+        drafts[2, 2] = 99  # past row 2's length: never read
+        seeds, counters = torch.tensor([trial, 5, -3, 7]), torch.tensor([0, 4, 9, 1])
+        tokens, n = ops.speculative_accept(drafts, q, p, seeds, counters, draft_lengths=lengths)
+        ref, ref_n = ops.speculative_accept_reference(drafts, q, p, seeds, counters, draft_lengths=lengths)
+        assert torch.equal(tokens, ref) and torch.equal(n, ref_n)
+        g_tokens, g_n = ops.speculative_accept_greedy(drafts, logits, draft_lengths=lengths)
+        g_ref, g_ref_n = ops.speculative_accept_greedy_reference(drafts, logits, draft_lengths=lengths)
+        assert torch.equal(g_tokens, g_ref) and torch.equal(g_n, g_ref_n)
+        for b in range(B):
+            db = int(lengths[b])
+            alone, n_alone = ops.speculative_accept(drafts[b, :db], q[b, :db], p[b, : db + 1], int(seeds[b]),
+                                                    int(counters[b]))
+            assert tokens[b, : db + 1].tolist() == alone.tolist() and n[b] == n_alone
+            assert (tokens[b, db + 1:] == -1).all()

@@ -16,7 +16,7 @@
 
 namespace {
 
-using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&);
+using LinearFn = void(at::Tensor&, const at::Tensor&, const at::Tensor&);
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -52,13 +52,14 @@ int main(int argc, char** argv) {
       std::vector<at::Tensor> copies;
       for (int64_t i = 0; i < std::max<int64_t>(1, ws_mb * (1 << 20) / static_cast<int64_t>(nbytes)); ++i)
         copies.push_back(w.clone());
-      for (int64_t T : {1, 2, 4, 8, 16}) {
+      for (int64_t T : {1, 2, 4, 8, 16, 32, 64}) {
         const at::Tensor x = torch::randn({T, s.k});  // [T, K]
+        at::Tensor out = torch::empty({T, s.n});       // [T, N]
         auto aten = [&](const at::Tensor& wi) {
           return wtype == at::kFloat ? at::linear(x, wi) : at::linear(x.to(wtype), wi).to(at::kFloat);
         };
         for (const at::Tensor& wi : copies) {  // warm-up pass
-          op.call(x, wi);
+          op.call(out, x, wi);
           aten(wi);
         }
         std::vector<double> t_ours, t_aten;
@@ -66,7 +67,7 @@ int main(int argc, char** argv) {
           const at::Tensor& wi = copies[i % copies.size()];
           const at::Tensor& wa = copies[(i + copies.size() / 2) % copies.size()];  // not the copy ours just read
           double t0 = now();
-          op.call(x, wi);
+          op.call(out, x, wi);
           double t1 = now();
           aten(wa);
           double t2 = now();

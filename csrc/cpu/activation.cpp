@@ -2,6 +2,7 @@
 // silu(gate) * up [..., I]. float32 or bfloat16; math in float32 with a vectorisable exp.
 #include <ATen/Parallel.h>
 
+#include "cpu/dtype_dispatch.h"
 #include "cpu/op_checks.h"
 #include "cpu/reductions.h"
 #include "ops.h"
@@ -27,7 +28,7 @@ void silu_and_mul_kernel(const T* in, T* out, int64_t rows, int64_t inter) {
 
 }  // namespace
 
-torch::Tensor silu_and_mul_cpu(const torch::Tensor& input) {
+void silu_and_mul_cpu(torch::Tensor& out, const torch::Tensor& input) {
   const char* op = "silu_and_mul";
   cpu::check_cpu(input, op, "input");
   cpu::check_float(input, true, op, "input");
@@ -38,15 +39,13 @@ torch::Tensor silu_and_mul_cpu(const torch::Tensor& input) {
   const int64_t inter = x.size(-1) / 2;
   auto out_shape = x.sizes().vec();
   out_shape.back() = inter;
-  auto out = torch::empty(out_shape, x.options());
-  if (out.numel() == 0) return out;
+  cpu::check_out(out, out_shape, x.scalar_type(), op, "out");
+  if (out.numel() == 0) return;
   const int64_t rows = out.numel() / inter;
-  if (x.scalar_type() == at::kFloat) {
-    silu_and_mul_kernel(x.data_ptr<float>(), out.data_ptr<float>(), rows, inter);
-  } else {
-    silu_and_mul_kernel(x.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), rows, inter);
-  }
-  return out;
+  cpu::dispatch_float(x.scalar_type(), [&](auto* tag) {
+    using T = cpu::elem_t<decltype(tag)>;
+    silu_and_mul_kernel(x.data_ptr<T>(), out.data_ptr<T>(), rows, inter);
+  });
 }
 
 TORCH_LIBRARY_IMPL(layerskip, CPU, m) { m.impl("silu_and_mul", &silu_and_mul_cpu); }

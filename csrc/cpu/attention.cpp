@@ -1,9 +1,10 @@
-// CPU kernel of attention: causal grouped-query attention of T new queries against the KV cache.
-// Query t sits at position start_pos + t and sees cache slots [0, start_pos + t]. Scores, softmax and
-// the weighted sum of values in float32; query / caches float32 or bfloat16. One task per
-// (token, query head), split across threads.
+// CPU kernel of attention: causal grouped-query attention of T tokens (from any rows) against the KV cache.
+// Token t attends to slots [0, positions[t]] of cache row rows[t]. Scores, softmax and the weighted sum of
+// values in float32; query / caches float32 or bfloat16. One task per (token, query head), split across
+// threads; a task's arithmetic depends only on its token (batch invariant).
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -30,21 +31,22 @@ inline void attend_row(const float* q, const C* k, const C* v, int64_t n, int64_
 
 template <typename Q, typename C>
 void attention_kernel(const Q* query, int64_t sq_t, int64_t sq_h, const C* k_cache, const C* v_cache, Q* out,
-                      int64_t tokens, int64_t q_heads, int64_t kv_heads, int64_t capacity, int64_t head_dim,
-                      int64_t start_pos, float scale) {
+                      const int64_t* rows, const int64_t* positions, int64_t tokens, int64_t q_heads,
+                      int64_t kv_heads, int64_t capacity, int64_t head_dim, float scale) {
   const int64_t group = q_heads / kv_heads;
-  const int64_t work_per_item = (start_pos + tokens) * head_dim * 2;  // flops-ish of the longest row
+  int64_t longest = 1;  // keys of the longest token
+  for (int64_t t = 0; t < tokens; ++t) longest = std::max(longest, positions[t] + 1);
+  const int64_t work_per_item = longest * head_dim * 2;  // flops-ish of the longest token
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(work_per_item, 1));
   at::parallel_for(0, tokens * q_heads, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(head_dim), acc(head_dim), scores(start_pos + tokens);
+    std::vector<float> q(head_dim), acc(head_dim), scores(longest);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t h = r / tokens, t = r % tokens;  // token-minor: consecutive tasks share a kv head
       const int64_t kvh = h / group;
       const Q* qr = query + t * sq_t + h * sq_h;
       for (int64_t i = 0; i < head_dim; ++i) q[i] = cpu::to_float(qr[i]) * scale;
-      const C* k = k_cache + kvh * capacity * head_dim;
-      const C* v = v_cache + kvh * capacity * head_dim;
-      attend_row(q.data(), k, v, start_pos + t + 1, head_dim, scores.data(), acc.data());
+      const int64_t base = (rows[t] * kv_heads + kvh) * capacity * head_dim;  // [S, D] of (row, kv head)
+      attend_row(q.data(), k_cache + base, v_cache + base, positions[t] + 1, head_dim, scores.data(), acc.data());
       Q* o = out + (t * q_heads + h) * head_dim;
       for (int64_t i = 0; i < head_dim; ++i) o[i] = cpu::from_float<Q>(acc[i]);
     }
@@ -53,15 +55,16 @@ void attention_kernel(const Q* query, int64_t sq_t, int64_t sq_h, const C* k_cac
 
 }  // namespace
 
-torch::Tensor attention_cpu(const torch::Tensor& query, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                            int64_t start_pos, double scale) {
+void attention_cpu(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor& k_cache,
+                   const torch::Tensor& v_cache, const torch::Tensor& rows, const torch::Tensor& positions,
+                   double scale) {
   const char* op = "attention";
   cpu::check_cpu(query, op, "query");
   cpu::check_cpu(k_cache, op, "k_cache");
   cpu::check_cpu(v_cache, op, "v_cache");
   cpu::check_dim(query, 3, op, "query [T, Hq, D]");
-  cpu::check_dim(k_cache, 3, op, "k_cache [Hkv, S, D]");
-  cpu::check_dim(v_cache, 3, op, "v_cache [Hkv, S, D]");
+  cpu::check_dim(k_cache, 4, op, "k_cache [B, Hkv, S, D]");
+  cpu::check_dim(v_cache, 4, op, "v_cache [B, Hkv, S, D]");
   cpu::check_float(query, true, op, "query");
   cpu::check_float(k_cache, true, op, "k_cache");
   TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), op, ": v_cache must have the dtype of k_cache (",
@@ -69,29 +72,30 @@ torch::Tensor attention_cpu(const torch::Tensor& query, const torch::Tensor& k_c
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have the shape of k_cache ", k_cache.sizes(),
               ", got ", v_cache.sizes());
   const int64_t tokens = query.size(0), q_heads = query.size(1), head_dim = query.size(2);
-  const int64_t kv_heads = k_cache.size(0), capacity = k_cache.size(1);
-  TORCH_CHECK(k_cache.size(2) == head_dim, op, ": k_cache head_dim ", k_cache.size(2), " differs from query's ",
+  const int64_t batch = k_cache.size(0), kv_heads = k_cache.size(1), capacity = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == head_dim, op, ": k_cache head_dim ", k_cache.size(3), " differs from query's ",
               head_dim);
   TORCH_CHECK(kv_heads > 0 && q_heads % kv_heads == 0, op, ": query heads (", q_heads,
               ") must be a multiple of cache heads (", kv_heads, ")");
-  TORCH_CHECK(start_pos >= 0, op, ": start_pos must be >= 0, got ", start_pos);
-  TORCH_CHECK(start_pos + tokens <= capacity, op, ": start_pos + T = ", start_pos, " + ", tokens,
-              " exceeds the cache capacity S = ", capacity);
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  cpu::check_vector(rows, tokens, at::kLong, op, "rows");
+  cpu::check_vector(positions, tokens, at::kLong, op, "positions");
   cpu::check_last_dim_dense(query, op, "query");
   cpu::check_contiguous(k_cache, op, "k_cache");
   cpu::check_contiguous(v_cache, op, "v_cache");
-
-  auto out = torch::empty({tokens, q_heads, head_dim}, query.options());
-  if (out.numel() == 0) return out;
+  cpu::check_out(out, query.sizes(), query.scalar_type(), op, "out");
+  cpu::check_indices(rows, batch, op, "rows", "B = k_cache.size(0)");
+  cpu::check_indices(positions, capacity, op, "positions", "S = k_cache.size(2)");
+  if (out.numel() == 0) return;
+  const auto r = rows.contiguous();
+  const auto p = positions.contiguous();
   cpu::dispatch_float_pair(query.scalar_type(), k_cache.scalar_type(), [&](auto* q_tag, const auto* c_tag) {
-    using Q = std::remove_pointer_t<decltype(q_tag)>;
-    using C = std::remove_const_t<std::remove_pointer_t<decltype(c_tag)>>;
+    using Q = cpu::elem_t<decltype(q_tag)>;
+    using C = cpu::elem_t<decltype(c_tag)>;
     attention_kernel<Q, C>(query.data_ptr<Q>(), query.stride(0), query.stride(1), k_cache.data_ptr<C>(),
-                           v_cache.data_ptr<C>(), out.data_ptr<Q>(), tokens, q_heads, kv_heads, capacity, head_dim,
-                           start_pos, static_cast<float>(scale));
+                           v_cache.data_ptr<C>(), out.data_ptr<Q>(), r.data_ptr<int64_t>(), p.data_ptr<int64_t>(),
+                           tokens, q_heads, kv_heads, capacity, head_dim, static_cast<float>(scale));
   });
-  return out;
 }
 
 TORCH_LIBRARY_IMPL(layerskip, CPU, m) { m.impl("attention", &attention_cpu); }

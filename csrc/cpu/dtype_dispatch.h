@@ -1,27 +1,36 @@
-// Element-type dispatch shared by the CPU kernels whose two tensor arguments are each float32 or bfloat16
-// (activations and a parameter or cache): one place that maps the pair of dtypes to C++ types.
+// Element-type dispatch shared by every CPU kernel: the one place that maps float32 / bfloat16 tensors to the
+// C++ types float / c10::BFloat16. The entry point has already checked the dtypes.
 #pragma once
 #include <torch/all.h>
 
 namespace layerskip {
 namespace cpu {
 
-// Calls fn(static_cast<A*>(nullptr), static_cast<const B*>(nullptr)) where A and B are float or c10::BFloat16,
-// the element types of `a` and `b`. The entry point has already checked both are float32 or bfloat16.
+// Calls fn(static_cast<T*>(nullptr)) where T is float or c10::BFloat16, the element type of dtype `a`.
 template <typename Fn>
-void dispatch_float_pair(at::ScalarType a, at::ScalarType b, Fn&& fn) {
-  const bool a32 = a == at::kFloat;
-  const bool b32 = b == at::kFloat;
-  if (a32 && b32) {
-    fn(static_cast<float*>(nullptr), static_cast<const float*>(nullptr));
-  } else if (a32) {
-    fn(static_cast<float*>(nullptr), static_cast<const c10::BFloat16*>(nullptr));
-  } else if (b32) {
-    fn(static_cast<c10::BFloat16*>(nullptr), static_cast<const float*>(nullptr));
+void dispatch_float(at::ScalarType a, Fn&& fn) {
+  if (a == at::kFloat) {
+    fn(static_cast<float*>(nullptr));
   } else {
-    fn(static_cast<c10::BFloat16*>(nullptr), static_cast<const c10::BFloat16*>(nullptr));
+    fn(static_cast<c10::BFloat16*>(nullptr));
   }
 }
+
+// Calls fn(static_cast<A*>(nullptr), static_cast<const B*>(nullptr)) where A and B are float or c10::BFloat16,
+// the element types of `a` and `b`.
+template <typename Fn>
+void dispatch_float_pair(at::ScalarType a, at::ScalarType b, Fn&& fn) {
+  dispatch_float(a, [&](auto* a_tag) {
+    dispatch_float(b, [&](auto* b_tag) {
+      using B = std::remove_pointer_t<decltype(b_tag)>;
+      fn(a_tag, static_cast<const B*>(nullptr));
+    });
+  });
+}
+
+// The element type behind a dispatch tag: elem_t<decltype(tag)>.
+template <typename Tag>
+using elem_t = std::remove_const_t<std::remove_pointer_t<Tag>>;
 
 }  // namespace cpu
 }  // namespace layerskip

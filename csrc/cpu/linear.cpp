@@ -1,14 +1,17 @@
 // layerskip::linear on the CPU: out [T, N] = input [T, K] @ weight [N, K]^T, weight float32 or bfloat16.
 //
-// Decoding is memory bound: a decode step (T = 1) or a verify block (T <= 16) reads every weight once and
-// does only T multiply-adds per weight element. ATen's skinny GEMM costs more per call as T grows (2-3x from
+// Decoding is memory bound: a decode step (T = 1 per row), a verify block (d + 1 per row) or a batch of them
+// (T <= 64) reads every weight once and does only T multiply-adds per weight element. ATen's skinny GEMM costs more per call as T grows (2-3x from
 // T = 1 to T = 8 on the LM head) and its bf16 path runs at about half the bytes per second of its fp32 one,
-// so for T <= kSkinnyMaxTokens we run our own kernel: output rows N are split across threads; each thread
+// so for T <= kLinearSkinnyMaxTokens (64) we run our own kernel: output rows N are split across threads; each thread
 // walks its weight rows kRows at a time, and every block of kRows weight rows is multiplied against all T
 // input rows (in passes of at most kTokens tokens, the later passes finding the block in L1) before moving
 // on, so each weight byte comes from memory once whatever T is. bfloat16 weights are widened to float32 in
-// registers (a 16-bit shift), halving the bytes read; accumulation is float32 throughout. Larger T
-// (prefill) goes to at::matmul.
+// registers (a 16-bit shift), halving the bytes read; accumulation is float32 throughout.
+// Batch invariance: every output element is one dot product in a fixed order (kWidth lanes over K, the lanes
+// summed, then the K tail) whatever T is, whichever pass a row falls in and however threads split N, so a
+// row's result does not depend on the other rows of the call. Larger T (prefill) goes to at::mm, whose order
+// depends on T; bfloat16 weights are then widened in blocks of rows, never the whole matrix at once.
 #include <ATen/Parallel.h>
 #include <torch/all.h>
 #include <torch/library.h>
@@ -21,12 +24,13 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu/dtype_dispatch.h"
+#include "cpu/op_checks.h"
 #include "ops.h"
 
 namespace layerskip {
 namespace {
 
-constexpr int64_t kSkinnyMaxTokens = 16;  // T above this goes to at::matmul
 
 // ---------------------------------------------------------------------------------------------------
 // SIMD flavours. Each gives: Vec, kWidth floats per Vec, zero(), load(const float*), load(const BF16*)
@@ -178,36 +182,52 @@ void skinny_linear(const float* x, int64_t T, const W* w, int64_t K, float* out,
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { skinny_range(x, T, w, K, out, N, n0, n1); });
 }
 
+// Prefill (T > kLinearSkinnyMaxTokens): out = x @ w.T by at::mm, bfloat16 weights widened 1024 rows at a time.
+void gemm_linear(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& w) {
+  if (w.scalar_type() == at::kFloat) {
+    at::mm_out(out, x, w.t());
+    return;
+  }
+  constexpr int64_t kBlock = 1024;  // weight rows widened per GEMM call: 1024 x K floats
+  const int64_t N = w.size(0);
+  for (int64_t n0 = 0; n0 < N; n0 += kBlock) {
+    const int64_t n = std::min(kBlock, N - n0);
+    out.narrow(1, n0, n).copy_(at::mm(x, w.narrow(0, n0, n).to(at::kFloat).t()));  // [T, n]
+  }
+}
+
 }  // namespace
 
-// input [T, K] float32, weight [N, K] float32 | bfloat16 -> [T, N] float32
-torch::Tensor linear_cpu(const torch::Tensor& input, const torch::Tensor& weight) {
-  TORCH_CHECK(input.device().is_cpu() && weight.device().is_cpu(), "linear: expected CPU tensors, got input on ",
-              input.device(), " and weight on ", weight.device());
-  TORCH_CHECK(input.dim() == 2, "linear: input must be 2-D [T, K], got shape ", input.sizes());
-  TORCH_CHECK(weight.dim() == 2, "linear: weight must be 2-D [N, K], got shape ", weight.sizes());
-  TORCH_CHECK(input.scalar_type() == at::kFloat, "linear: input must be float32, got ", input.scalar_type());
-  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16,
-              "linear: weight must be float32 or bfloat16, got ", weight.scalar_type());
-  TORCH_CHECK(input.size(1) == weight.size(1), "linear: input [T, K] and weight [N, K] disagree on K: input ",
+// out [T, N] float32 = input [T, K] float32 @ weight [N, K] float32 | bfloat16 .T
+void linear_cpu(torch::Tensor& out, const torch::Tensor& input, const torch::Tensor& weight) {
+  const char* op = "linear";
+  cpu::check_cpu(input, op, "input");
+  cpu::check_cpu(weight, op, "weight");
+  cpu::check_dim(input, 2, op, "input [T, K]");
+  cpu::check_dim(weight, 2, op, "weight [N, K]");
+  cpu::check_float(input, false, op, "input");
+  cpu::check_float(weight, true, op, "weight");
+  TORCH_CHECK(input.size(1) == weight.size(1), op, ": input [T, K] and weight [N, K] disagree on K: input ",
               input.sizes(), ", weight ", weight.sizes());
-
   const int64_t T = input.size(0), K = input.size(1), N = weight.size(0);
-  if (T > kSkinnyMaxTokens) {  // prefill: ATen's GEMM (MKL) is good at many rows
-    return at::matmul(input, weight.to(at::kFloat).t());
-  }
+  cpu::check_out(out, {T, N}, at::kFloat, op, "out [T, N]");
 
   const torch::Tensor x = input.contiguous();   // [T, K]
   const torch::Tensor w = weight.contiguous();  // [N, K]
-  torch::Tensor out = torch::empty({T, N}, input.options());  // [T, N]
-  if (T == 0 || N == 0) return out;
-  if (weight.scalar_type() == at::kFloat) {
-    skinny_linear(x.data_ptr<float>(), T, w.data_ptr<float>(), K, out.data_ptr<float>(), N);
-  } else {
-    const auto* wb = reinterpret_cast<const BF16*>(w.data_ptr<at::BFloat16>());
-    skinny_linear(x.data_ptr<float>(), T, wb, K, out.data_ptr<float>(), N);
+  if (T == 0 || N == 0) return;
+  if (T > kLinearSkinnyMaxTokens) {  // prefill: ATen's GEMM (MKL) is good at many rows
+    gemm_linear(out, x, w);
+    return;
   }
-  return out;
+  float* o = out.data_ptr<float>();
+  cpu::dispatch_float(w.scalar_type(), [&](auto* tag) {
+    using W = cpu::elem_t<decltype(tag)>;
+    if constexpr (std::is_same_v<W, float>) {
+      skinny_linear(x.data_ptr<float>(), T, w.data_ptr<float>(), K, o, N);
+    } else {
+      skinny_linear(x.data_ptr<float>(), T, reinterpret_cast<const BF16*>(w.data_ptr<W>()), K, o, N);
+    }
+  });
 }
 
 TORCH_LIBRARY_IMPL(layerskip, CPU, m) { m.impl("linear", &linear_cpu); }

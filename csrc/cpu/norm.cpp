@@ -72,24 +72,24 @@ int64_t check_norm_args(const char* op, const torch::Tensor& input, const torch:
 
 }  // namespace
 
-torch::Tensor rms_norm_cpu(const torch::Tensor& input, const torch::Tensor& weight, double eps) {
-  const int64_t hidden = check_norm_args("rms_norm", input, weight, eps);
+void rms_norm_cpu(torch::Tensor& out, const torch::Tensor& input, const torch::Tensor& weight, double eps) {
+  const char* op = "rms_norm";
+  const int64_t hidden = check_norm_args(op, input, weight, eps);
+  cpu::check_out(out, input.sizes(), input.scalar_type(), op, "out");
   const auto x = input.contiguous();
   const auto w = weight.contiguous();
-  auto out = torch::empty_like(x);
-  if (x.numel() == 0) return out;
+  if (x.numel() == 0) return;
   const int64_t rows = x.numel() / hidden;
   cpu::dispatch_float_pair(x.scalar_type(), w.scalar_type(), [&](auto* t_tag, const auto* w_tag) {
-    using T = std::remove_pointer_t<decltype(t_tag)>;
-    using W = std::remove_const_t<std::remove_pointer_t<decltype(w_tag)>>;
+    using T = cpu::elem_t<decltype(t_tag)>;
+    using W = cpu::elem_t<decltype(w_tag)>;
     rms_norm_kernel<T, W>(x.data_ptr<T>(), w.data_ptr<W>(), out.data_ptr<T>(), rows, hidden,
                           static_cast<float>(eps));
   });
-  return out;
 }
 
-torch::Tensor fused_add_rms_norm_cpu(const torch::Tensor& input, torch::Tensor& residual, const torch::Tensor& weight,
-                                     double eps) {
+void fused_add_rms_norm_cpu(torch::Tensor& out, const torch::Tensor& input, torch::Tensor& residual,
+                            const torch::Tensor& weight, double eps) {
   const char* op = "fused_add_rms_norm";
   const int64_t hidden = check_norm_args(op, input, weight, eps);
   cpu::check_cpu(residual, op, "residual");
@@ -98,18 +98,17 @@ torch::Tensor fused_add_rms_norm_cpu(const torch::Tensor& input, torch::Tensor& 
   TORCH_CHECK(residual.scalar_type() == input.scalar_type(), op, ": residual must have the dtype of input (",
               input.scalar_type(), "), got ", residual.scalar_type());
   cpu::check_contiguous(residual, op, "residual (updated in place)");
+  cpu::check_out(out, input.sizes(), input.scalar_type(), op, "out");
   const auto x = input.contiguous();
   const auto w = weight.contiguous();
-  auto out = torch::empty_like(x);
-  if (x.numel() == 0) return out;
+  if (x.numel() == 0) return;
   const int64_t rows = x.numel() / hidden;
   cpu::dispatch_float_pair(x.scalar_type(), w.scalar_type(), [&](auto* t_tag, const auto* w_tag) {
-    using T = std::remove_pointer_t<decltype(t_tag)>;
-    using W = std::remove_const_t<std::remove_pointer_t<decltype(w_tag)>>;
+    using T = cpu::elem_t<decltype(t_tag)>;
+    using W = cpu::elem_t<decltype(w_tag)>;
     fused_add_rms_norm_kernel<T, W>(x.data_ptr<T>(), residual.data_ptr<T>(), w.data_ptr<W>(), out.data_ptr<T>(),
                                     rows, hidden, static_cast<float>(eps));
   });
-  return out;
 }
 
 TORCH_LIBRARY_IMPL(layerskip, CPU, m) {

@@ -79,8 +79,8 @@ void rotary_embedding_cpu(torch::Tensor& query, torch::Tensor& key, const torch:
   if (tokens == 0 || head_dim == 0) return;
 
   cpu::dispatch_float_pair(query.scalar_type(), cache.scalar_type(), [&](auto* t_tag, const auto* c_tag) {
-    using T = std::remove_pointer_t<decltype(t_tag)>;
-    using C = std::remove_const_t<std::remove_pointer_t<decltype(c_tag)>>;
+    using T = cpu::elem_t<decltype(t_tag)>;
+    using C = cpu::elem_t<decltype(c_tag)>;
     const C* cs = cache.data_ptr<C>();
     rotate_all(query.data_ptr<T>(), tokens, query.size(1), query.stride(0), query.stride(1), p, cs, head_dim);
     rotate_all(key.data_ptr<T>(), tokens, key.size(1), key.stride(0), key.stride(1), p, cs, head_dim);

@@ -1,7 +1,8 @@
-// CPU kernels of sampling_probs, sample_from_probs and sample: temperature / top-k / top-p filtering
-// and seeded inverse-CDF sampling with the counter-based generator of random.h.
+// CPU kernels of sampling_probs, sample_from_probs and sample: per-token temperature / top-k / top-p
+// filtering and seeded inverse-CDF sampling with the counter-based generator of random.h. Every parameter is
+// a per-token tensor ([T]), so one call serves rows with different settings; rows are independent.
 //
-// Filtering of a row (logits z [V], temperature T > 0):
+// Filtering of a row (logits z [V], temperature T > 0; T == 0 gives the one-hot of the first argmax):
 //   e_i = exp((z_i - max z) / T).
 //   Order: tokens ranked by logit, descending, ties by lower index first (a strict total order, the
 //   order of torch.sort(-z, stable=True)); it is also the order by probability.
@@ -18,6 +19,7 @@
 #include <vector>
 
 #include "cpu/categorical.h"
+#include "cpu/dtype_dispatch.h"
 #include "cpu/op_checks.h"
 #include "cpu/reductions.h"
 #include "ops.h"
@@ -26,11 +28,22 @@
 namespace layerskip {
 namespace {
 
-void check_filter_args(const char* op, double temperature, int64_t top_k, double top_p) {
-  TORCH_CHECK(std::isfinite(temperature) && temperature >= 0.0, op, ": temperature must be finite and >= 0, got ",
-              temperature);
-  TORCH_CHECK(top_k >= 0, op, ": top_k must be >= 0 (0 disables it), got ", top_k);
-  TORCH_CHECK(top_p > 0.0 && top_p <= 1.0, op, ": top_p must be in (0, 1] (1 disables it), got ", top_p);
+// Per-token parameters of T tokens: temperature [T] float64 (finite, >= 0), top_k [T] int64 (>= 0),
+// top_p [T] float64 in (0, 1].
+void check_filter_args(const char* op, int64_t tokens, const torch::Tensor& temperature, const torch::Tensor& top_k,
+                       const torch::Tensor& top_p) {
+  cpu::check_vector(temperature, tokens, at::kDouble, op, "temperature");
+  cpu::check_vector(top_k, tokens, at::kLong, op, "top_k");
+  cpu::check_vector(top_p, tokens, at::kDouble, op, "top_p");
+  const auto t = temperature.contiguous(), p = top_p.contiguous();
+  const auto k = top_k.contiguous();
+  for (int64_t i = 0; i < tokens; ++i) {
+    const double ti = t.data_ptr<double>()[i], pi = p.data_ptr<double>()[i];
+    TORCH_CHECK(std::isfinite(ti) && ti >= 0.0, op, ": temperature[", i, "] must be finite and >= 0, got ", ti);
+    TORCH_CHECK(k.data_ptr<int64_t>()[i] >= 0, op, ": top_k[", i, "] must be >= 0 (0 disables it), got ",
+                k.data_ptr<int64_t>()[i]);
+    TORCH_CHECK(pi > 0.0 && pi <= 1.0, op, ": top_p[", i, "] must be in (0, 1] (1 disables it), got ", pi);
+  }
 }
 
 void check_logits(const char* op, const torch::Tensor& logits) {
@@ -44,13 +57,16 @@ void check_logits(const char* op, const torch::Tensor& logits) {
 // Row r of logits [T, V] as float into z [V].
 void load_row(const torch::Tensor& logits, int64_t r, float* z) {
   const int64_t vocab = logits.size(1);
-  if (logits.scalar_type() == at::kFloat) {
-    const float* src = logits.data_ptr<float>() + r * vocab;
-    std::copy(src, src + vocab, z);
-  } else {
-    const c10::BFloat16* src = logits.data_ptr<c10::BFloat16>() + r * vocab;
-    for (int64_t i = 0; i < vocab; ++i) z[i] = static_cast<float>(src[i]);
-  }
+  cpu::dispatch_float(logits.scalar_type(), [&](auto* tag) {
+    using T = cpu::elem_t<decltype(tag)>;
+    const T* src = logits.data_ptr<T>() + r * vocab;
+    for (int64_t i = 0; i < vocab; ++i) z[i] = cpu::to_float(src[i]);
+  });
+}
+
+// The draw of token r: counter counters[r] of seeds[r].
+inline double draw(const int64_t* seeds, const int64_t* counters, int64_t r) {
+  return uniform_from_counter(static_cast<uint64_t>(seeds[r]), static_cast<uint64_t>(counters[r]));
 }
 
 // Sort key of token i with logit z: keys ascending = logits descending, ties by lower index first.
@@ -72,6 +88,11 @@ void filter_row(const char* op, const float* z, int64_t vocab, float temperature
   const float zmax = cpu::max_value(z, vocab);
   TORCH_CHECK(std::isfinite(zmax), op, ": logits row ", row,
               " must have a finite maximum (entries finite or -inf), got max ", zmax);
+  if (temperature == 0.0f) {  // greedy: all the mass on the first argmax
+    std::fill(out, out + vocab, 0.0f);
+    out[cpu::argmax(z, vocab)] = 1.0f;
+    return;
+  }
   const float inv_t = 1.0f / temperature;
   for (int64_t i = 0; i < vocab; ++i) out[i] = cpu::exp_fast((z[i] - zmax) * inv_t);  // e [V]
 
@@ -156,79 +177,99 @@ void filter_row(const char* op, const float* z, int64_t vocab, float temperature
   for (int64_t j = 0; j < kept; ++j) out[key_index(order[j])] = keep_e[j] * inv_mass;
 }
 
-torch::Tensor filtered_probs(const char* op, const torch::Tensor& logits, double temperature, int64_t top_k,
-                             double top_p) {
+// out [T, V] = filtered probabilities of logits [T, V] with per-token parameters (checked).
+void filtered_probs(const char* op, float* out, const torch::Tensor& logits, const torch::Tensor& temperature,
+                    const torch::Tensor& top_k, const torch::Tensor& top_p) {
   const auto x = logits.contiguous();
+  const auto temp = temperature.contiguous(), k = top_k.contiguous(), p = top_p.contiguous();
   const int64_t rows = x.size(0), vocab = x.size(1);
-  auto probs = torch::empty({rows, vocab}, x.options().dtype(at::kFloat));
-  float* out = probs.data_ptr<float>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> z(vocab);
     for (int64_t r = begin; r < end; ++r) {
       load_row(x, r, z.data());
-      filter_row(op, z.data(), vocab, static_cast<float>(temperature), top_k, top_p, out + r * vocab, r);
+      filter_row(op, z.data(), vocab, static_cast<float>(temp.data_ptr<double>()[r]), k.data_ptr<int64_t>()[r],
+                 p.data_ptr<double>()[r], out + r * vocab, r);
     }
   });
-  return probs;
+}
+
+// out [T] = draws from the rows of probs [T, V] float32 contiguous (op names the calling op in errors).
+void draw_tokens(const char* op, int64_t* out, const float* probs, int64_t rows, int64_t vocab,
+                 const torch::Tensor& seeds, const torch::Tensor& counters) {
+  const auto s = seeds.contiguous(), c = counters.contiguous();
+  const int64_t* sp = s.data_ptr<int64_t>();
+  const int64_t* cp = c.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = probs + r * vocab;
+      const double total = cpu::row_mass(row, vocab, op, "probs", r);
+      TORCH_CHECK(total > 0.0 && std::isfinite(total), op, ": probs row ", r, " must have a positive finite sum, got ",
+                  total);
+      out[r] = cpu::invert_cdf(row, vocab, draw(sp, cp, r) * total);
+    }
+  });
+}
+
+void check_draw_args(const char* op, int64_t tokens, const torch::Tensor& seeds, const torch::Tensor& counters) {
+  cpu::check_vector(seeds, tokens, at::kLong, op, "seeds");
+  cpu::check_vector(counters, tokens, at::kLong, op, "counters");
+  cpu::check_indices(counters, INT64_MAX, op, "counters", "counters must be >= 0");
 }
 
 }  // namespace
 
-torch::Tensor sampling_probs_cpu(const torch::Tensor& logits, double temperature, int64_t top_k, double top_p) {
+void sampling_probs_cpu(torch::Tensor& out, const torch::Tensor& logits, const torch::Tensor& temperature,
+                        const torch::Tensor& top_k, const torch::Tensor& top_p) {
   const char* op = "sampling_probs";
   check_logits(op, logits);
-  check_filter_args(op, temperature, top_k, top_p);
-  TORCH_CHECK(temperature > 0.0, op, ": temperature must be > 0 (use sample for greedy decoding), got ", temperature);
-  return filtered_probs(op, logits, temperature, top_k, top_p);
+  check_filter_args(op, logits.size(0), temperature, top_k, top_p);
+  cpu::check_out(out, logits.sizes(), at::kFloat, op, "out [T, V]");
+  filtered_probs(op, out.data_ptr<float>(), logits, temperature, top_k, top_p);
 }
 
-torch::Tensor sample_from_probs_cpu(const torch::Tensor& probs, int64_t seed, int64_t offset) {
+void sample_from_probs_cpu(torch::Tensor& out, const torch::Tensor& probs, const torch::Tensor& seeds,
+                           const torch::Tensor& counters) {
   const char* op = "sample_from_probs";
   cpu::check_cpu(probs, op, "probs");
   cpu::check_dim(probs, 2, op, "probs [T, V]");
   cpu::check_float(probs, false, op, "probs");
   TORCH_CHECK(probs.size(1) > 0, op, ": probs must have a non-empty vocabulary dimension, got ", probs.sizes());
-  TORCH_CHECK(offset >= 0, op, ": offset must be >= 0, got ", offset);
+  const int64_t rows = probs.size(0);
+  check_draw_args(op, rows, seeds, counters);
+  cpu::check_out(out, {rows}, at::kLong, op, "out [T]");
   const auto p = probs.contiguous();
-  const int64_t rows = p.size(0), vocab = p.size(1);
-  auto tokens = torch::empty({rows}, p.options().dtype(at::kLong));
-  int64_t* out = tokens.data_ptr<int64_t>();
-  const float* base = p.data_ptr<float>();
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* row = base + r * vocab;
-      const double total = cpu::row_mass(row, vocab, op, "probs", r);
-      TORCH_CHECK(total > 0.0 && std::isfinite(total), op, ": probs row ", r, " must have a positive finite sum, got ",
-                  total);
-      const double u = uniform_from_counter(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset + r));
-      out[r] = cpu::invert_cdf(row, vocab, u * total);
-    }
-  });
-  return tokens;
+  draw_tokens(op, out.data_ptr<int64_t>(), p.data_ptr<float>(), rows, p.size(1), seeds, counters);
 }
 
-torch::Tensor sample_cpu(const torch::Tensor& logits, double temperature, int64_t top_k, double top_p, int64_t seed,
-                         int64_t offset) {
+void sample_cpu(torch::Tensor& out, const torch::Tensor& logits, const torch::Tensor& temperature,
+                const torch::Tensor& top_k, const torch::Tensor& top_p, const torch::Tensor& seeds,
+                const torch::Tensor& counters) {
   const char* op = "sample";
   check_logits(op, logits);
-  check_filter_args(op, temperature, top_k, top_p);
-  TORCH_CHECK(offset >= 0, op, ": offset must be >= 0, got ", offset);
-  if (temperature > 0.0) {
-    return sample_from_probs_cpu(filtered_probs(op, logits, temperature, top_k, top_p), seed, offset);
-  }
-  // Greedy: the first index of the row maximum.
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  check_filter_args(op, rows, temperature, top_k, top_p);
+  check_draw_args(op, rows, seeds, counters);
+  cpu::check_out(out, {rows}, at::kLong, op, "out [T]");
   const auto x = logits.contiguous();
-  const int64_t rows = x.size(0), vocab = x.size(1);
-  auto tokens = torch::empty({rows}, x.options().dtype(at::kLong));
-  int64_t* out = tokens.data_ptr<int64_t>();
+  const auto temp = temperature.contiguous(), k = top_k.contiguous(), p = top_p.contiguous();
+  const auto s = seeds.contiguous(), c = counters.contiguous();
+  int64_t* o = out.data_ptr<int64_t>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> z(vocab);
+    std::vector<float> z(vocab), probs;
     for (int64_t r = begin; r < end; ++r) {
       load_row(x, r, z.data());
-      out[r] = cpu::argmax(z.data(), vocab);
+      const double t = temp.data_ptr<double>()[r];
+      if (t == 0.0) {  // greedy: the first index of the row maximum, no softmax
+        o[r] = cpu::argmax(z.data(), vocab);
+        continue;
+      }
+      probs.resize(vocab);
+      filter_row(op, z.data(), vocab, static_cast<float>(t), k.data_ptr<int64_t>()[r], p.data_ptr<double>()[r],
+                 probs.data(), r);
+      const double total = cpu::row_mass(probs.data(), vocab, op, "probs", r);
+      o[r] = cpu::invert_cdf(probs.data(), vocab, draw(s.data_ptr<int64_t>(), c.data_ptr<int64_t>(), r) * total);
     }
   });
-  return tokens;
 }
 
 TORCH_LIBRARY_IMPL(layerskip, CPU, m) {

@@ -52,6 +52,23 @@ inline void check_last_dim_dense(const at::Tensor& t, const char* op, const char
               " must have stride 1 in its last dimension, got strides ", t.strides());
 }
 
+// out: a CUDA tensor on `like`'s device with the given shape and dtype, contiguous (destination passing).
+inline void check_out(const at::Tensor& out, const at::Tensor& like, at::IntArrayRef sizes, at::ScalarType dtype,
+                      const char* op, const char* name) {
+  check_same_device(out, like, op, name);
+  TORCH_CHECK(out.sizes() == sizes, op, ": ", name, " must have shape ", sizes, ", got ", out.sizes());
+  TORCH_CHECK(out.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", out.scalar_type());
+  TORCH_CHECK(out.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+// t: a vector [n] of dtype on `like`'s device.
+inline void check_vector(const at::Tensor& t, const at::Tensor& like, int64_t n, at::ScalarType dtype, const char* op,
+                         const char* name) {
+  check_same_device(t, like, op, name);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape [", n, "], got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+}
+
 inline DType dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kFloat:

@@ -1,13 +1,16 @@
-// Torch glue of the CUDA linear: out [T, N] = input [T, K] @ weight [N, K]^T in the dtype of input. T <= 64
-// runs the skinny kernel of linear.cu (each weight row read once for all rows); larger T (prefill) goes to
-// cuBLAS through at::mm, with the weight converted to the input's dtype when they differ.
+// Torch glue of the CUDA linear: out [T, N] = input [T, K] @ weight [N, K]^T in the dtype of input (float32 on the
+// CPU). T <= 64 runs the skinny kernel of linear.cu (each weight row read once for all rows; batch invariant: a
+// row's reduction order does not depend on T); larger T (prefill) goes to cuBLAS through at::mm_out, with the
+// weight converted to the input's dtype when they differ.
+#include <ATen/ops/mm.h>
+
 #include "cuda/glue.h"
 
 namespace layerskip {
 namespace cuda {
 namespace {
 
-at::Tensor linear_cuda(const at::Tensor& input, const at::Tensor& weight) {
+void linear_cuda(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
   const char* op = "linear";
   check_cuda(input, op, "input");
   check_same_device(weight, input, op, "weight");
@@ -18,20 +21,19 @@ at::Tensor linear_cuda(const at::Tensor& input, const at::Tensor& weight) {
   TORCH_CHECK(input.size(1) == weight.size(1), "linear: input [T, K] and weight [N, K] disagree on K: input ",
               input.sizes(), ", weight ", weight.sizes());
   const int64_t tokens = input.size(0), n = weight.size(0), k = input.size(1);
+  check_out(out, input, {tokens, n}, input.scalar_type(), op, "out");
   const c10::cuda::CUDAGuard guard(input.device());
-  if (tokens > kSkinnyMaxRows) {
+  if (out.numel() == 0) return;
+  if (tokens > kSkinnyMaxRows || k == 0) {
     const auto w = weight.scalar_type() == input.scalar_type() ? weight : weight.to(input.scalar_type());
-    return at::mm(input, w.t());
+    at::mm_out(out, input, w.t());
+    return;
   }
-  auto out = at::empty({tokens, n}, input.options());
-  if (out.numel() == 0) return out;
-  if (k == 0) return out.zero_();
   const auto x = input.stride(1) == 1 ? input : input.contiguous();
   const auto w = weight.contiguous();
   check_launch(linear_skinny(dtype_of(x), dtype_of(w), x.data_ptr(), x.stride(0), w.data_ptr(), out.data_ptr(), tokens,
                              n, k, current_stream()),
                op);
-  return out;
 }
 
 }  // namespace

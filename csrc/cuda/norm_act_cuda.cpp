@@ -1,5 +1,6 @@
 // Torch glue of the CUDA rms_norm, fused_add_rms_norm and silu_and_mul (kernels in norm_act.cu): the CPU ops'
-// checks, device guard, current stream, registration for the CUDA dispatch key.
+// checks, device guard, current stream, registration for the CUDA dispatch key. Destination passing: the
+// caller's `out` is written.
 #include <cmath>
 
 #include "cuda/glue.h"
@@ -8,7 +9,8 @@ namespace layerskip {
 namespace cuda {
 namespace {
 
-int64_t check_norm_args(const char* op, const at::Tensor& input, const at::Tensor& weight, double eps) {
+int64_t check_norm_args(const char* op, const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                        double eps) {
   check_cuda(input, op, "input");
   check_same_device(weight, input, op, "weight");
   check_float(input, op, "input");
@@ -21,27 +23,26 @@ int64_t check_norm_args(const char* op, const at::Tensor& input, const at::Tenso
   TORCH_CHECK(weight.size(0) == hidden, op, ": weight must have shape [", hidden, "] (the last dimension of input ",
               input.sizes(), "), got ", weight.sizes());
   TORCH_CHECK(eps >= 0.0 && std::isfinite(eps), op, ": eps must be finite and >= 0, got ", eps);
+  check_out(out, input, input.sizes(), input.scalar_type(), op, "out");
   return hidden;
 }
 
-at::Tensor rms_norm_cuda(const at::Tensor& input, const at::Tensor& weight, double eps) {
+void rms_norm_cuda(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double eps) {
   const char* op = "rms_norm";
-  const int64_t hidden = check_norm_args(op, input, weight, eps);
+  const int64_t hidden = check_norm_args(op, out, input, weight, eps);
   const c10::cuda::CUDAGuard guard(input.device());
+  if (input.numel() == 0) return;
   const auto x = input.contiguous();
   const auto w = weight.contiguous();
-  auto out = at::empty_like(x);
-  if (x.numel() == 0) return out;
   check_launch(rms_norm(dtype_of(x), dtype_of(w), x.data_ptr(), w.data_ptr(), out.data_ptr(), x.numel() / hidden,
                         hidden, static_cast<float>(eps), current_stream()),
                op);
-  return out;
 }
 
-at::Tensor fused_add_rms_norm_cuda(const at::Tensor& input, at::Tensor& residual, const at::Tensor& weight,
-                                      double eps) {
+void fused_add_rms_norm_cuda(at::Tensor& out, const at::Tensor& input, at::Tensor& residual, const at::Tensor& weight,
+                             double eps) {
   const char* op = "fused_add_rms_norm";
-  const int64_t hidden = check_norm_args(op, input, weight, eps);
+  const int64_t hidden = check_norm_args(op, out, input, weight, eps);
   check_same_device(residual, input, op, "residual");
   TORCH_CHECK(residual.sizes() == input.sizes(), op, ": residual must have the shape of input ", input.sizes(),
               ", got ", residual.sizes());
@@ -49,34 +50,31 @@ at::Tensor fused_add_rms_norm_cuda(const at::Tensor& input, at::Tensor& residual
               input.scalar_type(), "), got ", residual.scalar_type());
   check_contiguous(residual, op, "residual (updated in place)");
   const c10::cuda::CUDAGuard guard(input.device());
+  if (input.numel() == 0) return;
   const auto x = input.contiguous();
   const auto w = weight.contiguous();
-  auto out = at::empty_like(x);
-  if (x.numel() == 0) return out;
   check_launch(fused_add_rms_norm(dtype_of(x), dtype_of(w), x.data_ptr(), residual.data_ptr(), w.data_ptr(),
                                   out.data_ptr(), x.numel() / hidden, hidden, static_cast<float>(eps),
                                   current_stream()),
                op);
-  return out;
 }
 
-at::Tensor silu_and_mul_cuda(const at::Tensor& input) {
+void silu_and_mul_cuda(at::Tensor& out, const at::Tensor& input) {
   const char* op = "silu_and_mul";
   check_cuda(input, op, "input");
   check_float(input, op, "input");
   TORCH_CHECK(input.dim() >= 1, op, ": input must have at least 1 dimension");
   TORCH_CHECK(input.size(-1) % 2 == 0, op, ": the last dimension of input (gate | up) must be even, got ",
               input.sizes());
-  const c10::cuda::CUDAGuard guard(input.device());
-  const auto x = input.contiguous();
-  const int64_t inter = x.size(-1) / 2;
-  auto out_shape = x.sizes().vec();
+  const int64_t inter = input.size(-1) / 2;
+  auto out_shape = input.sizes().vec();
   out_shape.back() = inter;
-  auto out = at::empty(out_shape, x.options());
-  if (out.numel() == 0) return out;
+  check_out(out, input, out_shape, input.scalar_type(), op, "out");
+  const c10::cuda::CUDAGuard guard(input.device());
+  if (out.numel() == 0) return;
+  const auto x = input.contiguous();
   check_launch(silu_and_mul(dtype_of(x), x.data_ptr(), out.data_ptr(), out.numel() / inter, inter, current_stream()),
                op);
-  return out;
 }
 
 }  // namespace

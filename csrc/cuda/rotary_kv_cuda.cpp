@@ -1,6 +1,7 @@
 // Torch glue of the CUDA rotary_embedding and kv_cache_write (kernels in rotary_kv.cu). Shapes and dtypes are
-// checked as on the CPU; the contents of positions / slots are not (that would need a host synchronisation):
-// on the GPU a position outside [0, max_pos) is clamped into it and a slot outside [0, S) is not written.
+// checked as on the CPU; the contents of positions / rows are not (that would need a host synchronisation): on
+// the GPU a position outside [0, max_pos) is clamped into it, and a token whose row is outside [0, B) or whose
+// position is outside [0, S) is not written to the cache.
 #include "cuda/glue.h"
 
 namespace layerskip {
@@ -49,48 +50,48 @@ void rotary_embedding_cuda(at::Tensor& query, at::Tensor& key, const at::Tensor&
                op);
 }
 
-void kv_cache_write_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& key,
-                         const at::Tensor& value, const at::Tensor& slots) {
+void kv_cache_write_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& key, const at::Tensor& value,
+                         const at::Tensor& rows, const at::Tensor& positions) {
   const char* op = "kv_cache_write";
   check_cuda(k_cache, op, "k_cache");
   check_same_device(v_cache, k_cache, op, "v_cache");
   check_same_device(key, k_cache, op, "key");
   check_same_device(value, k_cache, op, "value");
-  check_same_device(slots, k_cache, op, "slots");
-  check_dim(k_cache, 3, op, "k_cache [Hkv, S, D]");
-  check_dim(v_cache, 3, op, "v_cache [Hkv, S, D]");
+  check_dim(k_cache, 4, op, "k_cache [B, Hkv, S, D]");
+  check_dim(v_cache, 4, op, "v_cache [B, Hkv, S, D]");
   check_dim(key, 3, op, "key [T, Hkv, D]");
   check_dim(value, 3, op, "value [T, Hkv, D]");
-  check_dim(slots, 1, op, "slots [T]");
   check_float(k_cache, op, "k_cache");
   check_float(v_cache, op, "v_cache");
   check_float(key, op, "key");
   check_float(value, op, "value");
-  check_long(slots, op, "slots");
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have the shape of k_cache ", k_cache.sizes(),
               ", got ", v_cache.sizes());
   TORCH_CHECK(value.sizes() == key.sizes(), op, ": value must have the shape of key ", key.sizes(), ", got ",
               value.sizes());
-  const int64_t heads = k_cache.size(0), capacity = k_cache.size(1), head_dim = k_cache.size(2);
+  const int64_t batch = k_cache.size(0), heads = k_cache.size(1), capacity = k_cache.size(2),
+                head_dim = k_cache.size(3);
   const int64_t tokens = key.size(0);
   TORCH_CHECK(key.size(1) == heads && key.size(2) == head_dim, op, ": key must have shape [T, ", heads, ", ", head_dim,
               "] to match k_cache ", k_cache.sizes(), ", got ", key.sizes());
-  TORCH_CHECK(slots.size(0) == tokens, op, ": slots must have shape [", tokens, "], got ", slots.sizes());
+  check_vector(rows, k_cache, tokens, at::kLong, op, "rows");
+  check_vector(positions, k_cache, tokens, at::kLong, op, "positions");
   check_contiguous(k_cache, op, "k_cache");
   check_contiguous(v_cache, op, "v_cache");
   check_last_dim_dense(key, op, "key");
   check_last_dim_dense(value, op, "value");
   if (tokens == 0 || heads == 0 || head_dim == 0) return;
   const c10::cuda::CUDAGuard guard(k_cache.device());
-  const auto s = slots.contiguous();
+  const auto r = rows.contiguous();
+  const auto p = positions.contiguous();
   const cudaStream_t stream = current_stream();
   check_launch(kv_cache_write(dtype_of(k_cache), dtype_of(key), k_cache.data_ptr(), key.data_ptr(), key.stride(0),
-                              key.stride(1), nullptr, s.data_ptr<int64_t>(), tokens, 1, heads, capacity, head_dim, nullptr,
-                              stream),
+                              key.stride(1), r.data_ptr<int64_t>(), p.data_ptr<int64_t>(), tokens, batch, heads,
+                              capacity, head_dim, nullptr, stream),
                op);
   check_launch(kv_cache_write(dtype_of(v_cache), dtype_of(value), v_cache.data_ptr(), value.data_ptr(),
-                              value.stride(0), value.stride(1), nullptr, s.data_ptr<int64_t>(), tokens, 1, heads,
-                              capacity, head_dim, nullptr, stream),
+                              value.stride(0), value.stride(1), r.data_ptr<int64_t>(), p.data_ptr<int64_t>(), tokens,
+                              batch, heads, capacity, head_dim, nullptr, stream),
                op);
 }
 

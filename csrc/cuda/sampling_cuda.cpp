@@ -1,10 +1,10 @@
-// Torch glue of the CUDA sampling and speculative acceptance ops (kernels in sampling.cu). Arguments, shapes
-// and dtypes are checked as on the CPU. Tensor contents are not checked (that would need a host
-// synchronisation); what the kernels do instead: a probability entry that is negative or not finite counts
-// as 0, a row without positive mass samples -1, a draft token outside [0, V) is rejected (never accepted), a
-// logits row without a finite maximum gets all-zero probabilities. A token of -1 is the GPU's error value:
-// the engine checks for it at its one synchronisation per round.
-#include <cmath>
+// Torch glue of the CUDA sampling and speculative acceptance ops (kernels in sampling.cu). Arguments, shapes and
+// dtypes are checked as on the CPU. Tensor contents (per-row parameters, probabilities, draft tokens) are not
+// checked, since that would need a host synchronisation; what the kernels do instead: a row whose temperature,
+// top_k or top_p is out of range, or whose logits have no finite maximum, gets all-zero probabilities; a
+// probability entry that is negative or not finite counts as 0 and a row without positive mass samples -1; a
+// draft token outside [0, V) is rejected (never accepted). A token of -1 is the GPU's error value, which the
+// engine checks at its one synchronisation per round.
 #include <tuple>
 
 #include "cuda/glue.h"
@@ -12,13 +12,6 @@
 namespace layerskip {
 namespace cuda {
 namespace {
-
-void check_filter_args(const char* op, double temperature, int64_t top_k, double top_p) {
-  TORCH_CHECK(std::isfinite(temperature) && temperature >= 0.0, op, ": temperature must be finite and >= 0, got ",
-              temperature);
-  TORCH_CHECK(top_k >= 0, op, ": top_k must be >= 0 (0 disables it), got ", top_k);
-  TORCH_CHECK(top_p > 0.0 && top_p <= 1.0, op, ": top_p must be in (0, 1] (1 disables it), got ", top_p);
-}
 
 void check_logits(const char* op, const at::Tensor& logits) {
   check_cuda(logits, op, "logits");
@@ -28,128 +21,149 @@ void check_logits(const char* op, const at::Tensor& logits) {
               ": logits must have a vocabulary dimension in [1, 2^31), got ", logits.sizes());
 }
 
-at::Tensor filtered_probs(const char* op, const at::Tensor& logits, double temperature, int64_t top_k,
-                             double top_p) {
-  const auto x = logits.contiguous();
-  auto probs = at::empty(x.sizes(), x.options().dtype(at::kFloat));
+// Per-token filtering parameters [T] on the logits' device -> FilterParams over contiguous copies (kept alive by
+// `keep`).
+FilterParams filter_params(const char* op, const at::Tensor& like, int64_t rows, const at::Tensor& temperature,
+                           const at::Tensor& top_k, const at::Tensor& top_p, std::vector<at::Tensor>& keep) {
+  check_vector(temperature, like, rows, at::kDouble, op, "temperature");
+  check_vector(top_k, like, rows, at::kLong, op, "top_k");
+  check_vector(top_p, like, rows, at::kDouble, op, "top_p");
+  keep = {temperature.contiguous(), top_k.contiguous(), top_p.contiguous()};
   FilterParams f;
-  f.temperature_all = temperature, f.top_k_all = top_k, f.top_p_all = top_p;
-  check_launch(sampling_probs(dtype_of(x), x.data_ptr(), probs.data_ptr<float>(), x.size(0), x.size(1), f,
-                              current_stream()),
-               op);
-  return probs;
+  f.temperature = keep[0].data_ptr<double>();
+  f.top_k = keep[1].data_ptr<int64_t>();
+  f.top_p = keep[2].data_ptr<double>();
+  return f;
 }
 
-at::Tensor sampling_probs_cuda(const at::Tensor& logits, double temperature, int64_t top_k, double top_p) {
+DrawParams draw_params(const char* op, const at::Tensor& like, int64_t rows, const at::Tensor& seeds,
+                       const at::Tensor& counters, std::vector<at::Tensor>& keep) {
+  check_vector(seeds, like, rows, at::kLong, op, "seeds");
+  check_vector(counters, like, rows, at::kLong, op, "counters");
+  keep = {seeds.contiguous(), counters.contiguous()};
+  DrawParams r;
+  r.seeds = keep[0].data_ptr<int64_t>();
+  r.counters = keep[1].data_ptr<int64_t>();
+  return r;
+}
+
+void sampling_probs_cuda(at::Tensor& out, const at::Tensor& logits, const at::Tensor& temperature,
+                         const at::Tensor& top_k, const at::Tensor& top_p) {
   const char* op = "sampling_probs";
   check_logits(op, logits);
-  check_filter_args(op, temperature, top_k, top_p);
-  TORCH_CHECK(temperature > 0.0, op, ": temperature must be > 0 (use sample for greedy decoding), got ", temperature);
+  check_out(out, logits, logits.sizes(), at::kFloat, op, "out");
+  std::vector<at::Tensor> keep;
+  const FilterParams f = filter_params(op, logits, logits.size(0), temperature, top_k, top_p, keep);
   const c10::cuda::CUDAGuard guard(logits.device());
-  return filtered_probs(op, logits, temperature, top_k, top_p);
-}
-
-at::Tensor draw(const char* op, const at::Tensor& probs, int64_t seed, int64_t offset) {
-  auto tokens = at::empty({probs.size(0)}, probs.options().dtype(at::kLong));
-  DrawParams r;
-  r.seed_all = seed, r.offset = offset;
-  check_launch(sample_from_probs(probs.data_ptr<float>(), tokens.data_ptr<int64_t>(), probs.size(0), probs.size(1), r,
-                                 current_stream()),
+  const auto x = logits.contiguous();
+  check_launch(sampling_probs(dtype_of(x), x.data_ptr(), out.data_ptr<float>(), x.size(0), x.size(1), f,
+                              current_stream()),
                op);
-  return tokens;
 }
 
-at::Tensor sample_from_probs_cuda(const at::Tensor& probs, int64_t seed, int64_t offset) {
+void sample_from_probs_cuda(at::Tensor& out, const at::Tensor& probs, const at::Tensor& seeds,
+                            const at::Tensor& counters) {
   const char* op = "sample_from_probs";
   check_cuda(probs, op, "probs");
   check_dim(probs, 2, op, "probs [T, V]");
   check_float32(probs, op, "probs");
   TORCH_CHECK(probs.size(1) > 0, op, ": probs must have a non-empty vocabulary dimension, got ", probs.sizes());
-  TORCH_CHECK(offset >= 0, op, ": offset must be >= 0, got ", offset);
+  check_out(out, probs, {probs.size(0)}, at::kLong, op, "out");
+  std::vector<at::Tensor> keep;
+  const DrawParams r = draw_params(op, probs, probs.size(0), seeds, counters, keep);
   const c10::cuda::CUDAGuard guard(probs.device());
-  return draw(op, probs.contiguous(), seed, offset);
+  const auto p = probs.contiguous();
+  check_launch(sample_from_probs(p.data_ptr<float>(), out.data_ptr<int64_t>(), p.size(0), p.size(1), r,
+                                 current_stream()),
+               op);
 }
 
-at::Tensor sample_cuda(const at::Tensor& logits, double temperature, int64_t top_k, double top_p, int64_t seed,
-                          int64_t offset) {
+// Greedy rows (temperature 0) get one-hot probabilities, whose draw is their argmax: one path for every row.
+void sample_cuda(at::Tensor& out, const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
+                 const at::Tensor& top_p, const at::Tensor& seeds, const at::Tensor& counters) {
   const char* op = "sample";
   check_logits(op, logits);
-  check_filter_args(op, temperature, top_k, top_p);
-  TORCH_CHECK(offset >= 0, op, ": offset must be >= 0, got ", offset);
+  check_out(out, logits, {logits.size(0)}, at::kLong, op, "out");
+  std::vector<at::Tensor> keep_f, keep_r;
+  const FilterParams f = filter_params(op, logits, logits.size(0), temperature, top_k, top_p, keep_f);
+  const DrawParams r = draw_params(op, logits, logits.size(0), seeds, counters, keep_r);
   const c10::cuda::CUDAGuard guard(logits.device());
-  if (temperature > 0.0) return draw(op, filtered_probs(op, logits, temperature, top_k, top_p), seed, offset);
   const auto x = logits.contiguous();
-  auto tokens = at::empty({x.size(0)}, x.options().dtype(at::kLong));
-  check_launch(argmax_rows(dtype_of(x), x.data_ptr(), tokens.data_ptr<int64_t>(), x.size(0), x.size(1),
-                           current_stream()),
+  auto probs = at::empty(x.sizes(), x.options().dtype(at::kFloat));  // [T, V] scratch
+  const cudaStream_t stream = current_stream();
+  check_launch(sampling_probs(dtype_of(x), x.data_ptr(), probs.data_ptr<float>(), x.size(0), x.size(1), f, stream),
                op);
-  return tokens;
+  check_launch(sample_from_probs(probs.data_ptr<float>(), out.data_ptr<int64_t>(), x.size(0), x.size(1), r, stream),
+               op);
 }
 
-void check_draft_tokens(const char* op, const at::Tensor& draft_tokens, const at::Tensor& like) {
+// Checks of the batched acceptance outputs and drafts; returns (B, d).
+std::pair<int64_t, int64_t> check_accept_args(const char* op, const at::Tensor& tokens, const at::Tensor& num_accepted,
+                                              const at::Tensor& draft_tokens, const at::Tensor& draft_lengths,
+                                              const at::Tensor& like) {
   check_same_device(draft_tokens, like, op, "draft_tokens");
-  check_dim(draft_tokens, 1, op, "draft_tokens [d]");
+  check_dim(draft_tokens, 2, op, "draft_tokens [B, d]");
   check_long(draft_tokens, op, "draft_tokens");
+  const int64_t batch = draft_tokens.size(0), d = draft_tokens.size(1);
+  check_vector(draft_lengths, like, batch, at::kLong, op, "draft_lengths");
+  check_out(tokens, like, {batch, d + 1}, at::kLong, op, "tokens");
+  check_out(num_accepted, like, {batch}, at::kLong, op, "num_accepted");
+  return {batch, d};
 }
 
-std::tuple<at::Tensor, at::Tensor> speculative_accept_greedy_cuda(const at::Tensor& draft_tokens,
-                                                                        const at::Tensor& target_logits) {
+void speculative_accept_greedy_cuda(at::Tensor& tokens, at::Tensor& num_accepted, const at::Tensor& draft_tokens,
+                                    const at::Tensor& draft_lengths, const at::Tensor& target_logits) {
   const char* op = "speculative_accept_greedy";
   check_cuda(target_logits, op, "target_logits");
-  check_dim(target_logits, 2, op, "target_logits [d+1, V]");
+  check_dim(target_logits, 3, op, "target_logits [B, d+1, V]");
   check_float(target_logits, op, "target_logits");
-  const int64_t vocab = target_logits.size(1);
+  const auto [batch, d] = check_accept_args(op, tokens, num_accepted, draft_tokens, draft_lengths, target_logits);
+  const int64_t vocab = target_logits.size(2);
   TORCH_CHECK(vocab > 0, op, ": target_logits must have a non-empty vocabulary dimension");
-  check_draft_tokens(op, draft_tokens, target_logits);
-  const int64_t d = draft_tokens.size(0);
-  TORCH_CHECK(target_logits.size(0) == d + 1, op, ": target_logits must have d + 1 = ", d + 1,
-              " rows for a draft of d = ", d, " tokens, got shape ", target_logits.sizes());
+  TORCH_CHECK(target_logits.size(0) == batch && target_logits.size(1) == d + 1, op, ": target_logits must have shape [",
+              batch, ", ", d + 1, ", V] for drafts ", draft_tokens.sizes(), ", got ", target_logits.sizes());
   const c10::cuda::CUDAGuard guard(target_logits.device());
+  if (batch == 0) return;
   const auto draft = draft_tokens.contiguous();
+  const auto lengths = draft_lengths.contiguous();
   const auto logits = target_logits.contiguous();
-  auto tokens = at::empty({d + 1}, draft.options());
-  auto num_accepted = at::empty({}, draft.options());
-  auto scratch = at::empty({d + 1}, draft.options());
-  check_launch(speculative_accept_greedy(dtype_of(logits), draft.data_ptr<int64_t>(), nullptr, logits.data_ptr(), 1, d,
-                                         vocab, scratch.data_ptr<int64_t>(), tokens.data_ptr<int64_t>(),
-                                         num_accepted.data_ptr<int64_t>(), current_stream()),
+  auto scratch = at::empty({batch * (d + 1)}, draft.options());
+  check_launch(speculative_accept_greedy(dtype_of(logits), draft.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
+                                         logits.data_ptr(), batch, d, vocab, scratch.data_ptr<int64_t>(),
+                                         tokens.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(),
+                                         current_stream()),
                op);
-  return {tokens, num_accepted};
 }
 
-std::tuple<at::Tensor, at::Tensor> speculative_accept_cuda(const at::Tensor& draft_tokens,
-                                                                 const at::Tensor& draft_probs,
-                                                                 const at::Tensor& target_probs, int64_t seed,
-                                                                 int64_t offset) {
+void speculative_accept_cuda(at::Tensor& tokens, at::Tensor& num_accepted, const at::Tensor& draft_tokens,
+                             const at::Tensor& draft_lengths, const at::Tensor& draft_probs,
+                             const at::Tensor& target_probs, const at::Tensor& seeds, const at::Tensor& counters) {
   const char* op = "speculative_accept";
   check_cuda(target_probs, op, "target_probs");
   check_same_device(draft_probs, target_probs, op, "draft_probs");
-  check_dim(draft_probs, 2, op, "draft_probs [d, V]");
-  check_dim(target_probs, 2, op, "target_probs [d+1, V]");
+  check_dim(draft_probs, 3, op, "draft_probs [B, d, V]");
+  check_dim(target_probs, 3, op, "target_probs [B, d+1, V]");
   check_float32(draft_probs, op, "draft_probs");
   check_float32(target_probs, op, "target_probs");
-  const int64_t vocab = target_probs.size(1);
+  const auto [batch, d] = check_accept_args(op, tokens, num_accepted, draft_tokens, draft_lengths, target_probs);
+  const int64_t vocab = target_probs.size(2);
   TORCH_CHECK(vocab > 0, op, ": target_probs must have a non-empty vocabulary dimension");
-  check_draft_tokens(op, draft_tokens, target_probs);
-  const int64_t d = draft_tokens.size(0);
-  TORCH_CHECK(draft_probs.size(0) == d && draft_probs.size(1) == vocab, op, ": draft_probs must have shape [", d,
-              ", ", vocab, "] (d = len(draft_tokens), V = target_probs.size(1)), got ", draft_probs.sizes());
-  TORCH_CHECK(target_probs.size(0) == d + 1, op, ": target_probs must have d + 1 = ", d + 1,
-              " rows for a draft of d = ", d, " tokens, got shape ", target_probs.sizes());
-  TORCH_CHECK(offset >= 0, op, ": offset must be >= 0, got ", offset);
+  TORCH_CHECK(draft_probs.size(0) == batch && draft_probs.size(1) == d && draft_probs.size(2) == vocab, op,
+              ": draft_probs must have shape [", batch, ", ", d, ", ", vocab, "], got ", draft_probs.sizes());
+  TORCH_CHECK(target_probs.size(0) == batch && target_probs.size(1) == d + 1, op, ": target_probs must have shape [",
+              batch, ", ", d + 1, ", V], got ", target_probs.sizes());
+  std::vector<at::Tensor> keep;
+  const DrawParams r = draw_params(op, target_probs, batch, seeds, counters, keep);
   const c10::cuda::CUDAGuard guard(target_probs.device());
+  if (batch == 0) return;
   const auto draft = draft_tokens.contiguous();
+  const auto lengths = draft_lengths.contiguous();
   const auto q = draft_probs.contiguous();
   const auto p = target_probs.contiguous();
-  auto tokens = at::empty({d + 1}, draft.options());
-  auto num_accepted = at::empty({}, draft.options());
-  DrawParams r;
-  r.seed_all = seed, r.offset = offset;
-  check_launch(speculative_accept(draft.data_ptr<int64_t>(), nullptr, q.data_ptr<float>(), p.data_ptr<float>(), 1, d,
-                                  vocab, r, tokens.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(),
-                                  current_stream()),
+  check_launch(speculative_accept(draft.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), q.data_ptr<float>(),
+                                  p.data_ptr<float>(), batch, d, vocab, r, tokens.data_ptr<int64_t>(),
+                                  num_accepted.data_ptr<int64_t>(), current_stream()),
                op);
-  return {tokens, num_accepted};
 }
 
 }  // namespace

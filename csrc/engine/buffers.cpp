@@ -4,36 +4,35 @@
 namespace layerskip {
 namespace engine {
 
-Buffers::Buffers(const ModelShape& shape, at::TensorOptions float_options)
-    : shape_(shape), options_(float_options) {
-  residual = at::empty({1, shape.hidden}, options_);
-  last_token = at::zeros({1}, options_.dtype(at::kLong));
-  draft_probs = at::empty({0, shape.vocab}, options_);
-  reserve_speculations(0, false);
-}
+Buffers::Buffers(const ModelShape& shape, at::TensorOptions float_options) : shape_(shape), options_(float_options) {}
 
-void Buffers::reserve_positions(int64_t capacity) {
-  if (capacity <= capacity_) return;
+void Buffers::reserve(int64_t rows, int64_t capacity) {
+  if (rows <= rows_ && capacity <= capacity_) return;
+  const int64_t new_rows = std::max(rows, rows_), new_capacity = std::max(capacity, capacity_);
   const auto& s = shape_;
-  k_cache.clear();  // free the old buffers before allocating the new ones
-  v_cache.clear();
   for (int64_t i = 0; i < s.num_layers; ++i) {
-    k_cache.push_back(at::zeros({s.num_kv_heads, capacity, s.head_dim}, options_));  // [Hkv, S, D]
-    v_cache.push_back(at::zeros({s.num_kv_heads, capacity, s.head_dim}, options_));
+    for (auto* cache : {&k_cache, &v_cache}) {
+      at::Tensor grown = at::zeros({new_rows, s.num_kv_heads, new_capacity, s.head_dim}, options_);  // [B, Hkv, S, D]
+      if (static_cast<int64_t>(cache->size()) > i) {
+        grown.narrow(0, 0, rows_).narrow(2, 0, capacity_).copy_((*cache)[i]);
+        (*cache)[i] = grown;
+      } else {
+        cache->push_back(grown);
+      }
+    }
   }
-  positions = at::arange(capacity, options_.dtype(at::kLong));  // [S]
-  capacity_ = capacity;
+  rows_ = new_rows;
+  capacity_ = new_capacity;
 }
 
-void Buffers::reserve_speculations(int64_t num_speculations, bool sampled) {
-  if (num_speculations > max_speculations_) {
-    exit_query_cache = at::empty({num_speculations + 1, shape_.hidden}, options_);  // [d_max + 1, H]
-    draft_tokens = at::zeros({num_speculations}, options_.dtype(at::kLong));        // [d_max]
-    max_speculations_ = num_speculations;
+at::Tensor Buffers::scratch(const std::string& name, at::IntArrayRef sizes, at::ScalarType dtype) {
+  int64_t numel = 1;
+  for (int64_t n : sizes) numel *= n;
+  at::Tensor& buf = scratch_[name];
+  if (!buf.defined() || buf.scalar_type() != dtype || buf.numel() < numel) {
+    buf = at::empty({std::max<int64_t>(numel, 1)}, options_.dtype(dtype));
   }
-  if (sampled && draft_probs.size(0) < max_speculations_) {
-    draft_probs = at::empty({max_speculations_, shape_.vocab}, options_);  // [d_max, V]
-  }
+  return buf.narrow(0, 0, numel).view(sizes);
 }
 
 }  // namespace engine

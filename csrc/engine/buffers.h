@@ -1,12 +1,18 @@
-// Decoding state resident on the model's device, allocated once and reused across generations.
+// Decoding state resident on the model's device: the batched KV cache and the step workspace.
 //
-// KV cache: one static [Hkv, S, D] buffer per layer for keys and one for values; position p lives in
-// slot p, so rolling back is moving a length, never a copy. Exit-query cache: [d_max + 1, H], the
-// layer-E residual states of a speculative round (the verifier starts from them). Buffers grow only
-// when a call needs more than they hold.
+// KV cache: per layer one [B, Hkv, S, D] buffer for keys and one for values. Each of the B cache rows is a
+// contiguous slot of S positions (position p in slot p), so rolling a row back is moving its length, never a
+// copy, and attention reads a row as one strided block. (Not paged: an engine holds a few dozen rows on our
+// targets; contiguous slots keep the kernels free of block tables. The cost is that every row reserves S
+// positions.) Buffers grow (keeping their contents) when a new row needs more rows or positions.
+//
+// Workspace: the outputs of every op of a step ([T, N] activations, logits, probabilities), grown to the
+// largest step seen and narrowed to each step's T, so ops write into memory the engine owns.
 #pragma once
 #include <torch/all.h>
 
+#include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "engine/weights.h"
@@ -16,29 +22,24 @@ namespace engine {
 
 class Buffers {
  public:
-  std::vector<at::Tensor> k_cache, v_cache;  // per layer [Hkv, S, D] float32
-  at::Tensor positions;                      // [S] int64: 0, 1, ..., S - 1 (positions and slots of a step)
-  at::Tensor exit_query_cache;               // [d_max + 1, H] float32
-  at::Tensor draft_tokens;                   // [d_max] int64
-  at::Tensor draft_probs;                    // [d_max, V] float32 (sampled drafting only)
-  at::Tensor residual;                       // [1, H] float32: the residual stream of a decode step
-  at::Tensor last_token;                     // [1] int64: the newest token, input of the next step
+  std::vector<at::Tensor> k_cache, v_cache;  // per layer [B, Hkv, S, D] float32
 
   Buffers(const ModelShape& shape, at::TensorOptions float_options);
 
+  int64_t rows() const { return rows_; }
   int64_t capacity() const { return capacity_; }
-  int64_t max_speculations() const { return max_speculations_; }
 
-  // Grows the KV cache to hold `capacity` positions (contents are not kept).
-  void reserve_positions(int64_t capacity);
-  // Grows the draft buffers to rounds of `num_speculations` tokens; `sampled` also needs draft_probs.
-  void reserve_speculations(int64_t num_speculations, bool sampled);
+  // Grows the KV cache to at least `rows` rows of `capacity` positions, keeping what it holds.
+  void reserve(int64_t rows, int64_t capacity);
+
+  // The workspace tensor `name`, viewed as [sizes...] of `dtype`; its memory is reused across steps.
+  at::Tensor scratch(const std::string& name, at::IntArrayRef sizes, at::ScalarType dtype = at::kFloat);
 
  private:
   ModelShape shape_;
   at::TensorOptions options_;
-  int64_t capacity_ = 0;
-  int64_t max_speculations_ = -1;
+  int64_t rows_ = 0, capacity_ = 0;
+  std::unordered_map<std::string, at::Tensor> scratch_;  // flat 1-D buffers by name
 };
 
 }  // namespace engine

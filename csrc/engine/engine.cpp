@@ -1,13 +1,29 @@
-// Engine construction, the begin / step streaming interface and the statistics.
+// Engine construction, the add_row / step / remove_row interface and the per-row results.
 #include "engine/engine.h"
 
 #include <chrono>
 #include <cmath>
+#include <limits>
+#include <tuple>
 
 namespace layerskip {
 namespace engine {
 
 namespace {
+
+// Holds the engine for the duration of a call; a concurrent or re-entrant call fails clearly instead of
+// corrupting the state.
+class Busy {
+ public:
+  explicit Busy(std::mutex& m) : lock_(m, std::try_to_lock) {
+    TORCH_CHECK(lock_.owns_lock(),
+                "Engine: another call is running on this engine (calls from two threads, or from inside a "
+                "callback of a running call); one call at a time");
+  }
+
+ private:
+  std::unique_lock<std::mutex> lock_;
+};
 
 at::ScalarType parse_dtype(const std::string& name) {
   if (name == "float32") return at::kFloat;
@@ -23,16 +39,20 @@ Strategy parse_strategy(const std::string& name) {
               "'");
 }
 
-ModelShape make_shape(int64_t num_layers, int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                      int64_t intermediate, int64_t vocab, double eps) {
-  TORCH_CHECK(num_layers >= 1 && hidden >= 1 && num_heads >= 1 && num_kv_heads >= 1 && head_dim >= 2 &&
-                  intermediate >= 1 && vocab >= 1,
+int64_t config_value(const c10::Dict<std::string, int64_t>& config, const char* key) {
+  TORCH_CHECK(config.contains(key), "Engine: config is missing '", key, "'");
+  return config.at(key);
+}
+
+void check_shape(const ModelShape& s) {
+  TORCH_CHECK(s.num_layers >= 1 && s.hidden >= 1 && s.num_heads >= 1 && s.num_kv_heads >= 1 && s.head_dim >= 2 &&
+                  s.intermediate >= 1 && s.vocab >= 1,
               "Engine: model dimensions must be positive");
-  TORCH_CHECK(num_heads % num_kv_heads == 0, "Engine: num_heads (", num_heads, ") must be a multiple of num_kv_heads (",
-              num_kv_heads, ")");
-  TORCH_CHECK(head_dim % 2 == 0, "Engine: head_dim must be even, got ", head_dim);
-  TORCH_CHECK(eps > 0 && std::isfinite(eps), "Engine: rms_norm_eps must be positive, got ", eps);
-  return ModelShape{num_layers, hidden, num_heads, num_kv_heads, head_dim, intermediate, vocab, eps};
+  TORCH_CHECK(s.num_heads % s.num_kv_heads == 0, "Engine: num_heads (", s.num_heads,
+              ") must be a multiple of num_kv_heads (", s.num_kv_heads, ")");
+  TORCH_CHECK(s.head_dim % 2 == 0, "Engine: head_dim must be even, got ", s.head_dim);
+  TORCH_CHECK(s.rms_norm_eps > 0 && std::isfinite(s.rms_norm_eps), "Engine: rms_norm_eps must be positive, got ",
+              s.rms_norm_eps);
 }
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
@@ -41,99 +61,177 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 
 }  // namespace
 
-Engine::Engine(int64_t num_layers, int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-               int64_t intermediate, int64_t vocab, double rms_norm_eps, at::Tensor cos_sin_cache,
-               std::vector<at::Tensor> weights, std::string weight_dtype, int64_t capacity)
-    : shape_(make_shape(num_layers, hidden, num_heads, num_kv_heads, head_dim, intermediate, vocab, rms_norm_eps)),
-      weights_(build_weights(shape_, weights, parse_dtype(weight_dtype))),
+Engine::Engine(EngineConfig config, at::Tensor cos_sin_cache, const c10::Dict<std::string, at::Tensor>& weights)
+    : config_(config),
+      weights_((check_shape(config.shape), build_weights(config.shape, weights, config.weight_dtype))),
       ops_(Ops::lookup()),
-      attn_scale_(1.0 / std::sqrt(static_cast<double>(head_dim))),
-      buffers_(shape_, weights_.embed.options()) {
-  TORCH_CHECK(cos_sin_cache.dim() == 2 && cos_sin_cache.size(1) == head_dim, "Engine: cos_sin_cache must have shape ",
-              "[max_positions, ", head_dim, "], got ", cos_sin_cache.sizes());
-  TORCH_CHECK(capacity >= 1 && capacity <= cos_sin_cache.size(0), "Engine: capacity must be in [1, ",
-              cos_sin_cache.size(0), "] (the rotary table's positions), got ", capacity);
+      attn_scale_(1.0 / std::sqrt(static_cast<double>(config.shape.head_dim))),
+      buffers_(config.shape, weights_.embed.options()) {
+  const int64_t D = config.shape.head_dim;
+  TORCH_CHECK(cos_sin_cache.dim() == 2 && cos_sin_cache.size(1) == D, "Engine: cos_sin_cache must have shape ",
+              "[max_positions, ", D, "], got ", cos_sin_cache.sizes());
+  TORCH_CHECK(config.capacity >= 1 && config.capacity <= cos_sin_cache.size(0), "Engine: capacity must be in [1, ",
+              cos_sin_cache.size(0), "] (the rotary table's positions), got ", config.capacity);
+  TORCH_CHECK(config.max_rows >= 1 && config.max_rows <= 4096, "Engine: max_rows must be in [1, 4096], got ",
+              config.max_rows);
   cos_sin_cache_ = cos_sin_cache.to(weights_.embed.device(), at::kFloat).contiguous();
-  buffers_.reserve_positions(capacity);
+  buffers_.reserve(config.max_rows, config.capacity);
+  slot_used_.assign(buffers_.rows(), false);
 }
 
-void Engine::begin(at::Tensor prompt, std::string strategy, int64_t exit_layer, int64_t num_speculations,
-                   int64_t max_new_tokens, double temperature, int64_t top_k, double top_p, int64_t seed,
-                   at::Tensor stop_token_ids, int64_t context_length) {
-  const int64_t L = shape_.num_layers;
-  Generation g;
-  g.strategy = parse_strategy(strategy);
+c10::intrusive_ptr<Engine> Engine::create(c10::Dict<std::string, int64_t> config, double rms_norm_eps,
+                                          at::Tensor cos_sin_cache, c10::Dict<std::string, at::Tensor> weights,
+                                          std::string weight_dtype) {
+  EngineConfig c;
+  c.shape = ModelShape{config_value(config, "num_layers"),   config_value(config, "hidden_size"),
+                       config_value(config, "num_heads"),    config_value(config, "num_kv_heads"),
+                       config_value(config, "head_dim"),     config_value(config, "intermediate_size"),
+                       config_value(config, "vocab_size"),   rms_norm_eps};
+  c.weight_dtype = parse_dtype(weight_dtype);
+  c.max_rows = config_value(config, "max_rows");
+  c.capacity = config_value(config, "capacity");
+  return c10::make_intrusive<Engine>(c, cos_sin_cache, weights);
+}
+
+int64_t Engine::add_row(at::Tensor prompt, std::string strategy, int64_t exit_layer, int64_t num_speculations,
+                        int64_t max_new_tokens, double temperature, int64_t top_k, double top_p, int64_t seed,
+                        at::Tensor stop_token_ids, int64_t context_length) {
+  Busy busy(busy_);
+  // 1. validate everything; nothing is changed before the last check
+  const int64_t L = config_.shape.num_layers, V = config_.shape.vocab;
+  Row r;
+  RowParams& p = r.params;
+  RowState& s = r.state;
+  p.strategy = parse_strategy(strategy);
   TORCH_CHECK(prompt.dim() == 1 && prompt.size(0) >= 1 && prompt.scalar_type() == at::kLong,
               "Engine: prompt must be a non-empty 1-D int64 tensor, got ", prompt.scalar_type(), " ", prompt.sizes());
   TORCH_CHECK(stop_token_ids.dim() == 1 && stop_token_ids.scalar_type() == at::kLong,
               "Engine: stop_token_ids must be a 1-D int64 tensor");
-  g.prompt_length = prompt.size(0);
+  s.prompt_length = prompt.size(0);
   TORCH_CHECK(max_new_tokens >= 0, "Engine: max_new_tokens must be >= 0, got ", max_new_tokens);
-  TORCH_CHECK(context_length > g.prompt_length && context_length <= cos_sin_cache_.size(0),
-              "Engine: context_length must be in (prompt length ", g.prompt_length, ", ", cos_sin_cache_.size(0),
+  TORCH_CHECK(context_length > s.prompt_length && context_length <= cos_sin_cache_.size(0),
+              "Engine: context_length must be in (prompt length ", s.prompt_length, ", ", cos_sin_cache_.size(0),
               "], got ", context_length);
-  const bool speculative = g.strategy == Strategy::self_speculative;
-  g.exit_layer = g.strategy == Strategy::autoregressive ? L : exit_layer;
-  TORCH_CHECK(g.exit_layer >= 1 && g.exit_layer <= (speculative ? L - 1 : L), "Engine: exit_layer ", exit_layer,
+  const bool speculative = p.strategy == Strategy::self_speculative;
+  p.exit_layer = p.strategy == Strategy::autoregressive ? L : exit_layer;
+  TORCH_CHECK(p.exit_layer >= 1 && p.exit_layer <= (speculative ? L - 1 : L), "Engine: exit_layer ", exit_layer,
               " is out of range for strategy '", strategy, "' on a model with ", L, " layers");
-  g.num_speculations = speculative ? num_speculations : 0;
-  TORCH_CHECK(!speculative || num_speculations >= 1, "Engine: num_speculations must be >= 1, got ", num_speculations);
+  TORCH_CHECK(!speculative || (num_speculations >= 1 && num_speculations <= 1024),
+              "Engine: num_speculations must be in [1, 1024], got ", num_speculations);
+  p.num_speculations = speculative ? num_speculations : 0;
   TORCH_CHECK(temperature >= 0 && std::isfinite(temperature), "Engine: temperature must be finite and >= 0");
   TORCH_CHECK(top_k >= 0 && top_p > 0 && top_p <= 1, "Engine: need top_k >= 0 and top_p in (0, 1]");
-  g.max_new_tokens = max_new_tokens;
-  g.temperature = temperature;
-  g.top_k = top_k;
-  g.top_p = top_p;
-  g.seed = seed;
-  g.context_length = context_length;
-  // room for the prompt, the new tokens and one verify block past the last accepted token
-  g.capacity = std::min(context_length, g.prompt_length + max_new_tokens + g.num_speculations + 1);
+  p.max_new_tokens = max_new_tokens;
+  p.temperature = temperature;
+  p.top_k = top_k;
+  p.top_p = top_p;
+  p.seed = seed;
+  p.context_length = context_length;
   const at::Tensor stop = stop_token_ids.to(at::kCPU).contiguous();
-  g.stop_token_ids.assign(stop.data_ptr<int64_t>(), stop.data_ptr<int64_t>() + stop.numel());
-  const at::Tensor host_prompt = prompt.to(at::kCPU);
-  const auto minmax = at::aminmax(host_prompt);
-  TORCH_CHECK(std::get<0>(minmax).item<int64_t>() >= 0 && std::get<1>(minmax).item<int64_t>() < shape_.vocab,
-              "Engine: prompt token ids must be in [0, ", shape_.vocab, ")");
-  g.prompt = prompt.to(weights_.embed.device());
-  if (max_new_tokens == 0) g.finish_reason = "length";
-
-  buffers_.reserve_positions(g.capacity);
-  buffers_.reserve_speculations(g.num_speculations, speculative && temperature > 0);
-  gen_ = std::move(g);
-}
-
-at::Tensor Engine::step(int64_t max_rounds) {
-  TORCH_CHECK(gen_.prompt.defined(), "Engine: call begin() before step()");
-  c10::InferenceMode guard;
-  step_tokens_.clear();
-  for (int64_t r = 0; !finished() && (max_rounds <= 0 || r < max_rounds); ++r) {
-    const auto t0 = std::chrono::steady_clock::now();
-    if (!gen_.prefilled) {
-      prefill();
-      gen_.prefilled = true;
-      gen_.prefill_s += seconds_since(t0);
-      continue;
-    }
-    if (gen_.strategy == Strategy::self_speculative) {
-      speculative_round();
-    } else {
-      decode_step();
-    }
-    gen_.decode_s += seconds_since(t0);
+  p.stop_token_ids.assign(stop.data_ptr<int64_t>(), stop.data_ptr<int64_t>() + stop.numel());
+  const at::Tensor host_prompt = prompt.to(at::kCPU).contiguous();
+  const int64_t* ids = host_prompt.data_ptr<int64_t>();
+  for (int64_t i = 0; i < s.prompt_length; ++i) {
+    TORCH_CHECK(ids[i] >= 0 && ids[i] < V, "Engine: prompt token ", i, " = ", ids[i], " is outside [0, ", V, ")");
   }
-  return at::tensor(step_tokens_, at::kLong);
+  // room for the prompt, the new tokens and one verify block past the last accepted token; written so that
+  // it cannot overflow (max_new_tokens may be huge: context_length bounds it)
+  const int64_t room = context_length - s.prompt_length;  // > 0
+  s.capacity = max_new_tokens >= room ? context_length
+                                      : std::min(context_length, s.prompt_length + max_new_tokens + p.num_speculations + 1);
+  if (max_new_tokens == 0) s.finish_reason = "length";
+
+  // 2. reserve a cache row (growing the buffers keeps every other row's contents)
+  int64_t slot = 0;
+  while (slot < static_cast<int64_t>(slot_used_.size()) && slot_used_[slot]) ++slot;
+  buffers_.reserve(slot + 1, s.capacity);
+  if (slot >= static_cast<int64_t>(slot_used_.size())) slot_used_.resize(slot + 1, false);
+  s.slot = slot;
+  s.prompt = host_prompt.to(weights_.embed.device());
+  slot_used_[slot] = true;
+  const int64_t id = next_id_++;
+  rows_.emplace(id, std::move(r));
+  return id;
 }
 
-at::Tensor Engine::tokens() { return at::tensor(gen_.tokens, at::kLong); }
+at::Tensor Engine::step() {
+  Busy busy(busy_);
+  c10::InferenceMode guard;
+  step_output_.clear();
+  // rows to prefill, and the groups of prefilled rows that run a round
+  std::vector<int64_t> to_prefill;
+  std::map<std::tuple<int, int64_t, int64_t>, std::vector<int64_t>> groups;  // (strategy, E, d) -> ids
+  for (auto& [id, r] : rows_) {
+    if (r.state.finish_reason) continue;
+    if (!r.state.prefilled) {
+      to_prefill.push_back(id);
+    } else {
+      const RowParams& p = r.params;
+      groups[{static_cast<int>(p.strategy), p.exit_layer, p.num_speculations}].push_back(id);
+    }
+  }
+  for (int64_t id : to_prefill) {
+    Row& r = rows_.at(id);
+    const auto t0 = std::chrono::steady_clock::now();
+    prefill(id, r);
+    r.state.prefilled = true;
+    r.state.prefill_s += seconds_since(t0);
+  }
+  for (auto& [key, ids] : groups) {
+    const auto t0 = std::chrono::steady_clock::now();
+    if (static_cast<Strategy>(std::get<0>(key)) == Strategy::self_speculative) {
+      speculative_group(ids);
+    } else {
+      decode_group(ids);
+    }
+    const double dt = seconds_since(t0);
+    for (int64_t id : ids) rows_.at(id).state.decode_s += dt;
+  }
+  const int64_t n = static_cast<int64_t>(step_output_.size()) / 2;
+  return at::tensor(step_output_, at::kLong).view({n, 2});
+}
 
-c10::Dict<std::string, double> Engine::stats() {
+void Engine::remove_row(int64_t id) {
+  Busy busy(busy_);
+  Row& r = row(id);
+  slot_used_[r.state.slot] = false;
+  rows_.erase(id);
+}
+
+Row& Engine::row(int64_t id) {
+  auto it = rows_.find(id);
+  TORCH_CHECK(it != rows_.end(), "Engine: no row with id ", id);
+  return it->second;
+}
+
+std::vector<int64_t> Engine::row_ids() {
+  std::vector<int64_t> ids;
+  for (const auto& item : rows_) ids.push_back(item.first);
+  return ids;
+}
+
+bool Engine::has_unfinished() {
+  for (const auto& item : rows_) {
+    if (!item.second.state.finish_reason) return true;
+  }
+  return false;
+}
+
+std::string Engine::finish_reason(int64_t id) { return row(id).state.finish_reason.value_or(""); }
+
+std::string Engine::error(int64_t id) { return row(id).state.error; }
+
+at::Tensor Engine::tokens(int64_t id) { return at::tensor(row(id).state.tokens, at::kLong); }
+
+c10::Dict<std::string, double> Engine::stats(int64_t id) {
+  const RowState& s = row(id).state;
   c10::Dict<std::string, double> d;
-  d.insert("tokens", static_cast<double>(gen_.tokens.size()));
-  d.insert("drafted", static_cast<double>(gen_.drafted));
-  d.insert("accepted", static_cast<double>(gen_.accepted));
-  d.insert("rounds", static_cast<double>(gen_.rounds));
-  d.insert("prefill_time_s", gen_.prefill_s);
-  d.insert("decode_time_s", gen_.decode_s);
+  d.insert("tokens", static_cast<double>(s.tokens.size()));
+  d.insert("drafted", static_cast<double>(s.drafted));
+  d.insert("accepted", static_cast<double>(s.accepted));
+  d.insert("rounds", static_cast<double>(s.rounds));
+  d.insert("prefill_time_s", s.prefill_s);
+  d.insert("decode_time_s", s.decode_s);
   return d;
 }
 

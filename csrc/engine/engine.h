@@ -1,16 +1,30 @@
-// Engine: the C++ decoder loop (autoregressive, early exit, self-speculative) over resident state.
+// Engine: the batched C++ decoder loop (autoregressive, early exit, self-speculative) over resident state.
 //
-// Built once from the model config and weights; a generation is begin(...) then step(...) until
-// finished(). step(0) runs a whole generation in one call; step(1) runs one round (the prefill, one
-// decode step, or one draft / verify / accept round) so that a caller can stream the accepted tokens.
-// Every computation is a layerskip op through the dispatcher or an ATen op on the weights' device.
+// Built once from an EngineConfig and the model's weights keyed by their HF names. Its interface is the one
+// continuous batching needs:
+//   id = add_row(prompt, params)   validates everything first (a failed call changes nothing), reserves a cache
+//                                  row; the row is prefilled by the next step().
+//   step()                         prefills the rows added since the last step (one at a time, P tokens each),
+//                                  then runs one round for every other unfinished row: rows are grouped by
+//                                  (strategy, exit_layer, num_speculations) and each group runs batched (a
+//                                  decode step with T = rows of the group, or a speculative round drafting d
+//                                  tokens for every row and verifying all of them in one pass). Returns the new
+//                                  tokens as (row id, token) pairs in order; finished rows cost nothing.
+//   remove_row(id)                 releases the row's cache slot at once (finished or not).
+// Rows may differ in everything: prompt, strategy, exit layer, draft length, sampling parameters, seed, stop
+// ids, max_new_tokens and context length. Row i yields exactly the tokens of a batch of one (every kernel on
+// the step path is batch invariant; the prefill runs per row).
 //
-// Random draws follow reference_generate.py: one counter per sampled token; a speculative round with
-// d drafts at counter c draws c .. c+d-1 for the drafts, speculative_accept at c+d, then c += 3d + 1.
+// Random draws follow reference_generate.py, per row: one counter per sampled token; a speculative round with
+// d drafts at counter c draws c .. c+d-1 for the drafts, the acceptance from c+d, then c += 3d + 1.
+// Host syncs: one per prefilled row and one per group and step (marked "host sync" in strategies.cpp).
+// Not thread safe: one call at a time (a second concurrent call raises); engine.py serializes callers.
 #pragma once
 #include <torch/all.h>
 #include <torch/custom_class.h>
 
+#include <map>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -25,49 +39,74 @@ namespace engine {
 
 enum class Strategy { autoregressive, early_exit, self_speculative };
 
-// The arguments and progress of the current generation.
-struct Generation {
+// The model and the engine's initial sizes.
+struct EngineConfig {
+  ModelShape shape;
+  at::ScalarType weight_dtype = at::kFloat;  // matmul weights: float32 or bfloat16
+  int64_t max_rows = 1;                      // cache rows allocated up front (grown on demand)
+  int64_t capacity = 512;                    // cache positions per row allocated up front (grown on demand)
+};
+
+// The arguments of one row's generation (validated by add_row).
+struct RowParams {
   Strategy strategy = Strategy::autoregressive;
-  int64_t exit_layer = 0, num_speculations = 1, max_new_tokens = 0, top_k = 0, seed = 0;
-  int64_t context_length = 0, capacity = 0;  // capacity: positions this call may use (as the reference)
+  int64_t exit_layer = 0;        // layers of the draft / the early exit (L for autoregressive)
+  int64_t num_speculations = 0;  // d (0 unless self-speculative)
+  int64_t max_new_tokens = 0, top_k = 0, seed = 0, context_length = 0;
   double temperature = 0.0, top_p = 1.0;
   std::vector<int64_t> stop_token_ids;
-  at::Tensor prompt;  // [P] int64 on the device
-  int64_t prompt_length = 0;
+};
 
+// The progress of one row.
+struct RowState {
+  int64_t slot = 0;             // cache row
+  at::Tensor prompt;            // [P] int64 on the device
+  int64_t prompt_length = 0;
+  int64_t capacity = 0;         // positions this row may use: min(context, P + max_new + d + 1), as the reference
   std::vector<int64_t> tokens;  // new tokens so far
-  std::optional<std::string> finish_reason;
+  std::optional<std::string> finish_reason;  // "stop" | "length" | "context" | "error"
+  std::string error;                         // why, when finish_reason is "error"
   bool prefilled = false;
   int64_t position = 0;  // position of the newest token, which no layer has processed yet
   int64_t counter = 0;   // next random draw
   int64_t drafted = 0, accepted = 0, rounds = 0;
   double prefill_s = 0.0, decode_s = 0.0;
+};
 
-  bool greedy() const { return temperature == 0.0; }
+struct Row {
+  RowParams params;
+  RowState state;
 };
 
 class Engine : public torch::CustomClassHolder {
  public:
-  // weights: see build_weights (HF order). cos_sin_cache [max_pos, D] float32 (cos | sin).
-  // weight_dtype: "float32" or "bfloat16" for the matmul weights. capacity: initial KV positions.
-  Engine(int64_t num_layers, int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-         int64_t intermediate, int64_t vocab, double rms_norm_eps, at::Tensor cos_sin_cache,
-         std::vector<at::Tensor> weights, std::string weight_dtype, int64_t capacity);
+  Engine(EngineConfig config, at::Tensor cos_sin_cache, const c10::Dict<std::string, at::Tensor>& weights);
 
-  // Starts a generation (arguments already validated by generation.py; re-checked cheaply here).
-  // strategy: "autoregressive" | "early_exit" | "self_speculative"; prompt [P] int64; stop ids [n] int64.
-  void begin(at::Tensor prompt, std::string strategy, int64_t exit_layer, int64_t num_speculations,
-             int64_t max_new_tokens, double temperature, int64_t top_k, double top_p, int64_t seed,
-             at::Tensor stop_token_ids, int64_t context_length);
-  // Runs up to max_rounds rounds (<= 0: until finished); returns the tokens they produced, [n] int64 CPU.
-  at::Tensor step(int64_t max_rounds);
-  bool finished() { return gen_.finish_reason.has_value(); }
-  std::string finish_reason() { return gen_.finish_reason.value_or(""); }
-  at::Tensor tokens();  // every new token of the current generation, [n] int64 CPU
-  // tokens, drafted, accepted, rounds, prefill_time_s, decode_time_s of the current generation.
-  c10::Dict<std::string, double> stats();
+  // Python constructor: config keys num_layers, hidden_size, num_heads, num_kv_heads, head_dim,
+  // intermediate_size, vocab_size, max_rows, capacity; weights by HF name (no lm_head.weight: tied).
+  static c10::intrusive_ptr<Engine> create(c10::Dict<std::string, int64_t> config, double rms_norm_eps,
+                                           at::Tensor cos_sin_cache, c10::Dict<std::string, at::Tensor> weights,
+                                           std::string weight_dtype);
+
+  // A new row; returns its id. prompt [P] int64; stop_token_ids [n] int64; strategy "autoregressive" |
+  // "early_exit" | "self_speculative". Throws (changing nothing) on any invalid argument.
+  int64_t add_row(at::Tensor prompt, std::string strategy, int64_t exit_layer, int64_t num_speculations,
+                  int64_t max_new_tokens, double temperature, int64_t top_k, double top_p, int64_t seed,
+                  at::Tensor stop_token_ids, int64_t context_length);
+  // One step over every unfinished row (see the file comment): [n, 2] int64 CPU pairs (row id, new token).
+  at::Tensor step();
+  void remove_row(int64_t id);
+
+  std::vector<int64_t> row_ids();  // rows held (finished or not), ascending
+  bool has_unfinished();           // some row still needs steps
+  std::string finish_reason(int64_t id);  // "" while the row runs
+  std::string error(int64_t id);          // the message of a row that finished with "error"
+  at::Tensor tokens(int64_t id);          // every new token of the row, [n] int64 CPU
+  // tokens, drafted, accepted, rounds, prefill_time_s, decode_time_s of a row.
+  c10::Dict<std::string, double> stats(int64_t id);
 
   int64_t capacity() { return buffers_.capacity(); }
+  int64_t max_rows() { return buffers_.rows(); }
   int64_t weight_bytes_per_token() { return weights_.bytes_per_token(); }
   void set_profiling(bool enabled) { profiler_.enabled = enabled; }
   void reset_profile() { profiler_.reset(); }
@@ -76,26 +115,41 @@ class Engine : public torch::CustomClassHolder {
  private:
   // forward.cpp
   void embed(at::Tensor& out, const at::Tensor& ids);  // ids [T] -> out [T, H]
-  // Layers [start, end) over the residual stream x [T, H] (in place), tokens at [start_pos, start_pos + T).
-  void run_layers(at::Tensor& x, int64_t start, int64_t end, int64_t start_pos);
-  at::Tensor exit_logits(const at::Tensor& x);  // residual [T, H] -> logits [T, V] (final norm + LM head)
-  at::Tensor pick(const at::Tensor& logits);    // logits [1, V] -> token [1] int64, uses one draw
+  // Layers [start, end) over the residual stream x [T, H] (in place); token t at (rows[t], positions[t]).
+  // batch_invariant: every matmul goes through linear's skinny kernel (steps); false for a prefill.
+  void run_layers(at::Tensor& x, int64_t start, int64_t end, const at::Tensor& rows, const at::Tensor& positions,
+                  bool batch_invariant);
+  // residual x [T, H] -> logits [T, V] (final norm + LM head), into the workspace tensor `name`.
+  at::Tensor exit_logits(const at::Tensor& x, const char* name, bool batch_invariant);
+  void linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, bool batch_invariant);
 
   // strategies.cpp
-  bool push(int64_t token);  // appends a token; true when the generation must stop
-  void prefill();
-  void decode_step();
-  void speculative_round();
+  bool push(Row& row, int64_t id, int64_t token);  // appends a token; true when the row must stop
+  void prefill(int64_t id, Row& row);
+  void decode_group(const std::vector<int64_t>& ids);
+  void speculative_group(const std::vector<int64_t>& ids);
+  // Per-token sampling parameters of rows `ids` (token j of row ids[j], counter offsets added): [T] tensors.
+  struct SamplingParams {
+    at::Tensor temperature, top_k, top_p, seeds, counters;
+  };
+  SamplingParams sampling_params(const std::vector<int64_t>& ids, const std::vector<int64_t>& counters);
+  // Zeroes the non-finite rows of logits [T, V] (so sampling proceeds) and returns their flags [T] int64 (1 finite).
+  at::Tensor finite_rows(at::Tensor& logits);
 
-  ModelShape shape_;
+  Row& row(int64_t id);
+
+  EngineConfig config_;
   ModelWeights weights_;
   Ops ops_;
   at::Tensor cos_sin_cache_;  // [max_pos, D]
   double attn_scale_;
   Buffers buffers_;
   Profiler profiler_;
-  Generation gen_;
-  std::vector<int64_t> step_tokens_;  // tokens produced by the current step() call
+  std::map<int64_t, Row> rows_;        // by id
+  std::vector<bool> slot_used_;        // cache rows in use
+  int64_t next_id_ = 0;
+  std::vector<int64_t> step_output_;   // (id, token) pairs of the current step
+  std::mutex busy_;                    // held by the running call
 };
 
 }  // namespace engine

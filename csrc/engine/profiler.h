@@ -1,36 +1,20 @@
 // Optional per-category wall-clock timers of the decoder loop (off by default).
 //
-// When enabled, each timed region adds its elapsed time to a category, which gives the per-token
-// breakdown of benchmarks/bench_generate.py (layers, LM head, attention, sampling, loop overhead).
-// The clock is read on the host: on an asynchronous device (CUDA) the figures are launch times, not
-// kernel times; on the CPU every op is synchronous and the figures are exact. Disabled, a region
-// costs one branch.
+// Coarse on purpose: a layer is timed as two blocks (attention, MLP), so the layer code stays readable; the
+// categories give the per-token breakdown of benchmarks/bench_generate.py. The clock is read on the host: on
+// an asynchronous device (CUDA) the figures are launch times, not kernel times; on the CPU every op is
+// synchronous and the figures are exact. Disabled, a region costs one branch.
 #pragma once
 #include <array>
 #include <chrono>
-#include <string>
 
 namespace layerskip {
 namespace engine {
 
-enum class Cat : int {
-  embed,
-  norm,
-  qkv_proj,
-  rotary_kv,
-  attention,
-  o_proj,
-  mlp_proj,
-  silu,
-  lm_head,
-  sampling,
-  accept,
-  count
-};
+enum class Cat : int { embed, attention, mlp, lm_head, sampling, accept, count };
 
 inline const char* cat_name(Cat c) {
-  static const char* names[] = {"embed",   "norm",    "qkv_proj", "rotary_kv", "attention", "o_proj",
-                                "mlp_proj", "silu",   "lm_head",  "sampling",  "accept"};
+  static const char* names[] = {"embed", "attention", "mlp", "lm_head", "sampling", "accept"};
   return names[static_cast<int>(c)];
 }
 

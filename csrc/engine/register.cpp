@@ -4,15 +4,21 @@
 TORCH_LIBRARY_FRAGMENT(layerskip, m) {
   using layerskip::engine::Engine;
   m.class_<Engine>("Engine")
-      .def(torch::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, at::Tensor,
-                       std::vector<at::Tensor>, std::string, int64_t>())
-      .def("begin", &Engine::begin)
+      .def(torch::init([](c10::Dict<std::string, int64_t> config, double rms_norm_eps, at::Tensor cos_sin_cache,
+                          c10::Dict<std::string, at::Tensor> weights, std::string weight_dtype) {
+        return Engine::create(config, rms_norm_eps, cos_sin_cache, weights, weight_dtype);
+      }))
+      .def("add_row", &Engine::add_row)
       .def("step", &Engine::step)
-      .def("finished", &Engine::finished)
+      .def("remove_row", &Engine::remove_row)
+      .def("row_ids", &Engine::row_ids)
+      .def("has_unfinished", &Engine::has_unfinished)
       .def("finish_reason", &Engine::finish_reason)
+      .def("error", &Engine::error)
       .def("tokens", &Engine::tokens)
       .def("stats", &Engine::stats)
       .def("capacity", &Engine::capacity)
+      .def("max_rows", &Engine::max_rows)
       .def("weight_bytes_per_token", &Engine::weight_bytes_per_token)
       .def("set_profiling", &Engine::set_profiling)
       .def("reset_profile", &Engine::reset_profile)

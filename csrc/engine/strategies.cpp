@@ -1,5 +1,6 @@
-// The decoding strategies: prefill, one autoregressive / early-exit step, one self-speculative round.
-// Same semantics, stop rules and random counters as python/layerskip_ext/reference_generate.py.
+// The decoding strategies over a group of rows: prefill (per row), one autoregressive / early-exit step, one
+// self-speculative round. Same semantics, stop rules and random counters per row as
+// python/layerskip_ext/reference_generate.py. Host syncs are marked "host sync".
 #include <algorithm>
 
 #include "engine/engine.h"
@@ -7,115 +8,278 @@
 namespace layerskip {
 namespace engine {
 
-bool Engine::push(int64_t token) {
-  gen_.tokens.push_back(token);
-  step_tokens_.push_back(token);
-  const auto& stop = gen_.stop_token_ids;
+namespace {
+
+at::Tensor longs(const std::vector<int64_t>& v, const at::Device& device) {
+  return at::tensor(v, at::kLong).to(device);  // [n] int64
+}
+
+void fail(RowState& s, const std::string& message) {
+  s.finish_reason = "error";
+  s.error = message;
+}
+
+}  // namespace
+
+bool Engine::push(Row& r, int64_t id, int64_t token) {
+  RowState& s = r.state;
+  const RowParams& p = r.params;
+  s.tokens.push_back(token);
+  step_output_.push_back(id);
+  step_output_.push_back(token);
+  const auto& stop = p.stop_token_ids;
   if (std::find(stop.begin(), stop.end(), token) != stop.end()) {
-    gen_.finish_reason = "stop";
-  } else if (static_cast<int64_t>(gen_.tokens.size()) >= gen_.max_new_tokens) {
-    gen_.finish_reason = "length";
-  } else if (gen_.prompt_length + static_cast<int64_t>(gen_.tokens.size()) >= gen_.context_length) {
-    gen_.finish_reason = "context";
+    s.finish_reason = "stop";
+  } else if (static_cast<int64_t>(s.tokens.size()) >= p.max_new_tokens) {
+    s.finish_reason = "length";
+  } else if (s.prompt_length + static_cast<int64_t>(s.tokens.size()) >= p.context_length) {
+    s.finish_reason = "context";
   }
-  return gen_.finish_reason.has_value();
+  return s.finish_reason.has_value();
 }
 
-// The prompt through the layers the strategy uses (all of them, except early exit: [0, E)); the first
-// new token from the last row's logits.
-void Engine::prefill() {
-  const int64_t P = gen_.prompt_length, L = shape_.num_layers;
-  const int64_t layers = gen_.strategy == Strategy::early_exit ? gen_.exit_layer : L;
-  at::Tensor x = at::empty({P, shape_.hidden}, buffers_.residual.options());  // [P, H]
-  embed(x, gen_.prompt);
-  run_layers(x, 0, layers, 0);
-  at::Tensor token = pick(exit_logits(x.narrow(0, P - 1, 1)));  // [1]
-  buffers_.last_token.copy_(token);
-  // host sync: the first new token, to check the stop rules
-  const int64_t t = token.item<int64_t>();
-  gen_.position = P;
-  push(t);
-}
-
-// One token through layers [0, E) (E = L for autoregressive), the final norm and the LM head.
-void Engine::decode_step() {
-  const int64_t E = gen_.strategy == Strategy::early_exit ? gen_.exit_layer : shape_.num_layers;
-  at::Tensor& x = buffers_.residual;  // [1, H]
-  embed(x, buffers_.last_token);
-  run_layers(x, 0, E, gen_.position);
-  at::Tensor token = pick(exit_logits(x));  // [1]
-  buffers_.last_token.copy_(token);
-  // host sync: the new token, to check the stop rules
-  const int64_t t = token.item<int64_t>();
-  gen_.position += 1;
-  push(t);
-}
-
-// Draft d tokens through layers [0, E), verify them through [E, L) in one pass from the exit-query
-// cache, accept a prefix plus one token of the full model, roll back by moving the position.
-void Engine::speculative_round() {
-  Generation& g = gen_;
-  const int64_t L = shape_.num_layers, E = g.exit_layer;
-  const int64_t remaining = g.max_new_tokens - static_cast<int64_t>(g.tokens.size());
-  // the verify block covers positions [position, position + d]: keep it inside this call's capacity
-  const int64_t d = std::max<int64_t>(0, std::min({g.num_speculations, remaining, g.capacity - g.position - 1}));
-  const int64_t c = g.counter;
-  at::Tensor& exit_cache = buffers_.exit_query_cache;  // [d_max + 1, H]
-
-  // 1. draft: token i + 1 from the layer-E state of position + i, kept in exit_cache[i]
-  for (int64_t i = 0; i <= d; ++i) {
-    at::Tensor x = exit_cache.narrow(0, i, 1);  // [1, H]
-    embed(x, i == 0 ? buffers_.last_token : buffers_.draft_tokens.narrow(0, i - 1, 1));
-    run_layers(x, 0, E, g.position + i);
-    if (i == d) break;  // the last draft token only needs its layer-E state, for the verifier's bonus token
-    at::Tensor logits = exit_logits(x);  // [1, V]
-    Profiler::Scope s(profiler_, Cat::sampling);
-    at::Tensor token;
-    if (g.greedy()) {
-      token = ops_.sample.call(logits, 0.0, 0, 1.0, g.seed, c + i);  // argmax
-    } else {
-      at::Tensor probs = ops_.sampling_probs.call(logits, g.temperature, g.top_k, g.top_p);  // [1, V]
-      buffers_.draft_probs.narrow(0, i, 1).copy_(probs);
-      token = ops_.sample_from_probs.call(probs, g.seed, c + i);
-    }
-    buffers_.draft_tokens.narrow(0, i, 1).copy_(token);
+Engine::SamplingParams Engine::sampling_params(const std::vector<int64_t>& ids, const std::vector<int64_t>& counters) {
+  const size_t n = ids.size();
+  std::vector<double> temperature(n), top_p(n);
+  std::vector<int64_t> top_k(n), seeds(n);
+  for (size_t j = 0; j < n; ++j) {
+    const RowParams& p = rows_.at(ids[j]).params;
+    temperature[j] = p.temperature;
+    top_p[j] = p.top_p;
+    top_k[j] = p.top_k;
+    seeds[j] = p.seed;
   }
+  const at::Device device = weights_.embed.device();
+  return {at::tensor(temperature, at::kDouble).to(device), longs(top_k, device),
+          at::tensor(top_p, at::kDouble).to(device), longs(seeds, device), longs(counters, device)};
+}
 
-  // 2. verify: layers [E, L) over the d + 1 cached layer-E states in one pass
-  at::Tensor h = exit_cache.narrow(0, 0, d + 1);  // [d + 1, H]
-  run_layers(h, E, L, g.position);
-  at::Tensor target_logits = exit_logits(h);  // [d + 1, V]
+at::Tensor Engine::finite_rows(at::Tensor& logits) {
+  const at::Tensor finite = at::isfinite(logits).all(1);  // [T] bool
+  logits.masked_fill_(finite.logical_not().unsqueeze(1), 0.0);
+  return finite.to(at::kLong);
+}
 
-  // 3. accept
-  at::Tensor tokens, num_accepted;
+// The prompt through the layers the strategy uses (all of them, except early exit: [0, E)); the first new
+// token from the last position's logits.
+void Engine::prefill(int64_t id, Row& r) {
+  RowState& s = r.state;
+  const RowParams& p = r.params;
+  const int64_t P = s.prompt_length;
+  const int64_t layers = p.strategy == Strategy::early_exit ? p.exit_layer : config_.shape.num_layers;
+  const at::Device device = weights_.embed.device();
+  at::Tensor x = buffers_.scratch("prefill_x", {P, config_.shape.hidden});  // [P, H]
+  embed(x, s.prompt);
+  const at::Tensor rows = at::full({P}, s.slot, at::TensorOptions().dtype(at::kLong).device(device));  // [P]
+  const at::Tensor positions = at::arange(P, at::TensorOptions().dtype(at::kLong).device(device));    // [P]
+  run_layers(x, 0, layers, rows, positions, /*batch_invariant=*/false);
+  at::Tensor logits = exit_logits(x.narrow(0, P - 1, 1), "logits", true);  // [1, V]
+  const at::Tensor finite = finite_rows(logits);
+  const SamplingParams sp = sampling_params({id}, {s.counter});
+  at::Tensor token = buffers_.scratch("tokens", {1}, at::kLong);
   {
-    Profiler::Scope s(profiler_, Cat::accept);
-    const at::Tensor drafts = buffers_.draft_tokens.narrow(0, 0, d);  // [d]
-    if (g.greedy()) {
-      std::tie(tokens, num_accepted) = ops_.speculative_accept_greedy.call(drafts, target_logits);
-    } else {
-      at::Tensor target_probs = ops_.sampling_probs.call(target_logits, g.temperature, g.top_k, g.top_p);
-      std::tie(tokens, num_accepted) = ops_.speculative_accept.call(drafts, buffers_.draft_probs.narrow(0, 0, d),
-                                                                    target_probs, g.seed, c + d);
+    Profiler::Scope scope(profiler_, Cat::sampling);
+    ops_.sample.call(token, logits, sp.temperature, sp.top_k, sp.top_p, sp.seeds, sp.counters);
+  }
+  // host sync: the first token and whether its logits were finite
+  const at::Tensor host = at::cat({token, finite}).to(at::kCPU);
+  s.counter += 1;
+  s.position = P;
+  if (host[1].item<int64_t>() == 0) return fail(s, "non-finite logits in the prefill");
+  push(r, id, host[0].item<int64_t>());
+}
+
+// One token per row through layers [0, E) (E = L for autoregressive), the final norm and the LM head.
+void Engine::decode_group(const std::vector<int64_t>& ids) {
+  const int64_t n = static_cast<int64_t>(ids.size());
+  const int64_t E = rows_.at(ids[0]).params.exit_layer;
+  std::vector<int64_t> last(n), slots(n), positions(n), counters(n);
+  for (int64_t j = 0; j < n; ++j) {
+    const RowState& s = rows_.at(ids[j]).state;
+    last[j] = s.tokens.back();
+    slots[j] = s.slot;
+    positions[j] = s.position;
+    counters[j] = s.counter;
+  }
+  const at::Device device = weights_.embed.device();
+  at::Tensor x = buffers_.scratch("step_x", {n, config_.shape.hidden});  // [n, H]
+  embed(x, longs(last, device));
+  run_layers(x, 0, E, longs(slots, device), longs(positions, device), true);
+  at::Tensor logits = exit_logits(x, "logits", true);  // [n, V]
+  const at::Tensor finite = finite_rows(logits);      // [n]
+  const SamplingParams sp = sampling_params(ids, counters);
+  at::Tensor tokens = buffers_.scratch("tokens", {n}, at::kLong);
+  {
+    Profiler::Scope scope(profiler_, Cat::sampling);
+    ops_.sample.call(tokens, logits, sp.temperature, sp.top_k, sp.top_p, sp.seeds, sp.counters);
+  }
+  // host sync: the new tokens and their logits' finiteness, once per step
+  const at::Tensor host = at::cat({tokens, finite}).to(at::kCPU);  // [2n]
+  const int64_t* out = host.data_ptr<int64_t>();
+  for (int64_t j = 0; j < n; ++j) {
+    Row& r = rows_.at(ids[j]);
+    r.state.counter += 1;
+    r.state.position += 1;
+    if (out[n + j] == 0) {
+      fail(r.state, "non-finite logits at position " + std::to_string(r.state.position - 1));
+      continue;
+    }
+    push(r, ids[j], out[j]);
+  }
+}
+
+// Every row drafts d_j tokens through layers [0, E); layers [E, L) verify all rows' d_j + 1 positions in one
+// pass from the exit-query cache; each row accepts its own prefix plus one token of the full model and rolls
+// back by moving its position.
+void Engine::speculative_group(const std::vector<int64_t>& ids) {
+  const int64_t n = static_cast<int64_t>(ids.size());
+  const ModelShape& shape = config_.shape;
+  const int64_t L = shape.num_layers, H = shape.hidden, V = shape.vocab;
+  const int64_t E = rows_.at(ids[0]).params.exit_layer;
+  const at::Device device = weights_.embed.device();
+  // per row: draft length d_j (the verify block [position, position + d_j] stays inside the row's capacity),
+  // first counter c_j
+  std::vector<int64_t> d(n), c(n), slots(n), pos(n), last(n);
+  int64_t dmax = 0;
+  bool all_greedy = true;
+  for (int64_t j = 0; j < n; ++j) {
+    const Row& r = rows_.at(ids[j]);
+    const RowState& s = r.state;
+    const int64_t remaining = r.params.max_new_tokens - static_cast<int64_t>(s.tokens.size());
+    d[j] = std::max<int64_t>(0, std::min({r.params.num_speculations, remaining, s.capacity - s.position - 1}));
+    c[j] = s.counter;
+    slots[j] = s.slot;
+    pos[j] = s.position;
+    last[j] = s.tokens.back();
+    dmax = std::max(dmax, d[j]);
+    all_greedy = all_greedy && r.params.temperature == 0.0;
+  }
+  const int64_t W = dmax + 1;  // exit-cache entries per row
+  at::Tensor exit_cache = buffers_.scratch("exit_query_cache", {n * W, H});  // row j, step i at j * W + i
+  at::Tensor drafts = buffers_.scratch("draft_tokens", {n, dmax}, at::kLong);
+  at::Tensor draft_probs = all_greedy ? at::Tensor() : buffers_.scratch("draft_probs", {n, dmax, V});
+
+  // 1. draft: step i runs the rows with d_j >= i (position pos_j + i); rows with d_j > i also sample a token.
+  // The last step only stores the layer-E state of each row's last draft, for the verifier's bonus token.
+  std::vector<int64_t> active(n);
+  for (int64_t j = 0; j < n; ++j) active[j] = j;
+  at::Tensor inputs = longs(last, device);  // [T] input tokens of the active rows
+  for (int64_t i = 0; i <= dmax; ++i) {
+    const int64_t T = static_cast<int64_t>(active.size());
+    std::vector<int64_t> rows_i(T), pos_i(T), cache_i(T), next, next_k, next_counters, next_ids;
+    for (int64_t k = 0; k < T; ++k) {
+      const int64_t j = active[k];
+      rows_i[k] = slots[j];
+      pos_i[k] = pos[j] + i;
+      cache_i[k] = j * W + i;
+      if (d[j] > i) {
+        next.push_back(j);
+        next_k.push_back(k);
+        next_counters.push_back(c[j] + i);
+        next_ids.push_back(ids[j]);
+      }
+    }
+    at::Tensor x = buffers_.scratch("draft_x", {T, H});  // [T, H]
+    embed(x, inputs);
+    run_layers(x, 0, E, longs(rows_i, device), longs(pos_i, device), true);
+    exit_cache.index_copy_(0, longs(cache_i, device), x);
+    if (next.empty()) break;
+    const int64_t Tn = static_cast<int64_t>(next.size());
+    const at::Tensor xs = Tn == T ? x : x.index_select(0, longs(next_k, device));  // [Tn, H]
+    at::Tensor logits = exit_logits(xs, "draft_logits", true);                      // [Tn, V]
+    finite_rows(logits);  // a non-finite draft is only a bad guess: the verifier decides
+    const SamplingParams sp = sampling_params(next_ids, next_counters);
+    at::Tensor tokens = at::empty({Tn}, inputs.options());  // [Tn]: the next step's inputs
+    std::vector<int64_t> draft_index(Tn);
+    for (int64_t k = 0; k < Tn; ++k) draft_index[k] = next[k] * dmax + i;
+    const at::Tensor draft_index_t = longs(draft_index, device);
+    {
+      Profiler::Scope scope(profiler_, Cat::sampling);
+      if (all_greedy) {
+        ops_.sample.call(tokens, logits, sp.temperature, sp.top_k, sp.top_p, sp.seeds, sp.counters);
+      } else {  // greedy rows get one-hot probabilities: the same token, and exact greedy acceptance below
+        at::Tensor probs = buffers_.scratch("draft_step_probs", {Tn, V});
+        ops_.sampling_probs.call(probs, logits, sp.temperature, sp.top_k, sp.top_p);
+        ops_.sample_from_probs.call(tokens, probs, sp.seeds, sp.counters);
+        draft_probs.view({n * dmax, V}).index_copy_(0, draft_index_t, probs);
+      }
+    }
+    drafts.view({n * dmax}).index_copy_(0, draft_index_t, tokens);
+    active = next;
+    inputs = tokens;
+  }
+
+  // 2. verify: layers [E, L) over every row's d_j + 1 cached layer-E states in one pass
+  std::vector<int64_t> v_cache, v_rows, v_pos, v_ids, v_counters;
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t k = 0; k <= d[j]; ++k) {
+      v_cache.push_back(j * W + k);
+      v_rows.push_back(slots[j]);
+      v_pos.push_back(pos[j] + k);
+      v_ids.push_back(ids[j]);
+      v_counters.push_back(c[j]);
     }
   }
-  // host sync: the accepted tokens and their count, once per round
-  const at::Tensor host = at::cat({tokens, num_accepted.view({1})}).to(at::kCPU);  // [d + 2]
-  const int64_t* out = host.data_ptr<int64_t>();
-  const int64_t n = out[d + 1];
-  TORCH_CHECK(n >= 0 && n <= d, "Engine: speculative acceptance returned ", n, " accepted of ", d, " drafts");
-  buffers_.last_token.fill_(out[n]);
+  const int64_t Tv = static_cast<int64_t>(v_cache.size());
+  const at::Tensor v_cache_t = longs(v_cache, device);
+  at::Tensor h = buffers_.scratch("verify_x", {Tv, H});  // [Tv, H]
+  at::index_select_out(h, exit_cache, 0, v_cache_t);
+  run_layers(h, E, L, longs(v_rows, device), longs(v_pos, device), true);
+  at::Tensor logits = exit_logits(h, "logits", true);  // [Tv, V]
+  const at::Tensor finite = finite_rows(logits);      // [Tv]
 
-  g.rounds += 1;
-  g.drafted += d;
-  g.accepted += n;
-  g.counter = c + 3 * d + 1;
-  for (int64_t i = 0; i <= n; ++i) {
-    if (push(out[i])) break;
+  // 3. accept, per row, on [n, W, V] (row j's entries past d_j are not read)
+  at::Tensor tokens = buffers_.scratch("accept_tokens", {n, W}, at::kLong);
+  at::Tensor num_accepted = buffers_.scratch("num_accepted", {n}, at::kLong);
+  const at::Tensor lengths = longs(d, device);
+  auto padded = [&](const at::Tensor& packed) {  // [Tv, V] -> [n, W, V]
+    if (Tv == n * W) return packed.view({n, W, V});
+    at::Tensor out = buffers_.scratch("padded_target", {n * W, V});
+    out.index_copy_(0, v_cache_t, packed);
+    return out.view({n, W, V});
+  };
+  {
+    Profiler::Scope scope(profiler_, Cat::accept);
+    if (all_greedy) {
+      ops_.speculative_accept_greedy.call(tokens, num_accepted, drafts, lengths, padded(logits));
+    } else {
+      const SamplingParams sp = sampling_params(v_ids, v_counters);
+      at::Tensor probs = buffers_.scratch("target_probs", {Tv, V});
+      ops_.sampling_probs.call(probs, logits, sp.temperature, sp.top_k, sp.top_p);
+      std::vector<int64_t> accept_counters(n);
+      for (int64_t j = 0; j < n; ++j) accept_counters[j] = c[j] + d[j];
+      const SamplingParams rp = sampling_params(ids, accept_counters);
+      ops_.speculative_accept.call(tokens, num_accepted, drafts, lengths, draft_probs, padded(probs), rp.seeds,
+                                   rp.counters);
+    }
   }
-  // 4. roll back: positions [position, position + n] hold accepted tokens; later cache slots are stale
-  // and get overwritten before anything reads them
-  g.position += n + 1;
+  // host sync: the accepted tokens, their counts and the logits' finiteness, once per round
+  const at::Tensor host = at::cat({tokens.flatten(), num_accepted, finite}).to(at::kCPU);  // [n W + n + Tv]
+  const int64_t* out = host.data_ptr<int64_t>();
+  const int64_t* accepted = out + n * W;
+  const int64_t* finite_out = accepted + n;
+  for (int64_t j = 0, v = 0; j < n; v += d[j] + 1, ++j) {
+    Row& r = rows_.at(ids[j]);
+    RowState& s = r.state;
+    const int64_t a = accepted[j];
+    TORCH_CHECK(a >= 0 && a <= d[j], "Engine: speculative acceptance returned ", a, " accepted of ", d[j], " drafts");
+    s.rounds += 1;
+    s.drafted += d[j];
+    s.accepted += a;
+    s.counter = c[j] + 3 * d[j] + 1;
+    bool ok = true;
+    for (int64_t k = 0; k <= d[j]; ++k) ok = ok && finite_out[v + k] != 0;
+    if (!ok) {
+      fail(s, "non-finite logits at positions " + std::to_string(pos[j]) + ".." + std::to_string(pos[j] + d[j]));
+      continue;
+    }
+    for (int64_t k = 0; k <= a; ++k) {
+      if (push(r, ids[j], out[j * W + k])) break;
+    }
+    // 4. roll back: positions [pos, pos + a] hold accepted tokens; later cache slots are stale and get
+    // overwritten before anything reads them
+    s.position += a + 1;
+  }
 }
 
 }  // namespace engine

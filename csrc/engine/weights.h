@@ -7,6 +7,7 @@
 #pragma once
 #include <torch/all.h>
 
+#include <string>
 #include <vector>
 
 namespace layerskip {
@@ -39,9 +40,11 @@ struct ModelWeights {
   int64_t bytes_per_token() const;
 };
 
-// `tensors` in HF order: embed_tokens, norm, lm_head (the embedding again when tied), then per layer
-// input_layernorm, q, k, v, o, post_attention_layernorm, gate, up, down. Checks every shape.
-ModelWeights build_weights(const ModelShape& shape, const std::vector<at::Tensor>& tensors,
+// `tensors` keyed by their Hugging Face names (model.embed_tokens.weight, model.norm.weight, lm_head.weight,
+// model.layers.{i}.input_layernorm.weight, .self_attn.{q,k,v,o}_proj.weight, .post_attention_layernorm.weight,
+// .mlp.{gate,up,down}_proj.weight). A missing lm_head.weight means a tied head (the embedding). Checks every
+// name and shape; names the engine does not use are an error (a typo must not go unnoticed).
+ModelWeights build_weights(const ModelShape& shape, const c10::Dict<std::string, at::Tensor>& tensors,
                            at::ScalarType matmul_dtype);
 
 }  // namespace engine

@@ -1,4 +1,4 @@
-"""`generate()`: one entry point for every strategy and backend."""
+"""`generate()`: one entry point for every strategy and backend, for one prompt or a batch of prompts."""
 from __future__ import annotations
 
 import torch
@@ -6,43 +6,97 @@ import torch
 from . import engine as _engine
 from .generation import GenerationResult, check_generation_args
 from .model import LayerSkipModel
-from .reference_generate import generate_reference
+from .reference_generate import generate_reference_batch
 
 BACKENDS = ("auto", "engine", "reference")
 
+# Arguments that may be given per row in batched mode (a list with one value per prompt).
+PER_ROW = ("max_new_tokens", "strategy", "exit_layer", "num_speculations", "temperature", "top_k", "top_p", "seed",
+           "stop_token_ids", "context_length")
 
-def generate(model: LayerSkipModel, prompt, max_new_tokens: int = 64, strategy: str = "autoregressive",
-             exit_layer: int | None = None, num_speculations: int | None = None, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_token_ids=None,
-             on_token=None, backend: str = "auto", context_length: int | None = None,
-             weight_dtype: torch.dtype | None = None) -> GenerationResult:
-    """Generates up to `max_new_tokens` tokens after `prompt` (a string or a list of token ids).
 
+def _is_prompt_list(prompt) -> bool:
+    """True for a batch: a list / tuple whose elements are prompts (not token ids)."""
+    if not isinstance(prompt, (list, tuple)):
+        return False
+    if len(prompt) == 0:
+        return True  # rejected below as an empty batch
+    first = prompt[0]
+    return isinstance(first, (str, list, tuple)) or hasattr(first, "ndim") and getattr(first, "ndim", 0) >= 1
+
+
+def _row_value(name: str, value, row: int, rows: int):
+    """The value of argument `name` for one row: a per-row list, or the same value for every row."""
+    per_row = isinstance(value, (list, tuple)) and name != "stop_token_ids"
+    if name == "stop_token_ids":  # per row: a list of lists (or None)
+        per_row = isinstance(value, (list, tuple)) and len(value) > 0 and all(
+            v is None or isinstance(v, (list, tuple)) for v in value)
+    if not per_row:
+        return value
+    if len(value) != rows:
+        raise ValueError(f"{name} has {len(value)} values for {rows} prompts (give one value, or one per prompt)")
+    return value[row]
+
+
+def generate(model: LayerSkipModel, prompt, max_new_tokens=64, strategy="autoregressive", exit_layer=None,
+             num_speculations=None, temperature=0.0, top_k=0, top_p=1.0, seed=None, stop_token_ids=None,
+             on_token=None, backend: str = "auto", context_length=None,
+             weight_dtype: torch.dtype | None = None):
+    """Generates up to `max_new_tokens` tokens after `prompt`.
+
+    prompt: a string or a list of token ids -> one GenerationResult; or a list of such prompts (lengths may
+    differ) -> a list of GenerationResult, one per prompt, decoded together in batched steps. Row i of a batch
+    yields exactly the tokens of a call with prompt i alone (greedy and seeded sampling, every strategy).
+    In batched mode every argument below may also be a list with one value per prompt (stop_token_ids: a list
+    of lists); a single value applies to every row (the same seed for every row gives each row the draws of a
+    call alone with that seed).
     strategy: "autoregressive" (all layers), "early_exit" (layers [0, exit_layer) then the LM head) or
     "self_speculative" (layers [0, exit_layer) draft `num_speculations` tokens, the rest verify; the output
     is the full model's: identical tokens when greedy, the same distribution when sampling).
     temperature 0 is greedy; otherwise top_k (0 = off) and top_p filter, and `seed` fixes the draws.
     stop_token_ids: None stops at the model's EOS ids, [] never stops early.
-    on_token: called with each new token id as soon as it is accepted.
+    on_token: called with each new token id as soon as it is accepted; in batched mode with (row, token).
     backend: "engine" (C++ decoder loop), "reference" (pure PyTorch oracle) or "auto" (engine when built).
     weight_dtype: the engine's matmul weights, torch.float32 or torch.bfloat16 (None: bfloat16 for a
     bfloat16 model, else float32). The reference always runs in the model's dtype.
+    Concurrency: calls on one model from several threads are serialized (each gets correct results); a call
+    from inside on_token on the same model raises RuntimeError.
     """
     if not isinstance(model, LayerSkipModel):
         raise TypeError(f"model must be a LayerSkipModel from layerskip_ext.load(), got {type(model).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if context_length is None:
-        context_length = model.config.max_position_embeddings
-    elif context_length > model.config.max_position_embeddings:
-        raise ValueError(f"context_length {context_length} exceeds the model's max_position_embeddings "
-                         f"({model.config.max_position_embeddings})")
-    args = check_generation_args(model.config, model.tokenizer, prompt, max_new_tokens=max_new_tokens,
-                                 strategy=strategy, exit_layer=exit_layer, num_speculations=num_speculations,
-                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                 stop_token_ids=stop_token_ids, context_length=context_length)
     if on_token is not None and not callable(on_token):
         raise TypeError("on_token must be callable")
+    batched = _is_prompt_list(prompt)
+    prompts = list(prompt) if batched else [prompt]
+    if batched and len(prompts) == 0:
+        raise ValueError("prompt is empty: an empty list is neither a prompt nor a batch of prompts")
+    values = dict(max_new_tokens=max_new_tokens, strategy=strategy, exit_layer=exit_layer,
+                  num_speculations=num_speculations, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                  stop_token_ids=stop_token_ids, context_length=context_length)
+    args_list = []
+    for i, p in enumerate(prompts):
+        row = {k: (_row_value(k, v, i, len(prompts)) if batched else v) for k, v in values.items()}
+        try:
+            if batched and not isinstance(p, (str, list, tuple)) and not hasattr(p, "ndim"):
+                raise ValueError(f"a prompt must be a string or a list of token ids, got {type(p).__name__} "
+                                 "(a batch must not mix prompts with token ids)")
+            if row["context_length"] is None:
+                row["context_length"] = model.config.max_position_embeddings
+            elif isinstance(row["context_length"], int) and row["context_length"] > model.config.max_position_embeddings:
+                raise ValueError(f"context_length {row['context_length']} exceeds the model's max_position_embeddings "
+                                 f"({model.config.max_position_embeddings})")
+            args_list.append(check_generation_args(model.config, model.tokenizer, p, **row))
+        except ValueError as e:
+            if not batched:
+                raise
+            raise ValueError(f"prompts[{i}]: {e}") from None
+    if not batched and on_token is not None:
+        single_callback = on_token
+        on_token = lambda row, token: single_callback(token)  # noqa: E731
     if backend == "reference" or (backend == "auto" and not _engine.is_available()):
-        return generate_reference(model.module, args, decode=model.decode, on_token=on_token)
-    return _engine.get_engine(model, weight_dtype).generate(args, on_token=on_token)
+        results = generate_reference_batch(model.module, args_list, decode=model.decode, on_token=on_token)
+    else:
+        results = _engine.get_engine(model, weight_dtype).generate_batch(args_list, on_token=on_token)
+    return results if batched else results[0]

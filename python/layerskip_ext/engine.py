@@ -2,14 +2,31 @@
 
     engine = layerskip_ext.engine.get_engine(model)            # built once, cached on the model
     result = engine.generate(args)                              # args: generation.GenerationArgs
+    results = engine.generate_batch([args0, args1, ...])        # one result per row, batched steps
 
-The Engine holds the weights in its own layout (q|k|v and gate|up fused, matmul weights in float32 or
-bfloat16) and its KV / exit-query caches across calls. Without a callback a generation runs in one C++
-call; with `on_token` it runs one round per call and forwards the accepted tokens. An engine copies the
-weights it fuses when it is built: after changing the model's weights, build a new one
+Continuous batching (a server) drives the row interface of its own Engine instance:
+
+    engine = Engine(model, max_rows=8)
+    row = engine.add_row(args)            # validated; a failed call leaves the engine unchanged
+    for row, tokens in engine.step():     # prefills new rows, then one round for every unfinished row
+        ...                               # engine.finish_reason(row) is set once a row is done
+    result = engine.result(row); engine.remove_row(row)   # frees the row's cache slot at once
+
+Rows may differ in every argument (strategy, exit layer, draft length, sampling, seed, stop ids, limits); a step
+groups rows by (strategy, exit_layer, num_speculations) and runs each group batched. Row i of a batch yields
+exactly the tokens it would alone.
+
+Concurrency: an Engine runs one call at a time. Its methods hold a lock, so calls from several threads are
+serialized (two threads calling `layerskip_ext.generate` on one model each get correct results, one after
+the other). A call made from inside an `on_token` callback of a running call on the same engine (the same
+thread) cannot wait for the lock: it raises RuntimeError instead of corrupting the running generation.
+The engine copies the weights it fuses when it is built: after changing the model's weights, build a new one
 (`get_engine(model, rebuild=True)`).
 """
 from __future__ import annotations
+
+import contextlib
+import threading
 
 import torch
 
@@ -24,7 +41,7 @@ except ImportError as e:  # the extension is not built
     _IMPORT_ERROR = e
 
 WEIGHT_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
-_INITIAL_CAPACITY = 512  # KV positions allocated up front; the engine grows them when a call needs more
+_INITIAL_CAPACITY = 512  # KV positions per row allocated up front; the engine grows them when a row needs more
 
 
 def is_available() -> bool:
@@ -32,25 +49,19 @@ def is_available() -> bool:
     return _IMPORT_ERROR is None
 
 
-def weight_tensors(module) -> list[torch.Tensor]:
-    """A ReferenceLlama's weights in the Engine's order: embed, norm, lm_head, then 9 per layer.
-
-    A tied LM head is passed as the embedding tensor itself, so the engine shares it."""
-    embed = module.model.embed_tokens.weight.detach()
+def weight_tensors(module) -> dict[str, torch.Tensor]:
+    """A ReferenceLlama's weights by their Hugging Face names; a tied LM head is left out (the engine reuses
+    the embedding)."""
     tied = module.lm_head.weight is module.model.embed_tokens.weight
-    tensors = [embed, module.model.norm.weight.detach(), embed if tied else module.lm_head.weight.detach()]
-    for layer in module.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        tensors += [p.weight.detach() for p in (layer.input_layernorm, attn.q_proj, attn.k_proj, attn.v_proj,
-                                                 attn.o_proj, layer.post_attention_layernorm, mlp.gate_proj,
-                                                 mlp.up_proj, mlp.down_proj)]
-    return tensors
+    return {name: p.detach() for name, p in module.named_parameters()
+            if not (tied and name == "lm_head.weight")}
 
 
 class Engine:
-    """A model's weights and decoding state in the C++ engine (one generation at a time)."""
+    """A model's weights and batched decoding state in the C++ engine (one call at a time, see the module doc)."""
 
-    def __init__(self, model, weight_dtype: torch.dtype = torch.float32, capacity: int | None = None):
+    def __init__(self, model, weight_dtype: torch.dtype = torch.float32, capacity: int | None = None,
+                 max_rows: int = 1):
         if _IMPORT_ERROR is not None:
             raise RuntimeError(f"the layerskip_ext C++ extension is not built: {_IMPORT_ERROR}")
         if weight_dtype not in WEIGHT_DTYPES:
@@ -61,15 +72,32 @@ class Engine:
             capacity = min(_INITIAL_CAPACITY, c.max_position_embeddings)
         self.model, self.weight_dtype = model, weight_dtype
         self.last_profile: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._owner: int | None = None  # thread running a call
+        config = dict(num_layers=c.num_layers, hidden_size=c.hidden_size, num_heads=c.num_heads,
+                      num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, intermediate_size=c.intermediate_size,
+                      vocab_size=c.vocab_size, max_rows=max_rows, capacity=capacity)
         with torch.no_grad():
-            self._engine = torch.classes.layerskip.Engine(
-                c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size,
-                c.vocab_size, float(c.rms_norm_eps), table, weight_tensors(model.module),
-                WEIGHT_DTYPES[weight_dtype], capacity)
+            self._engine = torch.classes.layerskip.Engine(config, float(c.rms_norm_eps), table,
+                                                          weight_tensors(model.module), WEIGHT_DTYPES[weight_dtype])
+
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """Holds the engine for one call: waits for other threads, refuses re-entry from a callback."""
+        if self._owner == threading.get_ident():
+            raise RuntimeError("this model's engine is already running a generation on this thread: generate() "
+                               "(or another engine call) was made from inside an on_token callback; collect the "
+                               "tokens and call it after the running generation returns")
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield self._engine
+            finally:
+                self._owner = None
 
     @property
     def capacity(self) -> int:
-        """KV-cache positions currently allocated."""
+        """KV-cache positions per row currently allocated."""
         return self._engine.capacity()
 
     @property
@@ -77,42 +105,107 @@ class Engine:
         """Bytes of weights one full decode step reads (all layers, final norm, LM head, one embedding row)."""
         return self._engine.weight_bytes_per_token()
 
-    def generate(self, args: GenerationArgs, on_token=None, profile: bool = False) -> GenerationResult:
-        """Runs one generation with validated arguments (generation.check_generation_args).
+    # ---------------------------------------------------------------------------------------------------------
+    # Row interface (continuous batching)
 
-        profile: time the decode phase (not the prefill) per category into `self.last_profile`
-        (seconds per category: embed, norm, qkv_proj, rotary_kv, attention, o_proj, mlp_proj, silu,
-        lm_head, sampling, accept)."""
-        e = self._engine
+    def add_row(self, args: GenerationArgs) -> int:
+        """Adds a row with validated arguments (generation.check_generation_args); returns its id.
+        Prefilled by the next step(). Raises without changing the engine if an argument is invalid."""
+        with self._exclusive() as e:
+            return self._add(e, args)
+
+    def _add(self, e, args: GenerationArgs) -> int:
         device = self.model.device
         spec = args.strategy == "self_speculative"
-        e.begin(torch.tensor(args.prompt_ids, dtype=torch.int64, device=device), args.strategy, args.exit_layer,
-                args.num_speculations if spec else 1, args.max_new_tokens, args.temperature, args.top_k,
-                args.top_p, seed_as_int64(args.seed), torch.tensor(args.stop_token_ids, dtype=torch.int64),
-                args.context_length)
-        if profile:
-            e.step(1)  # the prefill
-            e.reset_profile()
-            e.set_profiling(True)
-            try:
-                e.step(0)
-            finally:
-                e.set_profiling(False)
-            self.last_profile = dict(e.profile())
-        elif on_token is None:
-            e.step(0)  # the whole generation in one call
-        else:
-            while not e.finished():
-                for token in e.step(1).tolist():  # one round: its accepted tokens, in order
-                    on_token(token)
-        tokens = e.tokens().tolist()
-        s = e.stats()
+        return e.add_row(torch.tensor(args.prompt_ids, dtype=torch.int64, device=device), args.strategy,
+                         args.exit_layer, args.num_speculations if spec else 1, args.max_new_tokens, args.temperature,
+                         args.top_k, args.top_p, seed_as_int64(args.seed),
+                         torch.tensor(args.stop_token_ids, dtype=torch.int64), args.context_length)
+
+    def step(self) -> list[tuple[int, list[int]]]:
+        """One step over every unfinished row: [(row id, new tokens in order)] for the rows that produced some."""
+        with self._exclusive() as e:
+            return _group(e.step())
+
+    def remove_row(self, row: int) -> None:
+        """Releases a row (finished or not) and its cache slot."""
+        with self._exclusive() as e:
+            e.remove_row(row)
+
+    def finish_reason(self, row: int) -> str | None:
+        """None while the row runs, else "stop" | "length" | "context" | "error"."""
+        return self._engine.finish_reason(row) or None
+
+    def result(self, row: int, args: GenerationArgs) -> GenerationResult:
+        """The row's tokens, text, statistics and finish reason so far."""
+        e = self._engine
+        tokens = e.tokens(row).tolist()
+        s = e.stats(row)
+        spec = args.strategy == "self_speculative"
         stats = GenerationStats(args.strategy, None if args.strategy == "autoregressive" else args.exit_layer,
                                 args.num_speculations if spec else None, prompt_tokens=len(args.prompt_ids),
                                 new_tokens=len(tokens), drafted=int(s["drafted"]), accepted=int(s["accepted"]),
                                 rounds=int(s["rounds"]), prefill_time_s=s["prefill_time_s"],
                                 decode_time_s=s["decode_time_s"])
-        return GenerationResult(tokens, self.model.decode(tokens), stats, e.finish_reason(), list(args.prompt_ids))
+        reason = e.finish_reason(row) or "length"
+        return GenerationResult(tokens, self.model.decode(tokens), stats, reason, list(args.prompt_ids))
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Whole generations
+
+    def generate(self, args: GenerationArgs, on_token=None, profile: bool = False) -> GenerationResult:
+        """Runs one generation with validated arguments (generation.check_generation_args).
+
+        on_token(token) is called with each accepted token, in order. profile: time the decode phase (not the
+        prefill) per category into `self.last_profile` (seconds: embed, attention, mlp, lm_head, sampling,
+        accept)."""
+        callback = None if on_token is None else (lambda row, token: on_token(token))
+        return self.generate_batch([args], on_token=callback, profile=profile)[0]
+
+    def generate_batch(self, args_list: list[GenerationArgs], on_token=None,
+                       profile: bool = False) -> list[GenerationResult]:
+        """Runs one generation per row in batched steps; on_token(row index, token). The engine must hold no
+        other rows (a server's engine is its own instance). Raises RuntimeError naming the row if a row's logits
+        become non-finite; the engine is left empty and usable whatever happens."""
+        with self._exclusive() as e:
+            if len(e.row_ids()) != 0:
+                raise RuntimeError("generate() needs an engine with no rows of its own; this one holds rows added "
+                                   "with add_row (use a separate Engine for the row interface)")
+            ids: list[int] = []
+            try:
+                for args in args_list:
+                    ids.append(self._add(e, args))
+                index = {row: i for i, row in enumerate(ids)}
+                if profile:
+                    e.step()  # the prefills
+                    e.reset_profile()
+                    e.set_profiling(True)
+                while e.has_unfinished():
+                    pairs = e.step()
+                    if on_token is not None:
+                        for row, token in pairs.tolist():
+                            on_token(index[row], token)
+                if profile:
+                    e.set_profiling(False)
+                    self.last_profile = dict(e.profile())
+                results = [self.result(row, args) for row, args in zip(ids, args_list)]
+                for i, row in enumerate(ids):
+                    if results[i].finish_reason == "error":
+                        raise RuntimeError(f"generation of row {i} failed: {e.error(row)} (the model produced "
+                                           "NaN or infinite logits)")
+                return results
+            finally:
+                e.set_profiling(False)
+                for row in ids:
+                    e.remove_row(row)
+
+
+def _group(pairs: torch.Tensor) -> list[tuple[int, list[int]]]:
+    """[n, 2] (row, token) pairs -> [(row, [tokens])] in order of first appearance."""
+    out: dict[int, list[int]] = {}
+    for row, token in pairs.tolist():
+        out.setdefault(row, []).append(token)
+    return list(out.items())
 
 
 def default_weight_dtype(model) -> torch.dtype:
@@ -120,11 +213,15 @@ def default_weight_dtype(model) -> torch.dtype:
     return torch.bfloat16 if model.dtype == torch.bfloat16 else torch.float32
 
 
+_ENGINES_LOCK = threading.Lock()
+
+
 def get_engine(model, weight_dtype: torch.dtype | None = None, rebuild: bool = False) -> Engine:
     """The model's Engine for `weight_dtype`, built on first use and cached on the model (model._engine)."""
     weight_dtype = default_weight_dtype(model) if weight_dtype is None else weight_dtype
-    if not isinstance(model._engine, dict):
-        model._engine = {}
-    if rebuild or weight_dtype not in model._engine:
-        model._engine[weight_dtype] = Engine(model, weight_dtype)
-    return model._engine[weight_dtype]
+    with _ENGINES_LOCK:  # two threads must not build two engines for one model
+        if not isinstance(model._engine, dict):
+            model._engine = {}
+        if rebuild or weight_dtype not in model._engine:
+            model._engine[weight_dtype] = Engine(model, weight_dtype)
+        return model._engine[weight_dtype]

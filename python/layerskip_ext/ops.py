@@ -6,8 +6,8 @@ against. The sampling references are layerskip_ext.sampling's functions (the one
 semantics, also used by the reference decoder); they draw the same numbers as the kernels
 (`uniform_from_counter`, the twin of csrc/random.h), so they match them token for token.
 
-Shapes: T tokens in the step, H hidden size, Hq / Hkv query / key-value heads, D head_dim,
-S cache capacity, V vocabulary, I MLP intermediate size, d draft length.
+Shapes: T tokens in the step (from any rows), B cache rows, H hidden size, Hq / Hkv query / key-value heads,
+D head_dim, S cache positions per row, V vocabulary, I MLP intermediate size, d draft length.
 """
 from __future__ import annotations
 
@@ -16,23 +16,55 @@ import torch
 from torch import Tensor
 
 from layerskip_ext import sampling as _sampling
+from layerskip_ext.reference import cos_sin_table
 from layerskip_ext.sampling import seed_as_int64, uniform_from_counter  # uniform_from_counter: csrc/random.h
 from layerskip_ext import _C  # noqa: F401  (loads the library: registers the ops and kernels)
 
 _ops = torch.ops.layerskip
 
 # ---------------------------------------------------------------------------------------------------
-# Wrappers
+# Wrappers: each allocates the op's outputs, calls it, and returns them. Sampling parameters may be Python
+# scalars (the same for every token) or per-token tensors / lists; seed and offset scalars give token t the
+# draw `offset + t` of `seed`, as the engine's per-token counters do.
+
+
+def _per_token(value, n: int, dtype: torch.dtype, device) -> Tensor:
+    """A scalar or a sequence as a [n] tensor of `dtype` (a tensor is passed through)."""
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, (list, tuple)):
+        return torch.tensor(value, dtype=dtype, device=device)
+    return torch.full((n,), value, dtype=dtype, device=device)
+
+
+def _seeds_counters(seed, offset, n: int, device) -> tuple[Tensor, Tensor]:
+    seeds = seed if isinstance(seed, Tensor) else torch.full((n,), seed_as_int64(seed), dtype=torch.int64,
+                                                             device=device)
+    if isinstance(offset, Tensor):
+        counters = offset
+    else:
+        counters = offset + torch.arange(n, dtype=torch.int64, device=device)
+    return seeds, counters
+
+
+def _filter_params(logits: Tensor, temperature, top_k, top_p) -> tuple[Tensor, Tensor, Tensor]:
+    n, device = logits.shape[0] if logits.dim() == 2 else 0, logits.device
+    return (_per_token(temperature, n, torch.float64, device), _per_token(top_k, n, torch.int64, device),
+            _per_token(top_p, n, torch.float64, device))
 
 
 def rms_norm(input: Tensor, weight: Tensor, eps: float) -> Tensor:
     """input [..., H] / rms(input) * weight [H] -> [..., H] (dtype of input; math in float32)."""
-    return _ops.rms_norm.default(input, weight, eps)
+    out = torch.empty_like(input, memory_format=torch.contiguous_format)
+    _ops.rms_norm.default(out, input, weight, eps)
+    return out
 
 
 def fused_add_rms_norm(input: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Tensor:
     """residual += input (in place, contiguous residual); returns rms_norm(residual, weight, eps)."""
-    return _ops.fused_add_rms_norm.default(input, residual, weight, eps)
+    out = torch.empty_like(input, memory_format=torch.contiguous_format)
+    _ops.fused_add_rms_norm.default(out, input, residual, weight, eps)
+    return out
 
 
 def rotary_embedding(query: Tensor, key: Tensor, positions: Tensor, cos_sin_cache: Tensor) -> None:
@@ -44,87 +76,135 @@ def rotary_embedding(query: Tensor, key: Tensor, positions: Tensor, cos_sin_cach
     _ops.rotary_embedding.default(query, key, positions, cos_sin_cache)
 
 
-def kv_cache_write(k_cache: Tensor, v_cache: Tensor, key: Tensor, value: Tensor, slots: Tensor) -> None:
-    """k_cache[:, slots[t]] = key[t], v_cache[:, slots[t]] = value[t], in place.
+def kv_cache_write(k_cache: Tensor, v_cache: Tensor, key: Tensor, value: Tensor, rows: Tensor,
+                   positions: Tensor) -> None:
+    """k_cache[rows[t], :, positions[t]] = key[t], likewise v, in place.
 
-    caches [Hkv, S, D] contiguous; key, value [T, Hkv, D]; slots [T] int64 in [0, S). For duplicate
-    slots the last token wins.
+    caches [B, Hkv, S, D] contiguous; key, value [T, Hkv, D]; rows [T] int64 in [0, B); positions [T] int64 in
+    [0, S). For duplicate (row, position) pairs the last token wins.
     """
-    _ops.kv_cache_write.default(k_cache, v_cache, key, value, slots)
+    _ops.kv_cache_write.default(k_cache, v_cache, key, value, rows, positions)
 
 
-def attention(query: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: int, scale: float) -> Tensor:
-    """Causal GQA attention of query [T, Hq, D] against caches [Hkv, S, D] -> [T, Hq, D].
+def attention(query: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor, positions: Tensor,
+              scale: float) -> Tensor:
+    """Causal GQA attention of query [T, Hq, D] against caches [B, Hkv, S, D] -> [T, Hq, D].
 
-    Query t sits at position start_pos + t and sees cache slots [0, start_pos + t].
+    Token t attends to slots [0, positions[t]] of cache row rows[t].
     """
-    return _ops.attention.default(query, k_cache, v_cache, start_pos, scale)
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    _ops.attention.default(out, query, k_cache, v_cache, rows, positions, scale)
+    return out
 
 
 def silu_and_mul(input: Tensor) -> Tensor:
     """input [..., 2I] = gate | up -> silu(gate) * up [..., I]."""
-    return _ops.silu_and_mul.default(input)
+    out = input.new_empty((*input.shape[:-1], input.shape[-1] // 2)) if input.dim() else input.new_empty(())
+    _ops.silu_and_mul.default(out, input)
+    return out
 
 
 def linear(input: Tensor, weight: Tensor) -> Tensor:
     """input [T, K] float32 @ weight [N, K] (float32 or bfloat16).T -> [T, N] float32."""
-    return _ops.linear.default(input, weight)
+    rows = input.shape[0] if input.dim() == 2 else 0
+    cols = weight.shape[0] if weight.dim() == 2 else 0
+    # float32 on the CPU; the CUDA kernel also takes float16 / bfloat16 inputs and writes their dtype
+    dtype = input.dtype if input.is_cuda and input.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    out = torch.empty((rows, cols), dtype=dtype, device=input.device)
+    _ops.linear.default(out, input, weight)
+    return out
 
 
-def sampling_probs(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+def sampling_probs(logits: Tensor, temperature, top_k=0, top_p=1.0) -> Tensor:
     """logits [T, V] -> probabilities [T, V] float32 after temperature, top-k and top-p (nucleus) filtering.
 
-    temperature > 0. Tokens are ranked by logit, ties by lower index first; top_k > 0 keeps the first
-    top_k; top_p < 1 then keeps the shortest prefix of that ranking whose mass reaches top_p of the
-    top-k mass (at least one token); the kept probabilities are renormalised.
+    Parameters are scalars or per-token [T] tensors. temperature 0 gives the one-hot of the first argmax.
+    Tokens are ranked by logit, ties by lower index first; top_k > 0 keeps the first top_k; top_p < 1 then
+    keeps the shortest prefix of that ranking whose mass reaches top_p of the top-k mass (at least one
+    token); the kept probabilities are renormalised.
     """
-    return _ops.sampling_probs.default(logits, temperature, top_k, top_p)
+    out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    _ops.sampling_probs.default(out, logits, *_filter_params(logits, temperature, top_k, top_p))
+    return out
 
 
-def sample_from_probs(probs: Tensor, seed: int, offset: int = 0) -> Tensor:
+def sample_from_probs(probs: Tensor, seed, offset=0) -> Tensor:
     """probs [T, V] float32 (rows >= 0, need not sum to 1) -> tokens [T] int64.
 
-    Row t: u = uniform_from_counter(seed, offset + t); the first index whose float64 running sum
-    exceeds u * sum(row).
+    Row t: u = uniform_from_counter(seed, offset + t) (or the per-token seeds / counters when tensors are
+    given); the first index whose float64 running sum exceeds u * sum(row).
     """
-    return _ops.sample_from_probs.default(probs, seed_as_int64(seed), offset)
+    n = probs.shape[0] if probs.dim() >= 1 else 0
+    out = torch.empty((n,), dtype=torch.int64, device=probs.device)
+    _ops.sample_from_probs.default(out, probs, *_seeds_counters(seed, offset, n, probs.device))
+    return out
 
 
-def sample(
-    logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0, seed: int = 0, offset: int = 0
-) -> Tensor:
-    """logits [T, V] -> tokens [T] int64: argmax (first maximum) when temperature == 0, else
+def sample(logits: Tensor, temperature, top_k=0, top_p=1.0, seed=0, offset=0) -> Tensor:
+    """logits [T, V] -> tokens [T] int64: argmax (first maximum) where temperature == 0, else
     sample_from_probs(sampling_probs(logits, temperature, top_k, top_p), seed, offset)."""
-    return _ops.sample.default(logits, temperature, top_k, top_p, seed_as_int64(seed), offset)
+    n = logits.shape[0] if logits.dim() >= 1 else 0
+    out = torch.empty((n,), dtype=torch.int64, device=logits.device)
+    _ops.sample.default(out, logits, *_filter_params(logits, temperature, top_k, top_p),
+                        *_seeds_counters(seed, offset, n, logits.device))
+    return out
 
 
-def speculative_accept_greedy(draft_tokens: Tensor, target_logits: Tensor) -> tuple[Tensor, Tensor]:
-    """draft_tokens [d], target_logits [d+1, V] -> (tokens [d+1] int64, num_accepted [] int64).
+def _batched(draft_tokens: Tensor, draft_lengths):
+    """(draft_tokens [B, d], draft_lengths [B], single): a 1-D draft is a batch of one."""
+    single = draft_tokens.dim() == 1
+    drafts = draft_tokens[None] if single else draft_tokens
+    if draft_lengths is None and drafts.dim() == 2:
+        draft_lengths = torch.full((drafts.shape[0],), drafts.shape[1], dtype=torch.int64, device=drafts.device)
+    return drafts, draft_lengths, single
 
-    n = longest prefix with draft == argmax(target); tokens[:n] = draft[:n], tokens[n] = argmax of
-    target row n, entries past n are -1.
+
+def _accept_outputs(drafts: Tensor) -> tuple[Tensor, Tensor]:
+    B, d = (drafts.shape[0], drafts.shape[1]) if drafts.dim() == 2 else (0, 0)
+    return (torch.empty((B, d + 1), dtype=torch.int64, device=drafts.device),
+            torch.empty((B,), dtype=torch.int64, device=drafts.device))
+
+
+def speculative_accept_greedy(draft_tokens: Tensor, target_logits: Tensor,
+                              draft_lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """draft_tokens [B, d], target_logits [B, d+1, V] -> (tokens [B, d+1] int64, num_accepted [B] int64).
+
+    Row b uses its first draft_lengths[b] drafts (default: all d). n = longest prefix with draft == argmax(target);
+    tokens[:n] = draft[:n], tokens[n] = argmax of target row n, entries past n are -1. A 1-D draft [d] with
+    target_logits [d+1, V] is a batch of one and gives (tokens [d+1], num_accepted []).
     """
-    return _ops.speculative_accept_greedy.default(draft_tokens, target_logits)
+    drafts, lengths, single = _batched(draft_tokens, draft_lengths)
+    tokens, n = _accept_outputs(drafts)
+    _ops.speculative_accept_greedy.default(tokens, n, drafts, lengths, target_logits[None] if single else target_logits)
+    return (tokens[0], n[0]) if single else (tokens, n)
 
 
-def speculative_accept(
-    draft_tokens: Tensor, draft_probs: Tensor, target_probs: Tensor, seed: int, offset: int = 0
-) -> tuple[Tensor, Tensor]:
-    """Rejection sampling: draft_tokens [d], draft_probs [d, V], target_probs [d+1, V] (normalised rows)
-    -> (tokens [d+1] int64, num_accepted [] int64), distributed as sampling from the target.
+def speculative_accept(draft_tokens: Tensor, draft_probs: Tensor, target_probs: Tensor, seed, offset=0,
+                       draft_lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Rejection sampling: draft_tokens [B, d], draft_probs [B, d, V], target_probs [B, d+1, V] (normalised
+    rows) -> (tokens [B, d+1] int64, num_accepted [B] int64), distributed as sampling from the target.
 
-    Step i accepts draft[i] if u(2i) * draft_probs[i, x] < target_probs[i, x]; on rejection tokens[i] is
-    drawn with u(2i+1) from max(0, target - draft) renormalised (from target when that is all zero);
-    when all d are accepted tokens[d] is drawn with u(2d) from target_probs[d]. u(k) uses counter
-    offset + k of seed. Entries past the last valid one are -1.
+    Row b, step i accepts draft[i] if u(2i) * draft_probs[i, x] < target_probs[i, x]; on rejection tokens[i] is
+    drawn with u(2i+1) from max(0, target - draft) renormalised (from target when that is all zero); when all
+    d_b are accepted tokens[d_b] is drawn with u(2 d_b) from target_probs[d_b]. u(k) uses counter offset + k of
+    seed (seed / offset: scalars, the same for every row, or [B] tensors). Entries past the last valid one are
+    -1. 1-D drafts are a batch of one, as in speculative_accept_greedy.
     """
-    return _ops.speculative_accept.default(draft_tokens, draft_probs, target_probs, seed_as_int64(seed), offset)
+    drafts, lengths, single = _batched(draft_tokens, draft_lengths)
+    B = drafts.shape[0] if drafts.dim() == 2 else 0
+    tokens, n = _accept_outputs(drafts)
+    device = drafts.device
+    seeds = seed if isinstance(seed, Tensor) else torch.full((B,), seed_as_int64(seed), dtype=torch.int64,
+                                                             device=device)
+    counters = offset if isinstance(offset, Tensor) else torch.full((B,), offset, dtype=torch.int64, device=device)
+    if single:
+        draft_probs, target_probs = draft_probs[None], target_probs[None]
+    _ops.speculative_accept.default(tokens, n, drafts, lengths, draft_probs, target_probs, seeds, counters)
+    return (tokens[0], n[0]) if single else (tokens, n)
 
 
-def rotary_cos_sin_cache(inv_freq: Tensor, max_pos: int) -> Tensor:
-    """inv_freq [D/2] -> cos_sin_cache [max_pos, D] float32: cos(p * inv_freq) then sin(p * inv_freq)."""
-    angles = torch.outer(torch.arange(max_pos, dtype=torch.float64), inv_freq.double())  # [max_pos, D/2]
-    return torch.cat([angles.cos(), angles.sin()], dim=-1).float()
+# The RoPE table: one function for the reference model, the engine and these ops (reference.cos_sin_table).
+rotary_cos_sin_cache = cos_sin_table
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> Tensor:
@@ -136,66 +216,15 @@ def rope_inv_freq(head_dim: int, theta: float) -> Tensor:
 # Fake kernels (shapes and dtypes only), for torch.compile and opcheck
 
 
-@torch.library.register_fake("layerskip::rms_norm")
-def _rms_norm_fake(input, weight, eps):
-    return input.new_empty(input.shape)
+def _register_fakes() -> None:
+    """Every op mutates caller-owned outputs and returns nothing: its fake kernel does nothing."""
+    for name in ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "kv_cache_write", "attention", "silu_and_mul",
+                 "linear", "sampling_probs", "sample_from_probs", "sample", "speculative_accept_greedy",
+                 "speculative_accept"):
+        torch.library.register_fake(f"layerskip::{name}")(lambda *args: None)
 
 
-@torch.library.register_fake("layerskip::fused_add_rms_norm")
-def _fused_add_rms_norm_fake(input, residual, weight, eps):
-    return input.new_empty(input.shape)
-
-
-@torch.library.register_fake("layerskip::rotary_embedding")
-def _rotary_embedding_fake(query, key, positions, cos_sin_cache):
-    return None
-
-
-@torch.library.register_fake("layerskip::kv_cache_write")
-def _kv_cache_write_fake(k_cache, v_cache, key, value, slots):
-    return None
-
-
-@torch.library.register_fake("layerskip::attention")
-def _attention_fake(query, k_cache, v_cache, start_pos, scale):
-    return query.new_empty(query.shape)
-
-
-@torch.library.register_fake("layerskip::silu_and_mul")
-def _silu_and_mul_fake(input):
-    return input.new_empty((*input.shape[:-1], input.shape[-1] // 2))
-
-
-@torch.library.register_fake("layerskip::linear")
-def _linear_fake(input, weight):
-    return input.new_empty((input.shape[0], weight.shape[0]), dtype=input.dtype)  # float32 on the CPU
-
-
-@torch.library.register_fake("layerskip::sampling_probs")
-def _sampling_probs_fake(logits, temperature, top_k, top_p):
-    return logits.new_empty(logits.shape, dtype=torch.float32)
-
-
-@torch.library.register_fake("layerskip::sample_from_probs")
-def _sample_from_probs_fake(probs, seed, offset):
-    return probs.new_empty((probs.shape[0],), dtype=torch.int64)
-
-
-@torch.library.register_fake("layerskip::sample")
-def _sample_fake(logits, temperature, top_k, top_p, seed, offset):
-    return logits.new_empty((logits.shape[0],), dtype=torch.int64)
-
-
-@torch.library.register_fake("layerskip::speculative_accept_greedy")
-def _speculative_accept_greedy_fake(draft_tokens, target_logits):
-    d = draft_tokens.shape[0]
-    return draft_tokens.new_empty((d + 1,), dtype=torch.int64), draft_tokens.new_empty((), dtype=torch.int64)
-
-
-@torch.library.register_fake("layerskip::speculative_accept")
-def _speculative_accept_fake(draft_tokens, draft_probs, target_probs, seed, offset):
-    d = draft_tokens.shape[0]
-    return draft_tokens.new_empty((d + 1,), dtype=torch.int64), draft_tokens.new_empty((), dtype=torch.int64)
+_register_fakes()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -231,28 +260,28 @@ def rotary_embedding_reference(
 
 
 def kv_cache_write_reference(
-    k_cache: Tensor, v_cache: Tensor, key: Tensor, value: Tensor, slots: Tensor
+    k_cache: Tensor, v_cache: Tensor, key: Tensor, value: Tensor, rows: Tensor, positions: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """-> (new k_cache, new v_cache); duplicate slots: the last token wins."""
+    """-> (new k_cache, new v_cache); duplicate (row, position) pairs: the last token wins."""
     k_new, v_new = k_cache.clone(), v_cache.clone()
-    for t, s in enumerate(slots.tolist()):
-        k_new[:, s] = key[t].to(k_cache.dtype)  # [Hkv, D]
-        v_new[:, s] = value[t].to(v_cache.dtype)
+    for t, (r, p) in enumerate(zip(rows.tolist(), positions.tolist())):
+        k_new[r, :, p] = key[t].to(k_cache.dtype)  # [Hkv, D]
+        v_new[r, :, p] = value[t].to(v_cache.dtype)
     return k_new, v_new
 
 
-def attention_reference(query: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: int, scale: float) -> Tensor:
+def attention_reference(query: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor, positions: Tensor,
+                        scale: float) -> Tensor:
+    """Token by token: softmax(scale * q K[:p+1]^T) V[:p+1] over its row's cache."""
     T, Hq, D = query.shape
-    Hkv = k_cache.shape[0]
-    n = start_pos + T
-    k = k_cache[:, :n].float().repeat_interleave(Hq // Hkv, dim=0)  # [Hq, n, D]
-    v = v_cache[:, :n].float().repeat_interleave(Hq // Hkv, dim=0)  # [Hq, n, D]
-    q = query.float().transpose(0, 1)  # [Hq, T, D]
-    scores = (q @ k.transpose(1, 2)) * scale  # [Hq, T, n]
-    visible = torch.arange(n)[None, :] <= (start_pos + torch.arange(T))[:, None]  # [T, n]
-    scores = scores.masked_fill(~visible, float("-inf"))
-    out = torch.softmax(scores, dim=-1) @ v  # [Hq, T, D]
-    return out.transpose(0, 1).to(query.dtype)  # [T, Hq, D]
+    Hkv = k_cache.shape[1]
+    out = torch.empty(T, Hq, D, dtype=torch.float32)
+    for t, (r, p) in enumerate(zip(rows.tolist(), positions.tolist())):
+        k = k_cache[r, :, : p + 1].float().repeat_interleave(Hq // Hkv, dim=0)  # [Hq, p+1, D]
+        v = v_cache[r, :, : p + 1].float().repeat_interleave(Hq // Hkv, dim=0)  # [Hq, p+1, D]
+        scores = (k @ query[t].float()[:, :, None])[..., 0] * scale  # [Hq, p+1]
+        out[t] = (torch.softmax(scores, dim=-1)[:, None, :] @ v)[:, 0]  # [Hq, D]
+    return out.to(query.dtype)
 
 
 def silu_and_mul_reference(input: Tensor) -> Tensor:
@@ -268,30 +297,76 @@ def linear_reference(input: Tensor, weight: Tensor) -> Tensor:
 # these names are the per-op oracles the kernel tests call.
 
 
-def sampling_probs_reference(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    return _sampling.sampling_probs(logits, temperature, top_k, top_p)
+def _scalars(value, n: int) -> list:
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value] * n
 
 
-def sample_from_probs_reference(probs: Tensor, seed: int, offset: int = 0) -> Tensor:
-    return _sampling.sample_from_probs(probs, seed, offset)
+def sampling_probs_reference(logits: Tensor, temperature, top_k=0, top_p=1.0) -> Tensor:
+    """Token by token with layerskip_ext.sampling (temperature 0: one-hot of the first argmax)."""
+    n = logits.shape[0]
+    rows = []
+    for t, (temp, k, p) in enumerate(zip(_scalars(temperature, n), _scalars(top_k, n), _scalars(top_p, n))):
+        if temp == 0:
+            rows.append(torch.nn.functional.one_hot(logits[t].float().argmax(), logits.shape[1]).float())
+        else:
+            rows.append(_sampling.sampling_probs(logits[t:t + 1], temp, k, p)[0])
+    return torch.stack(rows) if rows else logits.float().clone()
 
 
-def sample_reference(
-    logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0, seed: int = 0, offset: int = 0
-) -> Tensor:
-    return _sampling.sample(logits, temperature, top_k, top_p, seed, offset)
+def _draws(seed, offset, n: int) -> list[tuple[int, int]]:
+    seeds = _scalars(seed, n)
+    counters = offset.tolist() if isinstance(offset, Tensor) else [offset + t for t in range(n)]
+    return list(zip(seeds, counters))
 
 
-def speculative_accept_greedy_reference(draft_tokens: Tensor, target_logits: Tensor) -> tuple[Tensor, Tensor]:
-    tokens, n = _sampling.speculative_accept_greedy(draft_tokens, target_logits)
-    return tokens, torch.tensor(n, dtype=torch.int64)
+def sample_from_probs_reference(probs: Tensor, seed, offset=0) -> Tensor:
+    out = [int(_sampling.sample_from_probs(probs[t:t + 1], s, c)[0]) for t, (s, c) in
+           enumerate(_draws(seed, offset, probs.shape[0]))]
+    return torch.tensor(out, dtype=torch.int64)
 
 
-def speculative_accept_reference(
-    draft_tokens: Tensor, draft_probs: Tensor, target_probs: Tensor, seed: int, offset: int = 0
-) -> tuple[Tensor, Tensor]:
-    tokens, n = _sampling.speculative_accept(draft_tokens, draft_probs, target_probs, seed, offset)
-    return tokens, torch.tensor(n, dtype=torch.int64)
+def sample_reference(logits: Tensor, temperature, top_k=0, top_p=1.0, seed=0, offset=0) -> Tensor:
+    n = logits.shape[0]
+    params = zip(_scalars(temperature, n), _scalars(top_k, n), _scalars(top_p, n), _draws(seed, offset, n))
+    out = [int(_sampling.sample(logits[t:t + 1], temp, k, p, s, c)[0]) for t, (temp, k, p, (s, c)) in
+           enumerate(params)]
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def speculative_accept_greedy_reference(draft_tokens: Tensor, target_logits: Tensor,
+                                        draft_lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Batched form ([B, d] drafts) row by row; a 1-D draft is a batch of one, as in the op wrapper."""
+    if draft_tokens.dim() == 1:
+        tokens, n = _sampling.speculative_accept_greedy(draft_tokens, target_logits)
+        return tokens, torch.tensor(n, dtype=torch.int64)
+    B, d = draft_tokens.shape
+    lengths = [d] * B if draft_lengths is None else draft_lengths.tolist()
+    tokens, accepted = torch.full((B, d + 1), -1, dtype=torch.int64), torch.zeros(B, dtype=torch.int64)
+    for b, db in enumerate(lengths):
+        t, n = _sampling.speculative_accept_greedy(draft_tokens[b, :db], target_logits[b, : db + 1])
+        tokens[b, : db + 1], accepted[b] = t, n
+    return tokens, accepted
+
+
+def speculative_accept_reference(draft_tokens: Tensor, draft_probs: Tensor, target_probs: Tensor, seed, offset=0,
+                                 draft_lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Batched form row by row (seed / offset scalars or [B]); a 1-D draft is a batch of one."""
+    if draft_tokens.dim() == 1:
+        tokens, n = _sampling.speculative_accept(draft_tokens, draft_probs, target_probs, seed, offset)
+        return tokens, torch.tensor(n, dtype=torch.int64)
+    B, d = draft_tokens.shape
+    lengths = [d] * B if draft_lengths is None else draft_lengths.tolist()
+    seeds, offsets = _scalars(seed, B), _scalars(offset, B)
+    tokens, accepted = torch.full((B, d + 1), -1, dtype=torch.int64), torch.zeros(B, dtype=torch.int64)
+    for b, db in enumerate(lengths):
+        t, n = _sampling.speculative_accept(draft_tokens[b, :db], draft_probs[b, :db], target_probs[b, : db + 1],
+                                            seeds[b], offsets[b])
+        tokens[b, : db + 1], accepted[b] = t, n
+    return tokens, accepted
 
 
 __all__ = [

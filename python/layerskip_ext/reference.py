@@ -44,11 +44,18 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rope_cos_sin_cache(config: ModelConfig, max_positions: int) -> torch.Tensor:
-    """[max_positions, D] float32: cos of the D/2 frequencies, then their sin (layout of the op)."""
-    inv_freq = rope_inv_freq(config)  # [D/2]
-    angles = torch.arange(max_positions, dtype=torch.float64)[:, None] * inv_freq[None, :]  # [P, D/2]
+def cos_sin_table(inv_freq: torch.Tensor, max_positions: int) -> torch.Tensor:
+    """inv_freq [D/2] -> [max_positions, D] float32: cos(p * inv_freq), then sin(p * inv_freq), angles in float64.
+
+    The one RoPE table of the project: the reference model, the engine (through rope_cache) and the
+    rotary_embedding op's tests (ops.rotary_cos_sin_cache) all use it."""
+    angles = torch.arange(max_positions, dtype=torch.float64)[:, None] * inv_freq.double()[None, :]  # [P, D/2]
     return torch.cat([angles.cos(), angles.sin()], dim=-1).float()
+
+
+def rope_cos_sin_cache(config: ModelConfig, max_positions: int) -> torch.Tensor:
+    """[max_positions, D] float32: the table of the config's frequencies (layout of the rotary_embedding op)."""
+    return cos_sin_table(rope_inv_freq(config), max_positions)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

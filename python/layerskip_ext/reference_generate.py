@@ -1,4 +1,9 @@
-"""The three decoding strategies on the pure-PyTorch reference model (batch 1).
+"""The three decoding strategies on the pure-PyTorch reference model (batch 1), and their batched semantics.
+
+Batched generation is defined as independent batch-1 generations: row i of a batch yields exactly the tokens
+of `generate_reference` on prompt i with row i's arguments, whatever the other rows are
+(`generate_reference_batch` states it literally). The C++ engine, which runs rows together, is checked
+against it.
 
 - autoregressive: every token through all L layers.
 - early_exit: every token through layers [0, E), then the final norm and LM head.
@@ -87,6 +92,16 @@ def generate_reference(model: ReferenceLlama, args: GenerationArgs, decode=None,
     stats.new_tokens = len(out.tokens)
     text = decode(out.tokens) if decode is not None else ""
     return GenerationResult(out.tokens, text, stats, out.finish_reason, list(prompt))
+
+
+def generate_reference_batch(model: ReferenceLlama, args_list: list[GenerationArgs], decode=None,
+                             on_token=None) -> list[GenerationResult]:
+    """One batch-1 generation per row, in row order; on_token(row, token)."""
+    results = []
+    for row, args in enumerate(args_list):
+        callback = None if on_token is None else (lambda token, row=row: on_token(row, token))
+        results.append(generate_reference(model, args, decode=decode, on_token=callback))
+    return results
 
 
 def _speculative_round(model, args, cache, position, out, stats, counter) -> tuple[int, int]:

@@ -1,0 +1,110 @@
+"""Batched generation throughput: batch 1, 2, 4, 8, 16 on SmolLM2-135M (fp32 and bf16 weights) and on the
+LayerSkip demo checkpoint, autoregressive and self-speculative.
+
+For each cell: total decode tokens/s of the batch (new tokens after the first, over the decode time the rows
+share), tokens/s per row, and acceptance (self-speculative). Every row generates exactly --new-tokens tokens
+(no stop ids). Medians of --repeats runs; the batch sizes of one model and strategy run back to back, so
+their ratios are side by side. Prints markdown tables; asserts nothing about time.
+
+    python benchmarks/bench_batch.py                    # the full table
+    python benchmarks/bench_batch.py --quick            # small: CI
+    python benchmarks/bench_batch.py --out benchmarks/results_batch.md
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+
+import torch
+
+import layerskip_ext
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "checkpoints", "layerskip-demo")
+PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):",
+           "The three laws of thermodynamics are", "My favourite recipe for bread starts with",
+           "In 1969 the first humans", "A haiku about the sea:", "The quick brown fox",
+           "It is a truth universally acknowledged, that", "Photosynthesis converts", "Dear diary, today",
+           "The stock market fell because", "To install the package, run", "Water boils at",
+           "The best way to learn a language is", "Why is the sky blue?"]
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def run_cell(model, B: int, new_tokens: int, repeats: int, weight_dtype, **kw) -> tuple[float, float, float | None]:
+    """(total decode tok/s, per-row tok/s, acceptance) medians over repeats."""
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(B)]
+    totals, accept = [], []
+    for _ in range(repeats):
+        results = layerskip_ext.generate(model, prompts, max_new_tokens=new_tokens, stop_token_ids=[],
+                                         backend="engine", weight_dtype=weight_dtype, **kw)
+        decode_s = max(r.stats.decode_time_s for r in results)  # the rows share every step
+        decoded = sum(max(r.stats.new_tokens - 1, 0) for r in results)
+        totals.append(decoded / decode_s if decode_s > 0 else 0.0)
+        drafted = sum(r.stats.drafted for r in results)
+        if kw.get("strategy") == "self_speculative":
+            accept.append(sum(r.stats.accepted for r in results) / drafted if drafted else 0.0)
+    total = statistics.median(totals)
+    return total, total / B, statistics.median(accept) if accept else None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="batch 1 and 4, 8 tokens, 1 repeat, demo model only")
+    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batches", default="1,2,4,8,16")
+    p.add_argument("--models", default="smollm2-fp32,smollm2-bf16,demo")
+    p.add_argument("--out", help="also write the tables (markdown) to this file")
+    a = p.parse_args(argv)
+    batches = [int(b) for b in a.batches.split(",")]
+    models = a.models.split(",")
+    if a.quick:
+        batches, a.new_tokens, a.repeats, models = [1, 4], 8, 1, ["demo"]
+
+    lines = [f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+             f"{a.new_tokens} new tokens per row, greedy, median of {a.repeats}.", ""]
+    cache = {}
+    for name in models:
+        if name.startswith("smollm2"):
+            if "smollm2" not in cache:
+                cache["smollm2"] = layerskip_ext.load()
+            model, dtype = cache["smollm2"], torch.bfloat16 if name.endswith("bf16") else torch.float32
+            spec = dict(strategy="self_speculative", exit_layer=8, num_speculations=4)
+        else:
+            model, dtype = layerskip_ext.load(DEMO), torch.float32
+            spec = dict(strategy="self_speculative", exit_layer=3, num_speculations=2)
+        for label, kw in (("autoregressive", dict()), (f"self-speculative E={spec['exit_layer']} "
+                                                         f"d={spec['num_speculations']}", spec)):
+            rows = []
+            base = None
+            for B in batches:
+                total, per_row, acc = run_cell(model, B, a.new_tokens, a.repeats, dtype, **kw)
+                base = total if base is None else base
+                rows.append(f"| {B} | {total:.1f} | {per_row:.1f} | {total / base:.2f}x | "
+                            f"{'-' if acc is None else f'{100 * acc:.1f}%'} |")
+                print(f"{name} {label} B={B}: {total:.1f} tok/s", file=sys.stderr, flush=True)
+            lines += [f"### {name}, {label}", "", "| batch | total tok/s | tok/s per row | total vs batch 1 | "
+                      "acceptance |", "|---|---|---|---|---|"] + rows + [""]
+    text = "\n".join(lines)
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write("# Batched generation throughput (benchmarks/bench_batch.py)\n\n" + text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
