@@ -99,3 +99,30 @@ def test_demo_checkpoint_self_speculative(device):
     eng = layerskip_ext.generate(model, prompt, backend="engine", **kw)
     assert eng.tokens == ref.tokens
     assert eng.stats.accepted == ref.stats.accepted
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cuda_graphs_give_the_eager_tokens(device, checkpoint, cpu_model):
+    """Decode steps and speculative rounds replayed from CUDA graphs (batch 1 and 3, greedy and sampled) give
+    the tokens of eager steps; on the CPU nothing is captured."""
+    model = on(device, checkpoint, cpu_model)
+    engine = engine_mod.get_engine(model)
+    prompts = [PROMPT, PROMPT[:4], [9, 8, 7, 6, 5]]
+    runs = [dict(), dict(strategy="early_exit", exit_layer=2),
+            dict(strategy="self_speculative", exit_layer=2, num_speculations=3),
+            dict(strategy="self_speculative", exit_layer=1, num_speculations=2, temperature=0.9, top_p=0.9, seed=4)]
+    for kw in runs:
+        for prompt in (PROMPT, prompts):
+            args = dict(max_new_tokens=16, stop_token_ids=[], backend="engine", **kw)
+            engine.set_cuda_graphs(False)
+            eager = layerskip_ext.generate(model, prompt, **args)
+            engine.set_cuda_graphs(True)
+            graphed = layerskip_ext.generate(model, prompt, **args)
+            replays = engine.graph_replays
+            again = layerskip_ext.generate(model, prompt, **args)  # replays the graphs captured above
+            for a, b, c in zip(*(r if isinstance(r, list) else [r] for r in (eager, graphed, again))):
+                assert a.tokens == b.tokens == c.tokens, (kw, len(prompt))
+            if device == "cpu":
+                assert engine.graph_replays == 0
+            else:
+                assert engine.graph_replays > replays, "the second call must replay captured graphs"
