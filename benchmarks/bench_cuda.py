@@ -157,8 +157,27 @@ def decode_step_fn(model, weight_dtype, position):
 
 def bench_graph(model, args, weight_dtype):
     dev = model.device
-    step = decode_step_fn(model, weight_dtype, position=args.prompt_tokens)
     rows = []
+    if dev.type == "cuda":  # the engine: every step eager vs replayed from captured graphs
+        eng = engine_mod.get_engine(model, weight_dtype)
+        prompt = list(range(3, 3 + args.prompt_tokens))
+        for name, kw in strategies(model, args.exit_layer, args.d)[:3]:
+            for batch in (1, 8):
+                prompts = [list(range(3 + b, 3 + b + args.prompt_tokens)) for b in range(batch)]
+                times = {}
+                for graphs in (False, True):
+                    eng.set_cuda_graphs(graphs)
+                    gen = dict(max_new_tokens=args.tokens, stop_token_ids=[], weight_dtype=weight_dtype, **kw)
+                    layerskip_ext.generate(model, prompts if batch > 1 else prompt, **gen)  # warm-up / capture
+                    ms = []
+                    for _ in range(args.repeats):
+                        out = layerskip_ext.generate(model, prompts if batch > 1 else prompt, **gen)
+                        r = out[0] if batch > 1 else out
+                        ms.append(r.stats.decode_time_s * 1e3 / max(r.stats.rounds or r.stats.new_tokens - 1, 1))
+                    times[graphs] = statistics.median(ms)
+                rows.append([f"engine {name}", batch, times[False], times[True], times[False] / times[True]])
+        eng.set_cuda_graphs(True)
+    step = decode_step_fn(model, weight_dtype, position=args.prompt_tokens)
     for _ in range(3):
         step()  # warm-up
     sync(dev)
@@ -168,7 +187,6 @@ def bench_graph(model, args, weight_dtype):
         step()
     sync(dev)
     eager = (time.perf_counter() - t0) / n * 1e3
-    rows.append(["eager (one launch per op from Python)", eager, 1.0])
     if dev.type == "cuda":
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -180,11 +198,11 @@ def bench_graph(model, args, weight_dtype):
             graph.replay()
         sync(dev)
         replay = (time.perf_counter() - t0) / n * 1e3
-        rows.append(["CUDA graph replay", replay, eager / replay])
+        rows.append(["ops from Python, one decode step", 1, eager, replay, eager / replay])
     else:
-        rows.append(["CUDA graph replay", "n/a on the CPU", ""])
-    table(f"one decode step of our ops ({model.num_layers} layers, {n} steps): ms per step",
-          ["mode", "ms/step", "speed-up"], rows)
+        rows.append(["ops from Python, one decode step", 1, eager, "n/a on the CPU", ""])
+    table(f"step time, eager vs CUDA graph ({model.num_layers} layers; engine: ms per decode step or speculative "
+          f"round of row 0, median of {args.repeats})", ["what", "batch", "eager ms", "graph ms", "speed-up"], rows)
 
 
 def main(argv=None):

@@ -57,12 +57,14 @@ LAYERSKIP_CUDA_OPS_ONLY=1 "$VENV/bin/python" setup.py -q build --build-base "$BU
 LIB=$(ls -d "$BUILD"/lib.* | head -n 1)
 
 stage "compile the engine's CUDA-graph code against this torch"
+# nvcc may be a wrapper script (as here): name the toolkit, for torch's include paths and ours
+if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda/include ]; then export CUDA_HOME=/usr/local/cuda; fi
+CUDA_INC=${CUDA_HOME:-/usr/local/cuda}/include
 INCLUDES=$("$VENV/bin/python" - <<'PY'
 from torch.utils.cpp_extension import include_paths
 print(" ".join("-I" + p for p in include_paths("cuda")))
 PY
 )
-CUDA_INC=${CUDA_HOME:-/usr/local/cuda}/include  # nvcc may be a wrapper script elsewhere: take the toolkit's
 "${CXX:-g++}" -std=c++20 -fsyntax-only -DLAYERSKIP_WITH_CUDA=1 -Icsrc $INCLUDES -I"$CUDA_INC" \
   csrc/engine/cuda_graphs.cpp || { echo "build_cuda: FAILED, csrc/engine/cuda_graphs.cpp did not compile"; exit 1; }
 

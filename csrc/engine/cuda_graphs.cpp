@@ -223,7 +223,9 @@ bool Engine::speculative_group_graph(const std::vector<int64_t>& ids) {
         inputs = tokens;
       }
       // 2. verify: layers [E, L) over the n (D + 1) exit states, row j's block at positions pos_j .. pos_j + D
-      const at::Tensor v_rows = slots.repeat_interleave(W);                                      // [n W]
+      // each row's value repeated W times, by expand + copy (no host synchronisation, unlike repeat_interleave)
+      auto per_token = [&](const at::Tensor& t) { return t.unsqueeze(1).expand({n, W}).reshape({n * W}); };
+      const at::Tensor v_rows = per_token(slots);                                                // [n W]
       const at::Tensor v_pos = (base.unsqueeze(1) + at::arange(W, base.options())).flatten();  // [n W]
       at::Tensor h = buffers_.scratch("verify_x", {n * W, H});
       h.copy_(exit_cache.view({n * W, H}));
@@ -238,8 +240,7 @@ bool Engine::speculative_group_graph(const std::vector<int64_t>& ids) {
         ops_.speculative_accept_greedy.call(tokens, num_accepted, drafts, lengths, logits.view({n, W, V}));
       } else {
         at::Tensor probs = buffers_.scratch("target_probs", {n * W, V});
-        ops_.sampling_probs.call(probs, logits, temperature.repeat_interleave(W), top_k.repeat_interleave(W),
-                                 top_p.repeat_interleave(W));
+        ops_.sampling_probs.call(probs, logits, per_token(temperature), per_token(top_k), per_token(top_p));
         ops_.speculative_accept.call(tokens, num_accepted, drafts, lengths, draft_probs, probs.view({n, W, V}),
                                      seeds, at::add(counters, D));
       }
