@@ -3,8 +3,8 @@ LayerSkip demo checkpoint, autoregressive and self-speculative.
 
 For each cell: total decode tokens/s of the batch (new tokens after the first, over the decode time the rows
 share), tokens/s per row, and acceptance (self-speculative). Every row generates exactly --new-tokens tokens
-(no stop ids). Medians of --repeats runs; the batch sizes of one model and strategy run back to back, so
-their ratios are side by side. Prints markdown tables; asserts nothing about time.
+(no stop ids). Medians of --repeats runs; the repeats interleave the batch sizes of one model and strategy
+(1, 2, 4, 8, 16, 1, 2, ...), so that load from other processes hits every batch size alike. Prints markdown tables; asserts nothing about time.
 
     python benchmarks/bench_batch.py                    # the full table
     python benchmarks/bench_batch.py --quick            # small: CI
@@ -43,21 +43,16 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def run_cell(model, B: int, new_tokens: int, repeats: int, weight_dtype, **kw) -> tuple[float, float, float | None]:
-    """(total decode tok/s, per-row tok/s, acceptance) medians over repeats."""
+def run_once(model, B: int, new_tokens: int, weight_dtype, **kw) -> tuple[float, float | None]:
+    """(total decode tok/s, acceptance) of one batched call."""
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(B)]
-    totals, accept = [], []
-    for _ in range(repeats):
-        results = layerskip_ext.generate(model, prompts, max_new_tokens=new_tokens, stop_token_ids=[],
-                                         backend="engine", weight_dtype=weight_dtype, **kw)
-        decode_s = max(r.stats.decode_time_s for r in results)  # the rows share every step
-        decoded = sum(max(r.stats.new_tokens - 1, 0) for r in results)
-        totals.append(decoded / decode_s if decode_s > 0 else 0.0)
-        drafted = sum(r.stats.drafted for r in results)
-        if kw.get("strategy") == "self_speculative":
-            accept.append(sum(r.stats.accepted for r in results) / drafted if drafted else 0.0)
-    total = statistics.median(totals)
-    return total, total / B, statistics.median(accept) if accept else None
+    results = layerskip_ext.generate(model, prompts, max_new_tokens=new_tokens, stop_token_ids=[],
+                                     backend="engine", weight_dtype=weight_dtype, **kw)
+    decode_s = max(r.stats.decode_time_s for r in results)  # the rows share every step
+    decoded = sum(max(r.stats.new_tokens - 1, 0) for r in results)
+    drafted = sum(r.stats.drafted for r in results)
+    acceptance = sum(r.stats.accepted for r in results) / drafted if drafted else None
+    return (decoded / decode_s if decode_s > 0 else 0.0), acceptance
 
 
 def main(argv=None) -> int:
@@ -88,10 +83,16 @@ def main(argv=None) -> int:
             spec = dict(strategy="self_speculative", exit_layer=3, num_speculations=2)
         for label, kw in (("autoregressive", dict()), (f"self-speculative E={spec['exit_layer']} "
                                                          f"d={spec['num_speculations']}", spec)):
+            runs = {B: [] for B in batches}
+            for _ in range(a.repeats):
+                for B in batches:
+                    runs[B].append(run_once(model, B, a.new_tokens, dtype, **kw))
             rows = []
             base = None
             for B in batches:
-                total, per_row, acc = run_cell(model, B, a.new_tokens, a.repeats, dtype, **kw)
+                total = statistics.median(r[0] for r in runs[B])
+                per_row = total / B
+                acc = statistics.median(r[1] for r in runs[B]) if runs[B][0][1] is not None else None
                 base = total if base is None else base
                 rows.append(f"| {B} | {total:.1f} | {per_row:.1f} | {total / base:.2f}x | "
                             f"{'-' if acc is None else f'{100 * acc:.1f}%'} |")

@@ -167,7 +167,7 @@ at::Tensor Engine::step() {
       to_prefill.push_back(id);
     } else {
       const RowParams& p = r.params;
-      groups[{static_cast<int>(p.strategy), p.exit_layer, p.num_speculations}].push_back(id);
+      groups[std::make_tuple(static_cast<int>(p.strategy), p.exit_layer, p.num_speculations)].push_back(id);
     }
   }
   for (int64_t id : to_prefill) {
