@@ -7,6 +7,8 @@
 #   LAYERSKIP_DEBUG=1    build with -O0 -g
 #   LAYERSKIP_SANITIZE=1 build with AddressSanitizer + UndefinedBehaviorSanitizer (scripts/sanitize.sh)
 #   TORCH_CUDA_ARCH_LIST GPU architectures (default: the visible GPU's, or 8.0;9.0+PTX without one)
+#   LAYERSKIP_CUDA_OPS_ONLY=1  only the op schemas and the CUDA kernels (no CPU kernels, no engine): the quick
+#                        CUDA compile-and-register check of scripts/build_cuda.sh
 import glob
 import os
 import re
@@ -59,6 +61,9 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 force = os.environ.get("LAYERSKIP_CUDA")
 if force not in (None, "", "0", "1"):
     sys.exit(f"LAYERSKIP_CUDA must be 0 or 1, got {force!r}")
+cuda_ops_only = os.environ.get("LAYERSKIP_CUDA_OPS_ONLY") == "1"
+if cuda_ops_only and force != "1":
+    sys.exit("LAYERSKIP_CUDA_OPS_ONLY=1 needs LAYERSKIP_CUDA=1")
 if force == "1":
     if torch.version.cuda is None or cuda_home is None:
         sys.exit("LAYERSKIP_CUDA=1 needs a CUDA build of torch and nvcc (CUDA_HOME not found)")
@@ -84,7 +89,10 @@ if os.environ.get("LAYERSKIP_SANITIZE") == "1":
     cxx_flags = ["-O1", "-g", f"-march={march}", "-ffp-contract=fast", "-fvisibility=hidden", "-fopenmp"] + sanitizers
     link_flags = sanitizers
 
-sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/engine/*.cpp"))
+if cuda_ops_only:
+    sources = sorted(glob.glob("csrc/*.cpp"))
+else:
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/engine/*.cpp"))
 include_dirs = [os.path.join(ROOT, "csrc")]
 define_macros = []
 if use_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():

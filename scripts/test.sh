@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs layerskip_ext with its test dependencies, builds and runs the C++ tests (ctest), prints the quick
-# benchmarks, then runs the whole pytest suite (last, so its summary closes the output).
+# benchmarks, checks the CUDA build (scripts/build_cuda.sh), then runs the whole pytest suite (last, so its summary
+# closes the output).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -10,6 +11,9 @@ echo "=== C++ tests (CMake + ctest)"
 cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
 cmake --build build/cmake -j 2
 ctest --test-dir build/cmake --output-on-failure
+
+echo "=== CUDA build (nvcc, CUDA 13 torch in a second venv; no GPU needed)"
+bash scripts/build_cuda.sh
 
 echo "=== quick benchmarks"
 PYTHON="$PY" bash benchmarks/run_quick.sh

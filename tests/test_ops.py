@@ -12,12 +12,8 @@ import torch
 
 from layerskip_ext import ops
 
-# Devices with kernels: CUDA joins automatically once csrc/cuda registers them.
-DEVICES = ["cpu"] + (
-    ["cuda"]
-    if torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key("layerskip::rms_norm", "CUDA")
-    else []
-)
+from devices import DEVICES  # cpu, and cuda (skipped without a GPU)
+
 DTYPES = [torch.float32, torch.bfloat16]
 
 

@@ -25,12 +25,13 @@ void Buffers::reserve(int64_t rows, int64_t capacity) {
   }
   rows_ = new_rows;
   capacity_ = new_capacity;
+  ++generation_;
 }
 
 at::Tensor Buffers::scratch(const std::string& name, at::IntArrayRef sizes, at::ScalarType dtype) {
   int64_t numel = 1;
   for (int64_t n : sizes) numel *= n;
-  at::Tensor& buf = scratch_[name];
+  at::Tensor& buf = (*active_)[name];
   if (!buf.defined() || buf.scalar_type() != dtype || buf.numel() < numel) {
     buf = at::empty({std::max<int64_t>(numel, 1)}, options_.dtype(dtype));
   }

@@ -35,11 +35,21 @@ class Buffers {
   // The workspace tensor `name`, viewed as [sizes...] of `dtype`; its memory is reused across steps.
   at::Tensor scratch(const std::string& name, at::IntArrayRef sizes, at::ScalarType dtype = at::kFloat);
 
+  // Bumped whenever reserve() reallocates the KV cache: a captured CUDA graph holds the cache's addresses and
+  // is recaptured when the generation it was captured at is gone.
+  int64_t generation() const { return generation_; }
+  // Routes scratch() to `workspace` (the buffers a captured CUDA graph owns, so that a later growth of the
+  // shared workspace cannot free memory the graph writes), or back to the shared one with nullptr.
+  using Workspace = std::unordered_map<std::string, at::Tensor>;
+  void use_workspace(Workspace* workspace) { active_ = workspace != nullptr ? workspace : &scratch_; }
+
  private:
   ModelShape shape_;
   at::TensorOptions options_;
   int64_t rows_ = 0, capacity_ = 0;
+  int64_t generation_ = 0;
   std::unordered_map<std::string, at::Tensor> scratch_;  // flat 1-D buffers by name
+  std::unordered_map<std::string, at::Tensor>* active_ = &scratch_;
 };
 
 }  // namespace engine

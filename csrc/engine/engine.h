@@ -24,6 +24,7 @@
 #include <torch/custom_class.h>
 
 #include <map>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -109,6 +110,10 @@ class Engine : public torch::CustomClassHolder {
   int64_t max_rows() { return buffers_.rows(); }
   int64_t weight_bytes_per_token() { return weights_.bytes_per_token(); }
   void set_profiling(bool enabled) { profiler_.enabled = enabled; }
+  // CUDA graphs (on by default on a CUDA device; cuda_graphs.cpp): decode steps replayed from a graph captured
+  // per (exit layer, rows in the step). graph_replays counts the steps that ran from a graph.
+  void set_cuda_graphs(bool enabled);
+  int64_t graph_replays();
   void reset_profile() { profiler_.reset(); }
   c10::Dict<std::string, double> profile();  // seconds per category since the last reset
 
@@ -127,7 +132,20 @@ class Engine : public torch::CustomClassHolder {
   bool push(Row& row, int64_t id, int64_t token);  // appends a token; true when the row must stop
   void prefill(int64_t id, Row& row);
   void decode_group(const std::vector<int64_t>& ids);
+  // Updates the rows of a decode step from its host outputs out [2n]: tokens, then finite flags.
+  void finish_decode(const std::vector<int64_t>& ids, const int64_t* out);
+  // cuda_graphs.cpp: runs the decode step of `ids` from a captured CUDA graph; false when it does not (not on
+  // CUDA, graphs off, profiling, or the first step of its shape, which runs eagerly and warms up).
+  bool decode_group_graph(const std::vector<int64_t>& ids);
   void speculative_group(const std::vector<int64_t>& ids);
+  // Updates the rows of a round (draft lengths d, first counters c, positions pos) from its host outputs out:
+  // tokens [n, W] (W = max d + 1), accepted counts [n], finite flags of the verified positions.
+  void finish_round(const std::vector<int64_t>& ids, const std::vector<int64_t>& d, const std::vector<int64_t>& c,
+                    const std::vector<int64_t>& pos, const int64_t* out);
+  // cuda_graphs.cpp: runs the round of `ids` from a captured CUDA graph when every row drafts the same d; false
+  // when it does not (as decode_group_graph).
+  bool speculative_group_graph(const std::vector<int64_t>& ids);
+  bool graphs_ready();  // CUDA, graphs on, not profiling (creates the graph cache)
   // Per-token sampling parameters of rows `ids` (token j of row ids[j], counter offsets added): [T] tensors.
   struct SamplingParams {
     at::Tensor temperature, top_k, top_p, seeds, counters;
@@ -150,6 +168,9 @@ class Engine : public torch::CustomClassHolder {
   int64_t next_id_ = 0;
   std::vector<int64_t> step_output_;   // (id, token) pairs of the current step
   std::mutex busy_;                    // held by the running call
+  struct GraphCache;                   // cuda_graphs.cpp
+  std::shared_ptr<GraphCache> graphs_;
+  bool use_graphs_ = true;
 };
 
 }  // namespace engine

@@ -21,6 +21,8 @@ TORCH_LIBRARY_FRAGMENT(layerskip, m) {
       .def("max_rows", &Engine::max_rows)
       .def("weight_bytes_per_token", &Engine::weight_bytes_per_token)
       .def("set_profiling", &Engine::set_profiling)
+      .def("set_cuda_graphs", &Engine::set_cuda_graphs)
+      .def("graph_replays", &Engine::graph_replays)
       .def("reset_profile", &Engine::reset_profile)
       .def("profile", &Engine::profile);
 }

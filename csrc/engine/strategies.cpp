@@ -91,6 +91,7 @@ void Engine::prefill(int64_t id, Row& r) {
 
 // One token per row through layers [0, E) (E = L for autoregressive), the final norm and the LM head.
 void Engine::decode_group(const std::vector<int64_t>& ids) {
+  if (decode_group_graph(ids)) return;
   const int64_t n = static_cast<int64_t>(ids.size());
   const int64_t E = rows_.at(ids[0]).params.exit_layer;
   std::vector<int64_t> last(n), slots(n), positions(n), counters(n);
@@ -115,13 +116,22 @@ void Engine::decode_group(const std::vector<int64_t>& ids) {
   }
   // host sync: the new tokens and their logits' finiteness, once per step
   const at::Tensor host = at::cat({tokens, finite}).to(at::kCPU);  // [2n]
-  const int64_t* out = host.data_ptr<int64_t>();
+  finish_decode(ids, host.data_ptr<int64_t>());
+}
+
+void Engine::finish_decode(const std::vector<int64_t>& ids, const int64_t* out) {
+  const int64_t n = static_cast<int64_t>(ids.size());
   for (int64_t j = 0; j < n; ++j) {
     Row& r = rows_.at(ids[j]);
     r.state.counter += 1;
     r.state.position += 1;
     if (out[n + j] == 0) {
       fail(r.state, "non-finite logits at position " + std::to_string(r.state.position - 1));
+      continue;
+    }
+    if (out[j] < 0) {  // the CUDA kernels' error value: a draw from a row without probability mass
+      fail(r.state, "sampling failed: a probability row without positive finite mass at position " +
+                        std::to_string(r.state.position - 1));
       continue;
     }
     push(r, ids[j], out[j]);
@@ -132,6 +142,7 @@ void Engine::decode_group(const std::vector<int64_t>& ids) {
 // pass from the exit-query cache; each row accepts its own prefix plus one token of the full model and rolls
 // back by moving its position.
 void Engine::speculative_group(const std::vector<int64_t>& ids) {
+  if (speculative_group_graph(ids)) return;
   const int64_t n = static_cast<int64_t>(ids.size());
   const ModelShape& shape = config_.shape;
   const int64_t L = shape.num_layers, H = shape.hidden, V = shape.vocab;
@@ -255,7 +266,13 @@ void Engine::speculative_group(const std::vector<int64_t>& ids) {
   }
   // host sync: the accepted tokens, their counts and the logits' finiteness, once per round
   const at::Tensor host = at::cat({tokens.flatten(), num_accepted, finite}).to(at::kCPU);  // [n W + n + Tv]
-  const int64_t* out = host.data_ptr<int64_t>();
+  finish_round(ids, d, c, pos, host.data_ptr<int64_t>());
+}
+
+void Engine::finish_round(const std::vector<int64_t>& ids, const std::vector<int64_t>& d,
+                          const std::vector<int64_t>& c, const std::vector<int64_t>& pos, const int64_t* out) {
+  const int64_t n = static_cast<int64_t>(ids.size());
+  const int64_t W = *std::max_element(d.begin(), d.end()) + 1;
   const int64_t* accepted = out + n * W;
   const int64_t* finite_out = accepted + n;
   for (int64_t j = 0, v = 0; j < n; v += d[j] + 1, ++j) {
@@ -274,6 +291,11 @@ void Engine::speculative_group(const std::vector<int64_t>& ids) {
       continue;
     }
     for (int64_t k = 0; k <= a; ++k) {
+      if (out[j * W + k] < 0) {  // the CUDA kernels' error value: a draw from a row without probability mass
+        fail(s, "sampling failed: a probability row without positive finite mass at position " +
+                    std::to_string(pos[j] + k));
+        break;
+      }
       if (push(r, ids[j], out[j * W + k])) break;
     }
     // 4. roll back: positions [pos, pos + a] hold accepted tokens; later cache slots are stale and get

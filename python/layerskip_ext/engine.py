@@ -95,6 +95,17 @@ class Engine:
             finally:
                 self._owner = None
 
+    def set_cuda_graphs(self, enabled: bool) -> None:
+        """On a CUDA device, decode steps and uniform speculative rounds replay captured CUDA graphs (default on;
+        LAYERSKIP_CUDA_GRAPHS=0 turns them off); False runs every step eagerly. Drops captured graphs."""
+        with self._exclusive() as e:
+            e.set_cuda_graphs(bool(enabled))
+
+    @property
+    def graph_replays(self) -> int:
+        """Steps and rounds run from a captured CUDA graph since the graphs were last reset."""
+        return self._engine.graph_replays()
+
     @property
     def capacity(self) -> int:
         """KV-cache positions per row currently allocated."""

@@ -108,7 +108,9 @@ def linear(input: Tensor, weight: Tensor) -> Tensor:
     """input [T, K] float32 @ weight [N, K] (float32 or bfloat16).T -> [T, N] float32."""
     rows = input.shape[0] if input.dim() == 2 else 0
     cols = weight.shape[0] if weight.dim() == 2 else 0
-    out = torch.empty((rows, cols), dtype=torch.float32, device=input.device)
+    # float32 on the CPU; the CUDA kernel also takes float16 / bfloat16 inputs and writes their dtype
+    dtype = input.dtype if input.is_cuda and input.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    out = torch.empty((rows, cols), dtype=dtype, device=input.device)
     _ops.linear.default(out, input, weight)
     return out
 
@@ -223,8 +225,10 @@ def speculative_accept(draft_tokens: Tensor, draft_probs: Tensor, target_probs: 
     drafts, lengths, single = _batched(draft_tokens, draft_lengths)
     B = drafts.shape[0] if drafts.dim() == 2 else 0
     tokens, n = _accept_outputs(drafts)
-    seeds = seed if isinstance(seed, Tensor) else torch.full((B,), seed_as_int64(seed), dtype=torch.int64)
-    counters = offset if isinstance(offset, Tensor) else torch.full((B,), offset, dtype=torch.int64)
+    device = drafts.device
+    seeds = seed if isinstance(seed, Tensor) else torch.full((B,), seed_as_int64(seed), dtype=torch.int64,
+                                                             device=device)
+    counters = offset if isinstance(offset, Tensor) else torch.full((B,), offset, dtype=torch.int64, device=device)
     if single:
         draft_probs, target_probs = draft_probs[None], target_probs[None]
     _ops.speculative_accept.default(tokens, n, drafts, lengths, draft_probs, target_probs, seeds, counters)

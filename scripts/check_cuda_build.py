@@ -1,0 +1,35 @@
+"""Checks a CUDA build of layerskip_ext without a GPU: it imports, and every op of torch.ops.layerskip has a
+kernel registered for the CUDA dispatch key (and one for CPU, unless --cuda-only: the op-library-only build of
+scripts/build_cuda.sh has no CPU kernels). Exit code 1 naming the ops that lack one.
+
+    PYTHONPATH=build/cuda/lib.linux-x86_64-cpython-311 python scripts/check_cuda_build.py [--cuda-only] [expected_dir]
+"""
+import os
+import sys
+
+import torch
+
+import layerskip_ext  # noqa: F401
+from layerskip_ext import engine
+
+args = sys.argv[1:]
+cuda_only = "--cuda-only" in args
+args = [a for a in args if a != "--cuda-only"]
+if args:  # the build under test, not another installed copy
+    where = os.path.dirname(os.path.abspath(engine.__file__))
+    if not where.startswith(os.path.abspath(args[0])):
+        sys.exit(f"check_cuda_build: imported layerskip_ext from {where}, not from {args[0]}")
+if not engine.is_available():
+    sys.exit(f"check_cuda_build: the extension did not import: {engine._IMPORT_ERROR}")
+
+ops = sorted(name for name in torch._C._dispatch_get_all_op_names() if name.startswith("layerskip::"))
+if not ops:
+    sys.exit("check_cuda_build: no layerskip ops registered")
+missing = {key: [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(op, key)]
+           for key in (("CUDA",) if cuda_only else ("CPU", "CUDA"))}
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}); {len(ops)} layerskip ops:")
+for op in ops:
+    print(f"  {op:40s}" + "".join(f"  {key} {'NO' if op in m else 'yes'}" for key, m in missing.items()))
+if any(missing.values()):
+    sys.exit(f"check_cuda_build: FAILED, kernels missing: {missing}")
+print(f"check_cuda_build: every op has a kernel for {' and '.join(missing)}")
