@@ -12,7 +12,7 @@ BACKENDS = ("auto", "engine", "reference")
 
 # Arguments that may be given per row in batched mode (a list with one value per prompt).
 PER_ROW = ("max_new_tokens", "strategy", "exit_layer", "num_speculations", "temperature", "top_k", "top_p", "seed",
-           "stop_token_ids", "context_length")
+           "stop_token_ids", "context_length", "draft_threshold", "adaptive", "probe_interval")
 
 
 def _is_prompt_list(prompt) -> bool:
@@ -41,7 +41,7 @@ def _row_value(name: str, value, row: int, rows: int):
 def generate(model: LayerSkipModel, prompt, max_new_tokens=64, strategy="autoregressive", exit_layer=None,
              num_speculations=None, temperature=0.0, top_k=0, top_p=1.0, seed=None, stop_token_ids=None,
              on_token=None, backend: str = "auto", context_length=None,
-             weight_dtype: torch.dtype | None = None):
+             weight_dtype: torch.dtype | None = None, draft_threshold=0.0, adaptive=False, probe_interval=32):
     """Generates up to `max_new_tokens` tokens after `prompt`.
 
     prompt: a string or a list of token ids -> one GenerationResult; or a list of such prompts (lengths may
@@ -56,6 +56,11 @@ def generate(model: LayerSkipModel, prompt, max_new_tokens=64, strategy="autoreg
     temperature 0 is greedy; otherwise top_k (0 = off) and top_p filter, and `seed` fixes the draws.
     stop_token_ids: None stops at the model's EOS ids, [] never stops early.
     on_token: called with each new token id as soon as it is accepted; in batched mode with (row, token).
+    draft_threshold, adaptive, probe_interval (self-speculative; csrc/engine/draft_policy.h states the policy):
+    a round stops drafting when the draft's top probability falls below draft_threshold (0: never); adaptive
+    adapts the draft length (at most num_speculations) to the acceptance observed and switches drafting off
+    when it does not pay (plain decoding, probed again every probe_interval tokens). Output stays the full
+    model's.
     backend: "engine" (C++ decoder loop), "reference" (pure PyTorch oracle) or "auto" (engine when built).
     weight_dtype: the engine's matmul weights, torch.float32 or torch.bfloat16 (None: bfloat16 for a
     bfloat16 model, else float32). The reference always runs in the model's dtype.
@@ -74,7 +79,8 @@ def generate(model: LayerSkipModel, prompt, max_new_tokens=64, strategy="autoreg
         raise ValueError("prompt is empty: an empty list is neither a prompt nor a batch of prompts")
     values = dict(max_new_tokens=max_new_tokens, strategy=strategy, exit_layer=exit_layer,
                   num_speculations=num_speculations, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                  stop_token_ids=stop_token_ids, context_length=context_length)
+                  stop_token_ids=stop_token_ids, context_length=context_length, draft_threshold=draft_threshold,
+                  adaptive=adaptive, probe_interval=probe_interval)
     args_list = []
     for i, p in enumerate(prompts):
         row = {k: (_row_value(k, v, i, len(prompts)) if batched else v) for k, v in values.items()}

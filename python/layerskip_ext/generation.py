@@ -71,6 +71,11 @@ class GenerationArgs:
     seed: int
     stop_token_ids: tuple[int, ...]
     context_length: int
+    # the self-speculative drafting policy (csrc/engine/draft_policy.h): stop a round's drafting below this
+    # top probability (0: never); adapt the draft length and switch drafting off when it does not pay
+    draft_threshold: float = 0.0
+    adaptive: bool = False
+    probe_interval: int = 32
 
 
 def _is_int(x) -> bool:
@@ -78,7 +83,8 @@ def _is_int(x) -> bool:
 
 
 def check_generation_args(config, tokenizer, prompt, *, max_new_tokens, strategy, exit_layer, num_speculations,
-                          temperature, top_k, top_p, seed, stop_token_ids, context_length) -> GenerationArgs:
+                          temperature, top_k, top_p, seed, stop_token_ids, context_length, draft_threshold=0.0,
+                          adaptive=False, probe_interval=32) -> GenerationArgs:
     """Every generation argument checked once, with an error that names the problem."""
     L, V = config.num_layers, config.vocab_size
     if strategy not in STRATEGIES:
@@ -140,5 +146,13 @@ def check_generation_args(config, tokenizer, prompt, *, max_new_tokens, strategy
         for t in stop_token_ids:
             if not _is_int(t) or not 0 <= t < V:
                 raise ValueError(f"stop token id {t!r} is not a token id of a vocabulary of size {V}")
+    if isinstance(draft_threshold, bool) or not isinstance(draft_threshold, (int, float)) or \
+            not 0.0 <= draft_threshold <= 1.0:
+        raise ValueError(f"draft_threshold must be a number in [0, 1], got {draft_threshold!r}")
+    if not isinstance(adaptive, bool):
+        raise ValueError(f"adaptive must be True or False, got {adaptive!r}")
+    if not _is_int(probe_interval) or not 1 <= probe_interval <= 1 << 20:
+        raise ValueError(f"probe_interval must be an integer in [1, 2^20], got {probe_interval!r}")
     return GenerationArgs(prompt_ids, max_new_tokens, strategy, exit_layer, num_speculations, float(temperature),
-                          top_k, float(top_p), seed, stop_token_ids, context_length)
+                          top_k, float(top_p), seed, stop_token_ids, context_length, float(draft_threshold),
+                          adaptive, probe_interval)
