@@ -25,18 +25,24 @@ TINY_PROMPT = [5, 17, 30, 7, 9, 3, 21]  # vocabulary 32
 needs_engine = pytest.mark.skipif(not engine_mod.is_available(), reason="C++ extension not built")
 
 
+def with_draft_vocab(model, seed: int):
+    """A made-up frequency ranking of the whole vocabulary (reduced draft heads take its first K)."""
+    model.draft_vocab = torch.randperm(model.config.vocab_size, generator=torch.Generator().manual_seed(seed)).tolist()
+    return model
+
+
 @pytest.fixture(scope="module")
 def random_model(random_checkpoint):
-    return layerskip_ext.load(random_checkpoint[1])
+    return with_draft_vocab(layerskip_ext.load(random_checkpoint[1]), 1)
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """2 layers, hidden 32, vocabulary 32 (the many-seed tests)."""
     directory = tmp_path_factory.mktemp("tiny_policy")
-    return layerskip_ext.load(make_hf_checkpoint(directory, seed=3, std=0.25, num_hidden_layers=2, hidden_size=32,
-                                                 num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                                                 vocab_size=32, tie_word_embeddings=True))
+    return with_draft_vocab(layerskip_ext.load(make_hf_checkpoint(
+        directory, seed=3, std=0.25, num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=32, tie_word_embeddings=True)), 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,7 +128,7 @@ def random_policy(rng: random.Random, L: int) -> dict:
                 draft_threshold=rng.choice([0.0, 0.05, 0.2, 0.4, 0.7]), adaptive=rng.random() < 0.75,
                 probe_interval=rng.randint(1, 6), temperature=rng.choice([0.0, 0.0, 0.7, 1.0]),
                 top_k=rng.choice([0, 10]), top_p=rng.choice([1.0, 0.9]), seed=rng.randrange(1 << 32),
-                max_new_tokens=rng.randint(8, 40))
+                max_new_tokens=rng.randint(8, 40), draft_vocab_size=rng.choice([None, None, 12]))
 
 
 def plain_steps(result) -> int:
@@ -150,9 +156,11 @@ def test_engine_batch_rows_in_different_states_match_reference(tiny_model):
     """Rows of one batch: plain, speculating with and without the policy, sampled and greedy; each row equals
     its reference generation alone."""
     rng = random.Random(7)
-    rows = [random_policy(rng, 2) for _ in range(5)]
+    rows = [dict(random_policy(rng, 2), draft_vocab_size=None) for _ in range(5)]  # one draft vocabulary a batch
+    rows[0]["draft_vocab_size"] = rows[1]["draft_vocab_size"] = 12
     rows.append(dict(strategy="autoregressive", exit_layer=None, num_speculations=None, temperature=0.8, top_k=0,
-                     top_p=1.0, seed=5, max_new_tokens=20, draft_threshold=0.0, adaptive=False, probe_interval=32))
+                     top_p=1.0, seed=5, max_new_tokens=20, draft_threshold=0.0, adaptive=False, probe_interval=32,
+                     draft_vocab_size=None))
     prompts = [TINY_PROMPT[: 3 + i] for i in range(len(rows))]
     batched = {k: [r[k] for r in rows] for k in rows[0]}
     eng = layerskip_ext.generate(tiny_model, prompts, backend="engine", stop_token_ids=[], **batched)
@@ -167,22 +175,22 @@ def test_greedy_every_option_equals_autoregressive(random_model, E, d):
     E = min(E, random_model.num_layers - 1)
     common = dict(max_new_tokens=40, stop_token_ids=[], backend="engine")
     ar = layerskip_ext.generate(random_model, PROMPT, **common)
-    for threshold, probe in [(0.1, 3), (0.5, 1)]:
+    for threshold, probe, k in [(0.1, 3, None), (0.5, 1, None), (0.05, 2, 16)]:
         eng = layerskip_ext.generate(random_model, PROMPT, strategy="self_speculative", exit_layer=E,
                                      num_speculations=d, draft_threshold=threshold, adaptive=True,
-                                     probe_interval=probe, **common)
-        assert eng.tokens == ar.tokens, (E, d, threshold, probe)
+                                     probe_interval=probe, draft_vocab_size=k, **common)
+        assert eng.tokens == ar.tokens, (E, d, threshold, probe, k)
 
 
 @needs_engine
 def test_sampling_with_every_option_follows_full_model(tiny_model):
-    """The 4th new token of many seeded generations, self-speculative with threshold, adaptive length and
-    switching off, is distributed as the same token of autoregressive sampling (two-sample chi-square), and
+    """The 4th new token of many seeded generations, self-speculative with threshold, adaptive length,
+    switching off and a reduced draft head (K = 12 of 32), is distributed as the same token of autoregressive sampling (two-sample chi-square), and
     differs from early-exit sampling at the draft's layer (so the test can fail)."""
     N, temp = 1500, 1.0
     common = dict(max_new_tokens=4, temperature=temp, stop_token_ids=[], backend="engine")
     spec = dict(strategy="self_speculative", exit_layer=1, num_speculations=3, draft_threshold=0.15, adaptive=True,
-                probe_interval=1)
+                probe_interval=1, draft_vocab_size=12)
     V = tiny_model.config.vocab_size
 
     def histogram(seed0, **kwargs):
@@ -209,3 +217,59 @@ def test_sampling_with_every_option_follows_full_model(tiny_model):
     assert stat < limit(dof), (stat, dof)
     stat_draft, dof_draft = two_sample_chi2(draft, full)
     assert stat_draft > limit(dof_draft), "the test cannot tell the draft from the full model: change the model"
+
+
+# ----------------------------------------------------------------------------------------------
+# the reduced draft head
+
+
+def test_reduced_head_reference_greedy_equals_autoregressive(tiny_model):
+    common = dict(max_new_tokens=30, stop_token_ids=[], backend="reference")
+    ar = layerskip_ext.generate(tiny_model, TINY_PROMPT, **common)
+    for k in (1, 5, 32):
+        r = layerskip_ext.generate(tiny_model, TINY_PROMPT, strategy="self_speculative", exit_layer=1,
+                                   num_speculations=3, draft_vocab_size=k, **common)
+        assert r.tokens == ar.tokens, k
+    # K = 1: every draft is the most frequent token, so a round accepts exactly where the full model agrees
+    top = collections.Counter(ar.tokens).most_common(1)[0][0]
+    saved = tiny_model.draft_vocab
+    tiny_model.draft_vocab = [top] + [t for t in saved if t != top]
+    try:
+        r = layerskip_ext.generate(tiny_model, TINY_PROMPT, strategy="self_speculative", exit_layer=1,
+                                   num_speculations=1, draft_vocab_size=1, **common)
+    finally:
+        tiny_model.draft_vocab = saved
+    i, expected = 1, 0  # replay the rounds: a round starting at token i accepts iff the full model says `top`
+    while i < len(r.tokens):
+        hit = r.tokens[i] == top
+        expected += hit
+        i += 2 if hit else 1
+    assert r.tokens == ar.tokens and r.stats.accepted == expected and expected > 0
+
+
+def test_reduced_head_errors(tiny_model, tmp_path):
+    kwargs = dict(strategy="self_speculative", exit_layer=1, backend="reference")
+    with pytest.raises(ValueError, match="draft_vocab_size must be in"):
+        layerskip_ext.generate(tiny_model, TINY_PROMPT, draft_vocab_size=33, **kwargs)
+    saved, tiny_model.draft_vocab = tiny_model.draft_vocab, None
+    try:
+        with pytest.raises(ValueError, match="layerskip-ext draft-vocab"):
+            layerskip_ext.generate(tiny_model, TINY_PROMPT, draft_vocab_size=4, **kwargs)
+    finally:
+        tiny_model.draft_vocab = saved
+
+
+def test_draft_vocab_file_round_trip_and_rejects_bad_files(tmp_path):
+    from layerskip_ext import draft_vocab as dv
+    assert dv.count_tokens([3, 1, 3, 2, 1, 3]) == [3, 1, 2]
+    path = dv.save_draft_vocab(str(tmp_path), [3, 1, 2], vocab_size=8, tokens_counted=6)
+    assert dv.load_draft_vocab(str(tmp_path), 8) == [3, 1, 2]
+    assert dv.select([3, 1, 2], 2) == (1, 3)
+    with pytest.raises(ValueError, match="vocab_size"):
+        dv.load_draft_vocab(str(tmp_path), 9)
+    for text in ["{", '{"format": "layerskip_draft_vocab", "version": 1, "vocab_size": 8, "token_ids": [1, 1]}',
+                 '{"format": "layerskip_draft_vocab", "version": 1, "vocab_size": 8, "token_ids": [9]}']:
+        with open(path, "w") as f:
+            f.write(text)
+        with pytest.raises(ValueError, match="layerskip_draft_vocab.json"):
+            dv.load_draft_vocab(str(tmp_path), 8)

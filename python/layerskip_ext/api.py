@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import engine as _engine
+from .draft_vocab import select as select_draft_vocab
 from .generation import GenerationResult, check_generation_args
 from .model import LayerSkipModel
 from .reference_generate import generate_reference_batch
@@ -12,7 +13,7 @@ BACKENDS = ("auto", "engine", "reference")
 
 # Arguments that may be given per row in batched mode (a list with one value per prompt).
 PER_ROW = ("max_new_tokens", "strategy", "exit_layer", "num_speculations", "temperature", "top_k", "top_p", "seed",
-           "stop_token_ids", "context_length", "draft_threshold", "adaptive", "probe_interval")
+           "stop_token_ids", "context_length", "draft_threshold", "adaptive", "probe_interval", "draft_vocab_size")
 
 
 def _is_prompt_list(prompt) -> bool:
@@ -49,6 +50,14 @@ def _apply_settings(model: LayerSkipModel, row: dict) -> None:
             row["draft_threshold"] = stored.draft_threshold
         if row["adaptive"] is None:
             row["adaptive"] = stored.adaptive
+        if row["draft_vocab_size"] is None:
+            row["draft_vocab_size"] = stored.draft_vocab_size
+    k = row.pop("draft_vocab_size")
+    row["draft_vocab"] = None
+    if k and row["strategy"] == "self_speculative":
+        if not isinstance(k, int) or isinstance(k, bool):
+            raise ValueError(f"draft_vocab_size must be an integer, got {k!r}")
+        row["draft_vocab"] = select_draft_vocab(model.draft_vocab, k, model.path or "the model")
     if row["draft_threshold"] is None:
         row["draft_threshold"] = 0.0
     if row["adaptive"] is None:
@@ -58,7 +67,8 @@ def _apply_settings(model: LayerSkipModel, row: dict) -> None:
 def generate(model: LayerSkipModel, prompt, max_new_tokens=64, strategy="autoregressive", exit_layer=None,
              num_speculations=None, temperature=0.0, top_k=0, top_p=1.0, seed=None, stop_token_ids=None,
              on_token=None, backend: str = "auto", context_length=None,
-             weight_dtype: torch.dtype | None = None, draft_threshold=None, adaptive=None, probe_interval=32):
+             weight_dtype: torch.dtype | None = None, draft_threshold=None, adaptive=None, probe_interval=32,
+             draft_vocab_size=None):
     """Generates up to `max_new_tokens` tokens after `prompt`.
 
     prompt: a string or a list of token ids -> one GenerationResult; or a list of such prompts (lengths may
@@ -80,6 +90,9 @@ def generate(model: LayerSkipModel, prompt, max_new_tokens=64, strategy="autoreg
     model's. Self-speculative calls that give neither exit_layer nor num_speculations use the settings stored
     with the model (`layerskip-ext tune`, model.settings) for those two and, when not given, draft_threshold and
     adaptive; without stored settings draft_threshold defaults to 0 and adaptive to False.
+    draft_vocab_size K (self-speculative): drafts use only the LM-head rows of the K most frequent tokens of
+    the draft vocabulary stored with the model (`layerskip-ext draft-vocab`); verification uses the whole head,
+    so the output is unchanged. None: the stored settings' K, else 0 (the whole head).
     backend: "engine" (C++ decoder loop), "reference" (pure PyTorch oracle) or "auto" (engine when built).
     weight_dtype: the engine's matmul weights, torch.float32 or torch.bfloat16 (None: bfloat16 for a
     bfloat16 model, else float32). The reference always runs in the model's dtype.
@@ -99,7 +112,7 @@ def generate(model: LayerSkipModel, prompt, max_new_tokens=64, strategy="autoreg
     values = dict(max_new_tokens=max_new_tokens, strategy=strategy, exit_layer=exit_layer,
                   num_speculations=num_speculations, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                   stop_token_ids=stop_token_ids, context_length=context_length, draft_threshold=draft_threshold,
-                  adaptive=adaptive, probe_interval=probe_interval)
+                  adaptive=adaptive, probe_interval=probe_interval, draft_vocab_size=draft_vocab_size)
     args_list = []
     for i, p in enumerate(prompts):
         row = {k: (_row_value(k, v, i, len(prompts)) if batched else v) for k, v in values.items()}

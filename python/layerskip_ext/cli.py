@@ -166,7 +166,28 @@ def cmd_tune(args) -> int:
     out = args.out or (args.model if os.path.isdir(args.model) else os.path.dirname(os.path.abspath(args.model)))
     tune(model, prompts[:args.num_prompts], out, exits, _int_list(args.num_speculations, "--num-speculations"),
          thresholds, modes, max_new_tokens=args.max_new_tokens, repeats=args.repeats, backend=args.backend,
-         save=not args.no_save)
+         save=not args.no_save, draft_vocab_sizes=_int_list(args.draft_vocab_sizes, "--draft-vocab-sizes"))
+    return 0
+
+
+def cmd_draft_vocab(args) -> int:
+    """Counts the tokens of the texts and stores them, most frequent first, beside the model."""
+    from layerskip_ext.draft_vocab import count_tokens, save_draft_vocab
+    if args.model is None:
+        raise ValueError("draft-vocab needs --model (the counts are stored beside it)")
+    model = _load(args)
+    ids: list[int] = []
+    for path in args.text:
+        with open(path, encoding="utf-8") as f:
+            ids += model.encode(f.read())
+    ranked = count_tokens(ids)
+    path = save_draft_vocab(args.model, ranked, model.config.vocab_size, len(ids))
+    print(f"{len(ids)} tokens counted, {len(ranked)} distinct of {model.config.vocab_size}; stored in {path}")
+    for k in (256, 1024, 4096, 8192):
+        if k < len(ranked):
+            top = set(ranked[:k])
+            covered = sum(1 for t in ids if t in top)
+            print(f"  K={k}: {covered / len(ids):.1%} of the counted tokens")
     return 0
 
 
@@ -210,13 +231,19 @@ def main(argv=None) -> int:
     t.add_argument("--num-speculations", default="2,4,6")
     t.add_argument("--thresholds", default="0,0.3")
     t.add_argument("--adaptive-modes", default="both", choices=["off", "on", "both"])
+    t.add_argument("--draft-vocab-sizes", default="0",
+                   help="comma-separated K of the reduced draft head (0: the whole head; needs `draft-vocab`)")
     t.add_argument("--repeats", type=int, default=1, help="runs per point; tokens/s is their median")
     t.add_argument("--out", default=None, help="folder for tune.csv and tune.png (default: the model's folder)")
     t.add_argument("--no-save", action="store_true", help="do not store the settings with the model")
+    v = sub.add_parser("draft-vocab", help="count token frequencies on a text for the reduced draft head")
+    _model_args(v)
+    v.add_argument("--text", required=True, action="append", help="text file(s) to count on (training text)")
     sub.add_parser("train", help="LayerSkip training recipes (see layerskip-ext train --help)")
     args = parser.parse_args(argv)
     try:
-        return {"generate": cmd_generate, "bench": cmd_bench, "sweep": cmd_sweep, "tune": cmd_tune}[args.command](args)
+        return {"generate": cmd_generate, "bench": cmd_bench, "sweep": cmd_sweep, "tune": cmd_tune,
+                "draft-vocab": cmd_draft_vocab}[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"layerskip-ext: error: {e}", file=sys.stderr)
         return 2

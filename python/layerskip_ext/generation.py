@@ -76,6 +76,7 @@ class GenerationArgs:
     draft_threshold: float = 0.0
     adaptive: bool = False
     probe_interval: int = 32
+    draft_vocab: tuple[int, ...] | None = None  # ascending token ids of a reduced draft head (None: whole head)
 
 
 def _is_int(x) -> bool:
@@ -84,7 +85,7 @@ def _is_int(x) -> bool:
 
 def check_generation_args(config, tokenizer, prompt, *, max_new_tokens, strategy, exit_layer, num_speculations,
                           temperature, top_k, top_p, seed, stop_token_ids, context_length, draft_threshold=0.0,
-                          adaptive=False, probe_interval=32) -> GenerationArgs:
+                          adaptive=False, probe_interval=32, draft_vocab=None) -> GenerationArgs:
     """Every generation argument checked once, with an error that names the problem."""
     L, V = config.num_layers, config.vocab_size
     if strategy not in STRATEGIES:
@@ -153,6 +154,11 @@ def check_generation_args(config, tokenizer, prompt, *, max_new_tokens, strategy
         raise ValueError(f"adaptive must be True or False, got {adaptive!r}")
     if not _is_int(probe_interval) or not 1 <= probe_interval <= 1 << 20:
         raise ValueError(f"probe_interval must be an integer in [1, 2^20], got {probe_interval!r}")
+    if draft_vocab is not None:
+        draft_vocab = tuple(draft_vocab)
+        if not draft_vocab or any(not _is_int(t) or not 0 <= t < V for t in draft_vocab) or \
+                any(a >= b for a, b in zip(draft_vocab, draft_vocab[1:])):
+            raise ValueError(f"draft_vocab must be non-empty ascending token ids below {V}")
     return GenerationArgs(prompt_ids, max_new_tokens, strategy, exit_layer, num_speculations, float(temperature),
                           top_k, float(top_p), seed, stop_token_ids, context_length, float(draft_threshold),
-                          adaptive, probe_interval)
+                          adaptive, probe_interval, draft_vocab)

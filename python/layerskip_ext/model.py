@@ -6,6 +6,7 @@ import torch
 from .checkpoint import read_checkpoint
 from .config import ModelConfig
 from .reference import ReferenceLlama
+from .draft_vocab import load_draft_vocab
 from .settings import Settings, load_settings
 
 _DTYPES = {torch.float32, torch.bfloat16, torch.float16}
@@ -18,6 +19,7 @@ class LayerSkipModel:
         self.config, self.module, self.tokenizer, self.path = config, module, tokenizer, path
         self._engine = None  # the C++ engine, built on first use
         self.settings: Settings | None = None  # tuned self-speculative settings stored with the model
+        self.draft_vocab: list[int] | None = None  # token ids by frequency for a reduced draft head
 
     @property
     def dtype(self) -> torch.dtype:
@@ -80,4 +82,5 @@ def load(path=None, dtype: torch.dtype = torch.float32, device="cpu") -> LayerSk
     module = build_module(config, state, dtype, device)
     model = LayerSkipModel(config, module, tokenizer, None if path is None else str(path))
     model.settings = settings
+    model.draft_vocab = load_draft_vocab(None if path is None else str(path), config.vocab_size)
     return model

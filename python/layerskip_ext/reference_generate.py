@@ -119,7 +119,8 @@ def policy_params(config, args: GenerationArgs) -> draft_policy.Params:
     spec = args.strategy == "self_speculative"
     return draft_policy.Params(
         max_length=args.num_speculations if spec else 1, threshold=args.draft_threshold, adaptive=args.adaptive,
-        draft_cost=draft_policy.model_draft_cost(config, args.exit_layer) if spec else 0,
+        draft_cost=draft_policy.model_draft_cost(
+            config, args.exit_layer, None if args.draft_vocab is None else len(args.draft_vocab)) if spec else 0,
         probe_interval=args.probe_interval)
 
 
@@ -132,6 +133,7 @@ def _speculative_round(model, args, cache, position, out, stats, counter, policy
     # the verify block covers positions [position, position + d]: keep it inside the cache
     d = max(0, min(length, remaining, cache.capacity - position - 1))
     greedy = args.temperature == 0
+    vocab = None if args.draft_vocab is None else torch.tensor(args.draft_vocab, device=device)  # [K] or None
 
     # 1. draft: up to d tokens, each through layers [0, E) + norm + head; keep their layer-E states. Step d
     # only runs the last draft token through layers [0, E), so that the verifier can score one bonus token; a
@@ -145,13 +147,20 @@ def _speculative_round(model, args, cache, position, out, stats, counter, policy
         if i == d:
             break
         logits = model.exit_logits(x[0])  # [1, V]
+        if vocab is not None:  # a reduced draft head: only the draft vocabulary's rows
+            logits = logits[:, vocab]  # [1, K]
         if greedy:
             token = int(logits.argmax(-1)[0])
             confidence = float(torch.softmax(logits.float(), -1).amax())
         else:
-            probs = sampling_probs(logits, args.temperature, args.top_k, args.top_p)  # [1, V]
+            probs = sampling_probs(logits, args.temperature, args.top_k, args.top_p)  # [1, K or V]
             token = int(sample_from_probs(probs, args.seed, counter + i)[0])
             confidence = float(probs.amax())
+            if vocab is not None:  # the draft distribution is zero outside the draft vocabulary
+                probs = torch.zeros(1, model.config.vocab_size, dtype=probs.dtype, device=probs.device).index_copy_(
+                    1, vocab, probs)
+        if vocab is not None:
+            token = int(vocab[token])
         if not draft_policy.keep_draft(policy, confidence):
             d = i
             break

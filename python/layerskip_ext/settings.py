@@ -6,7 +6,7 @@ A Hugging Face directory keeps the file beside config.json; a GGUF file `m.gguf`
 num_speculations. The file:
 
     {"format": "layerskip_settings", "version": 1, "num_layers": 16,
-     "exit_layer": 4, "num_speculations": 4, "draft_threshold": 0.3, "adaptive": true,
+     "exit_layer": 4, "num_speculations": 4, "draft_threshold": 0.3, "adaptive": true, "draft_vocab_size": 0,
      "measured": {...}}          # optional: what the tuner measured (free-form, not read back)
 
 Any corrupt or mismatched file (not JSON, a wrong type, an exit layer beyond the model's depth, a file tuned
@@ -29,6 +29,7 @@ class Settings:
     num_speculations: int
     draft_threshold: float = 0.0
     adaptive: bool = False
+    draft_vocab_size: int = 0  # K of the reduced draft head (0: the whole head)
     measured: dict = field(default_factory=dict)
 
 
@@ -73,10 +74,13 @@ def check_settings(raw, num_layers: int, path: str) -> Settings:
     adaptive = raw.get("adaptive", False)
     if not isinstance(adaptive, bool):
         raise bad("adaptive", f"must be true or false, got {adaptive!r}")
+    k = raw.get("draft_vocab_size", 0)
+    if not _is_int(k) or k < 0:
+        raise bad("draft_vocab_size", f"must be an integer >= 0 (0: the whole head), got {k!r}")
     measured = raw.get("measured", {})
     if not isinstance(measured, dict):
         raise bad("measured", f"must be an object, got {type(measured).__name__}")
-    return Settings(raw["exit_layer"], raw["num_speculations"], float(threshold), adaptive, measured)
+    return Settings(raw["exit_layer"], raw["num_speculations"], float(threshold), adaptive, k, measured)
 
 
 def load_settings(model_path: str | None, num_layers: int) -> Settings | None:

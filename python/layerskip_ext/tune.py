@@ -1,6 +1,6 @@
 """`layerskip-ext tune`: sweep the self-speculative settings of a model on sample prompts and store the best.
 
-For every exit layer E, draft length d, draft threshold and adaptive mode, greedy generations over the sample
+For every exit layer E, draft length d, draft threshold, adaptive mode and draft-head size K, greedy generations over the sample
 prompts give tokens/s; the speed-up is over autoregressive decoding of the same prompts measured in the same
 run. Writes a CSV (one row per setting), a PNG contour plot of the best speed-up over E x d, and the best
 settings beside the model (settings.py), which generate() then uses by default.
@@ -22,6 +22,7 @@ class Point:
     num_speculations: int
     draft_threshold: float
     adaptive: bool
+    draft_vocab_size: int
     acceptance: float
     tokens_per_s: float
     speedup: float
@@ -62,7 +63,7 @@ def _tokens_per_s(model, prompts, repeats: int, **kwargs) -> tuple[float, float]
 
 
 def sweep(model, prompts, exit_layers, draft_lengths, thresholds, adaptive_modes, max_new_tokens=64, repeats=1,
-          backend="auto", log=print) -> tuple[float, list[Point]]:
+          backend="auto", log=print, draft_vocab_sizes=(0,)) -> tuple[float, list[Point]]:
     """(autoregressive tokens/s, one Point per setting). Autoregressive runs before and after the grid; its
     speed is the median of both (the machine's load drifts)."""
     common = dict(max_new_tokens=max_new_tokens, backend=backend)
@@ -74,26 +75,27 @@ def sweep(model, prompts, exit_layers, draft_lengths, thresholds, adaptive_modes
         for d in draft_lengths:
             for threshold in thresholds:
                 for adaptive in adaptive_modes:
-                    tps, acc = _tokens_per_s(model, prompts, repeats, strategy="self_speculative", exit_layer=E,
-                                             num_speculations=d, draft_threshold=threshold, adaptive=adaptive,
-                                             **common)
-                    raw.append((E, d, threshold, adaptive, acc, tps))
-                    log(f"E={E} d={d} threshold={threshold} adaptive={adaptive}: {tps:.1f} tokens/s "
-                        f"({tps / before:.2f}x), acceptance {acc:.1%}")
+                    for k in draft_vocab_sizes:
+                        tps, acc = _tokens_per_s(model, prompts, repeats, strategy="self_speculative", exit_layer=E,
+                                                 num_speculations=d, draft_threshold=threshold, adaptive=adaptive,
+                                                 draft_vocab_size=k, **common)
+                        raw.append((E, d, threshold, adaptive, k, acc, tps))
+                        log(f"E={E} d={d} threshold={threshold} adaptive={adaptive} K={k or 'all'}: {tps:.1f} "
+                            f"tokens/s ({tps / before:.2f}x), acceptance {acc:.1%}")
     after, _ = _tokens_per_s(model, prompts, repeats, **common)
     base = statistics.median([before, after])
     log(f"autoregressive again: {after:.1f} tokens/s; baseline {base:.1f}")
-    return base, [Point(E, d, t, a, acc, tps, tps / base if base else 0.0) for E, d, t, a, acc, tps in raw]
+    return base, [Point(E, d, t, a, k, acc, tps, tps / base if base else 0.0) for E, d, t, a, k, acc, tps in raw]
 
 
 def write_csv(path: str, points: list[Point]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["exit_layer", "num_speculations", "draft_threshold", "adaptive", "acceptance", "tokens_per_s",
-                    "speedup"])
+        w.writerow(["exit_layer", "num_speculations", "draft_threshold", "adaptive", "draft_vocab_size", "acceptance",
+                    "tokens_per_s", "speedup"])
         for p in points:
-            w.writerow([p.exit_layer, p.num_speculations, p.draft_threshold, int(p.adaptive), f"{p.acceptance:.4f}",
-                        f"{p.tokens_per_s:.2f}", f"{p.speedup:.4f}"])
+            w.writerow([p.exit_layer, p.num_speculations, p.draft_threshold, int(p.adaptive), p.draft_vocab_size,
+                        f"{p.acceptance:.4f}", f"{p.tokens_per_s:.2f}", f"{p.speedup:.4f}"])
 
 
 def plot(path: str, points: list[Point], title: str) -> None:
@@ -133,7 +135,7 @@ def plot(path: str, points: list[Point], title: str) -> None:
 
 
 def tune(model, prompts, out_dir: str, exit_layers, draft_lengths, thresholds, adaptive_modes, max_new_tokens=64,
-         repeats=1, backend="auto", save=True, log=print) -> tuple[Point, str | None]:
+         repeats=1, backend="auto", save=True, log=print, draft_vocab_sizes=(0,)) -> tuple[Point, str | None]:
     """Runs the sweep, writes out_dir/tune.csv and out_dir/tune.png, stores the best settings with the model
     (unless save is False or the model has no path). Returns (best point, settings file or None)."""
     L = model.num_layers
@@ -149,20 +151,22 @@ def tune(model, prompts, out_dir: str, exit_layers, draft_lengths, thresholds, a
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
     base, points = sweep(model, prompts, exit_layers, draft_lengths, thresholds, adaptive_modes, max_new_tokens,
-                         repeats, backend, log)
+                         repeats, backend, log, draft_vocab_sizes)
     write_csv(os.path.join(out_dir, "tune.csv"), points)
     name = os.path.basename(os.path.normpath(model.path)) if model.path else "model"
     plot(os.path.join(out_dir, "tune.png"), points, f"{name}: self-speculative speed-up (greedy)")
     best = max(points, key=lambda p: p.speedup)
     log(f"best: E={best.exit_layer} d={best.num_speculations} threshold={best.draft_threshold} "
-        f"adaptive={best.adaptive}: {best.speedup:.2f}x, acceptance {best.acceptance:.1%} "
+        f"adaptive={best.adaptive} K={best.draft_vocab_size or 'all'}: {best.speedup:.2f}x, acceptance {best.acceptance:.1%} "
         f"(sweep took {time.perf_counter() - t0:.0f} s)")
     stored = None
     if save and model.path is not None:
         measured = dict(speedup=round(best.speedup, 4), acceptance=round(best.acceptance, 4),
                         tokens_per_s=round(best.tokens_per_s, 2), autoregressive_tokens_per_s=round(base, 2),
                         prompts=len(prompts), max_new_tokens=max_new_tokens, repeats=repeats)
-        settings = Settings(best.exit_layer, best.num_speculations, best.draft_threshold, best.adaptive, measured)
+        settings = Settings(exit_layer=best.exit_layer, num_speculations=best.num_speculations,
+                            draft_threshold=best.draft_threshold, adaptive=best.adaptive,
+                            draft_vocab_size=best.draft_vocab_size, measured=measured)
         stored = save_settings(model.path, settings, L)
         log(f"settings stored in {stored}")
     return best, stored
