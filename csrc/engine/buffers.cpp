@@ -1,6 +1,8 @@
 // Allocation and growth of the engine's resident buffers.
 #include "engine/buffers.h"
 
+#include <algorithm>
+
 namespace layerskip {
 namespace engine {
 

@@ -177,10 +177,12 @@ at::Tensor Engine::step() {
       const RowParams& p = r.params;
       if (p.strategy == Strategy::self_speculative && !draft_policy::speculating(r.state.policy)) {
         // drafting is off for this row: it joins the plain (autoregressive) step
-        groups[{static_cast<int>(Strategy::autoregressive), config_.shape.num_layers, 0, false}].push_back(id);
+        groups[std::make_tuple(static_cast<int>(Strategy::autoregressive), config_.shape.num_layers, int64_t{0}, false)]
+            .push_back(id);
         continue;
       }
-      groups[{static_cast<int>(p.strategy), p.exit_layer, p.num_speculations, p.reduced_head}].push_back(id);
+      groups[std::make_tuple(static_cast<int>(p.strategy), p.exit_layer, p.num_speculations, p.reduced_head)]
+          .push_back(id);
     }
   }
   for (int64_t id : to_prefill) {

@@ -8,6 +8,7 @@
 //   x  += linear(silu_and_mul(linear(a2, Wgate_up)), Wdown)
 // Every op writes into the workspace (Buffers::scratch).
 #include "engine/engine.h"
+#include "ops.h"
 
 namespace layerskip {
 namespace engine {
