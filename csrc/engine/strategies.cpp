@@ -317,7 +317,7 @@ void Engine::speculative_group(const std::vector<int64_t>& ids) {
     s.drafted += d[j];
     s.accepted += a;
     s.counter = c[j] + 3 * d[j] + 1;
-    draft_policy::after_round(r.params.policy, s, d[j], a);
+    draft_policy::after_round(r.params.policy, s.policy, d[j], a);
     bool ok = true;
     for (int64_t k = 0; k <= d[j]; ++k) ok = ok && finite_out[v + k] != 0;
     if (!ok) {
