@@ -185,7 +185,8 @@ def test_greedy_every_option_equals_autoregressive(random_model, E, d):
 @needs_engine
 def test_sampling_with_every_option_follows_full_model(tiny_model):
     """The 4th new token of many seeded generations, self-speculative with threshold, adaptive length,
-    switching off and a reduced draft head (K = 12 of 32), is distributed as the same token of autoregressive sampling (two-sample chi-square), and
+    switching off and a reduced draft head (K = 12 of 32), is distributed as the same token of autoregressive
+    sampling (two-sample chi-square), and
     differs from early-exit sampling at the draft's layer (so the test can fail)."""
     N, temp = 1500, 1.0
     common = dict(max_new_tokens=4, temperature=temp, stop_token_ids=[], backend="engine")

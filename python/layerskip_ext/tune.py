@@ -1,8 +1,8 @@
 """`layerskip-ext tune`: sweep the self-speculative settings of a model on sample prompts and store the best.
 
-For every exit layer E, draft length d, draft threshold, adaptive mode and draft-head size K, greedy generations over the sample
-prompts give tokens/s; the speed-up is over autoregressive decoding of the same prompts measured in the same
-run. Writes a CSV (one row per setting), a PNG contour plot of the best speed-up over E x d, and the best
+For every exit layer E, draft length d, draft threshold, adaptive mode and draft-head size K, greedy
+generations over the sample prompts give tokens/s; the speed-up is over autoregressive decoding of the same
+prompts measured in the same run. Writes a CSV (one row per setting), a PNG contour plot of the best speed-up over E x d, and the best
 settings beside the model (settings.py), which generate() then uses by default.
 """
 from __future__ import annotations
@@ -157,7 +157,8 @@ def tune(model, prompts, out_dir: str, exit_layers, draft_lengths, thresholds, a
     plot(os.path.join(out_dir, "tune.png"), points, f"{name}: self-speculative speed-up (greedy)")
     best = max(points, key=lambda p: p.speedup)
     log(f"best: E={best.exit_layer} d={best.num_speculations} threshold={best.draft_threshold} "
-        f"adaptive={best.adaptive} K={best.draft_vocab_size or 'all'}: {best.speedup:.2f}x, acceptance {best.acceptance:.1%} "
+        f"adaptive={best.adaptive} K={best.draft_vocab_size or 'all'}: {best.speedup:.2f}x, "
+        f"acceptance {best.acceptance:.1%} "
         f"(sweep took {time.perf_counter() - t0:.0f} s)")
     stored = None
     if save and model.path is not None:
