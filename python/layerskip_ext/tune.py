@@ -2,8 +2,8 @@
 
 For every exit layer E, draft length d, draft threshold, adaptive mode and draft-head size K, greedy
 generations over the sample prompts give tokens/s; the speed-up is over autoregressive decoding of the same
-prompts measured in the same run. Writes a CSV (one row per setting), a PNG contour plot of the best speed-up over E x d, and the best
-settings beside the model (settings.py), which generate() then uses by default.
+prompts measured in the same run. Writes a CSV (one row per setting), a PNG contour plot of the best speed-up
+over E x d, and the best settings beside the model (settings.py), which generate() then uses by default.
 """
 from __future__ import annotations
 
