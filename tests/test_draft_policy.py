@@ -274,3 +274,28 @@ def test_draft_vocab_file_round_trip_and_rejects_bad_files(tmp_path):
             f.write(text)
         with pytest.raises(ValueError, match="layerskip_draft_vocab.json"):
             dv.load_draft_vocab(str(tmp_path), 8)
+
+
+@needs_engine
+@pytest.mark.slow
+def test_smollm2_every_option_equals_autoregressive(smollm2):
+    from layerskip_ext.draft_vocab import count_tokens
+    prompt = "The capital of France is"
+    common = dict(max_new_tokens=32, stop_token_ids=[], backend="engine")
+    ar = layerskip_ext.generate(smollm2, prompt, **common)
+    saved = smollm2.draft_vocab
+    smollm2.draft_vocab = count_tokens(smollm2.encode(" ".join([prompt] * 3 + ["Paris is the capital and largest "
+                                                                               "city of France, on the Seine."])))
+    try:
+        for k in (None, len(smollm2.draft_vocab)):
+            r = layerskip_ext.generate(smollm2, prompt, strategy="self_speculative", exit_layer=8, num_speculations=4,
+                                       draft_threshold=0.2, adaptive=True, probe_interval=4, draft_vocab_size=k,
+                                       **common)
+            assert r.tokens == ar.tokens, k
+            ref = layerskip_ext.generate(smollm2, prompt, strategy="self_speculative", exit_layer=8,
+                                         num_speculations=4, draft_threshold=0.2, adaptive=True, probe_interval=4,
+                                         draft_vocab_size=k, **dict(common, backend="reference"))
+            assert (r.stats.drafted, r.stats.accepted, r.stats.rounds) == \
+                (ref.stats.drafted, ref.stats.accepted, ref.stats.rounds)
+    finally:
+        smollm2.draft_vocab = saved
