@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-for bench in bench_ops.py bench_linear.py bench_generate.py; do
+for bench in bench_ops.py bench_linear.py bench_generate.py bench_batch.py; do
   echo "=== benchmarks/$bench --quick"
   "$PY" "$bench" --quick
 done

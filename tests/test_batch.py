@@ -106,15 +106,15 @@ def test_rows_with_different_settings_in_one_batch(random_model):
     engine groups rows by (strategy, E, d) and every row still equals its batch-1 call."""
     L, V = random_model.num_layers, random_model.config.vocab_size
     prompts = [[t % V for t in p] for p in PROMPTS[:6]]
-    free = layerskip_ext.generate(random_model, prompts[2], max_new_tokens=10, stop_token_ids=[], backend="engine")
+    free = layerskip_ext.generate(random_model, prompts[1], max_new_tokens=10, stop_token_ids=[], backend="engine")
     kw = dict(strategy=["autoregressive", "self_speculative", "self_speculative", "early_exit", "self_speculative",
                         "self_speculative"],
               exit_layer=[None, 1, 1, max(1, L // 2), L - 1, 1], num_speculations=[None, 3, 3, None, 2, 3],
               temperature=[0.0, 0.0, 0.7, 0.9, 0.0, 1.0], seed=[0, 1, 2, 3, 4, 5], max_new_tokens=12,
-              stop_token_ids=[[], [], [free.tokens[4]], [], [], []],
+              stop_token_ids=[[], [free.tokens[4]], [], [], [], []],
               context_length=[256, 256, 256, 256, len(prompts[4]) + 5, 256])
     batch = assert_rows_match(random_model, prompts, **kw)
-    assert batch[4].finish_reason == "context"
+    assert batch[1].finish_reason == "stop" and batch[4].finish_reason == "context"
 
 
 def test_streaming_in_batched_mode_gets_row_and_token(random_model):
@@ -264,6 +264,9 @@ def test_huge_max_new_tokens_is_clamped_by_the_context(random_model):
                                      num_speculations=4, backend="engine")
     assert [len(r.tokens) for r in results] == [9, 11]
     assert all(r.finish_reason == "context" for r in results)
+    one = layerskip_ext.generate(random_model, [1, 2, 3], max_new_tokens=2**70, context_length=8, stop_token_ids=[],
+                                 backend="engine")
+    assert len(one.tokens) == 5 and one.finish_reason == "context"
 
 
 # ----------------------------------------------------------------------------------------------

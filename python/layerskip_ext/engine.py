@@ -119,8 +119,10 @@ class Engine:
     def _add(self, e, args: GenerationArgs) -> int:
         device = self.model.device
         spec = args.strategy == "self_speculative"
+        # a row never outgrows its context: a larger max_new_tokens (even >= 2**63) ends at the context limit
+        max_new_tokens = min(args.max_new_tokens, args.context_length)
         row = e.add_row(torch.tensor(args.prompt_ids, dtype=torch.int64, device=device), args.strategy,
-                        args.exit_layer, args.num_speculations if spec else 1, args.max_new_tokens, args.temperature,
+                        args.exit_layer, args.num_speculations if spec else 1, max_new_tokens, args.temperature,
                         args.top_k, args.top_p, seed_as_int64(args.seed),
                         torch.tensor(args.stop_token_ids, dtype=torch.int64), args.context_length)
         if spec:  # the drafting policy (draft_policy.h); a failure leaves the engine without the row

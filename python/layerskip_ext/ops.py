@@ -209,7 +209,7 @@ def rope_inv_freq(head_dim: int, theta: float) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Fake kernels (shapes and dtypes only), for torch.compile and opcheck
+# Fake kernels, for torch.compile and opcheck (every op only mutates its outputs)
 
 
 def _register_fakes() -> None:
@@ -217,7 +217,7 @@ def _register_fakes() -> None:
     for name in ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "kv_cache_write", "attention", "silu_and_mul",
                  "linear", "sampling_probs", "sample_from_probs", "sample", "speculative_accept_greedy",
                  "speculative_accept"):
-        torch.library.register_fake(f"layerskip::{name}")(lambda *args: None)
+        torch.library.register_fake(f"layerskip::{name}")(lambda *args, **kwargs: None)
 
 
 _register_fakes()
