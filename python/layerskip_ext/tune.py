@@ -67,7 +67,7 @@ def sweep(model, prompts, exit_layers, draft_lengths, thresholds, adaptive_modes
     """(autoregressive tokens/s, one Point per setting). Autoregressive runs before and after the grid; its
     speed is the median of both (the machine's load drifts)."""
     common = dict(max_new_tokens=max_new_tokens, backend=backend)
-    _tokens_per_s(model, prompts[:1], 1, **dict(common, max_new_tokens=4))  # warm up (engine build)
+    _tokens_per_s(model, prompts, 1, **common)  # warm up: engine build, cache growth, first-touch of buffers
     before, _ = _tokens_per_s(model, prompts, repeats, **common)
     log(f"autoregressive: {before:.1f} tokens/s")
     raw = []
