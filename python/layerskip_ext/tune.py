@@ -64,28 +64,27 @@ def _tokens_per_s(model, prompts, repeats: int, **kwargs) -> tuple[float, float]
 
 def sweep(model, prompts, exit_layers, draft_lengths, thresholds, adaptive_modes, max_new_tokens=64, repeats=1,
           backend="auto", log=print, draft_vocab_sizes=(0,)) -> tuple[float, list[Point]]:
-    """(autoregressive tokens/s, one Point per setting). Autoregressive runs before and after the grid; its
-    speed is the median of both (the machine's load drifts)."""
+    """(median autoregressive tokens/s, one Point per setting). Autoregressive decoding of the same prompts runs
+    right before each setting and the speed-up is over that run (a shared machine's load drifts over a sweep)."""
     common = dict(max_new_tokens=max_new_tokens, backend=backend)
     _tokens_per_s(model, prompts, 1, **common)  # warm up: engine build, cache growth, first-touch of buffers
-    before, _ = _tokens_per_s(model, prompts, repeats, **common)
-    log(f"autoregressive: {before:.1f} tokens/s")
-    raw = []
+    raw, bases = [], []
     for E in exit_layers:
         for d in draft_lengths:
             for threshold in thresholds:
                 for adaptive in adaptive_modes:
                     for k in draft_vocab_sizes:
+                        before, _ = _tokens_per_s(model, prompts, repeats, **common)
+                        bases.append(before)
                         tps, acc = _tokens_per_s(model, prompts, repeats, strategy="self_speculative", exit_layer=E,
                                                  num_speculations=d, draft_threshold=threshold, adaptive=adaptive,
                                                  draft_vocab_size=k, **common)
-                        raw.append((E, d, threshold, adaptive, k, acc, tps))
+                        raw.append((E, d, threshold, adaptive, k, acc, tps, before))
                         log(f"E={E} d={d} threshold={threshold} adaptive={adaptive} K={k or 'all'}: {tps:.1f} "
                             f"tokens/s ({tps / before:.2f}x), acceptance {acc:.1%}")
-    after, _ = _tokens_per_s(model, prompts, repeats, **common)
-    base = statistics.median([before, after])
-    log(f"autoregressive again: {after:.1f} tokens/s; baseline {base:.1f}")
-    return base, [Point(E, d, t, a, k, acc, tps, tps / base if base else 0.0) for E, d, t, a, k, acc, tps in raw]
+    base = statistics.median(bases)
+    log(f"autoregressive: median {base:.1f} tokens/s over the sweep ({min(bases):.1f} .. {max(bases):.1f})")
+    return base, [Point(E, d, t, a, k, acc, tps, tps / ar if ar else 0.0) for E, d, t, a, k, acc, tps, ar in raw]
 
 
 def write_csv(path: str, points: list[Point]) -> None:
