@@ -158,7 +158,7 @@ def quick(args):
         LlamaForCausalLM(cfg).save_pretrained(d)
         model = layerskip_ext.load(d)
     c = model.config
-    ops = torch.ops.layerskip
+    from layerskip_ext import ops  # the wrappers: they allocate the outputs the ops write
     H, D, Hq, Hkv, I, V, S = c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.intermediate_size, \
         c.vocab_size, 256
     x, w_h, w_qkv = torch.randn(1, H), torch.ones(H), torch.randn((Hq + 2 * Hkv) * D, H)

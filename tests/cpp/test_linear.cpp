@@ -20,7 +20,7 @@ const c10::TypedOperatorHandle<LinearFn>& linear_op() {
 
 int failures = 0;
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
+at::Tensor run_linear(const at::Tensor& x, const at::Tensor& w) {
   at::Tensor out = torch::empty({x.dim() == 2 ? x.size(0) : 0, w.dim() == 2 ? w.size(0) : 0});  // [T, N]
   linear_op().call(out, x, w);
   return out;
@@ -29,7 +29,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
 void check_case(int64_t T, int64_t K, int64_t N, at::ScalarType wtype) {
   at::Tensor x = torch::randn({T, K});                  // [T, K]
   at::Tensor w = torch::randn({N, K}).to(wtype);        // [N, K]
-  at::Tensor out = linear(x, w);                        // [T, N]
+  at::Tensor out = run_linear(x, w);                      // [T, N]
   at::Tensor ref = at::matmul(x.to(at::kDouble), w.to(at::kDouble).t());  // [T, N]
   const bool shape_ok = out.sizes() == ref.sizes() && out.scalar_type() == at::kFloat;
   // fp32 accumulation over K terms of size ~1: error grows like sqrt(K) * eps * |terms|
@@ -46,7 +46,7 @@ void check_case(int64_t T, int64_t K, int64_t N, at::ScalarType wtype) {
 // The op must throw (a c10::Error, i.e. a TORCH_CHECK) with a message containing `expected`.
 void check_error(const char* what, const at::Tensor& x, const at::Tensor& w, const std::string& expected) {
   try {
-    linear(x, w);
+    run_linear(x, w);
     ++failures;
     std::printf("FAIL %s: no error raised\n", what);
   } catch (const c10::Error& e) {
@@ -75,10 +75,10 @@ int main() {
   // batch invariance: rows of a skinny call (T <= 64) equal the rows computed alone, bit for bit
   for (at::ScalarType wtype : {at::kFloat, at::kBFloat16}) {
     at::Tensor x = torch::randn({64, 576}), w = torch::randn({300, 576}).to(wtype);
-    at::Tensor all = linear(x, w);
+    at::Tensor all = run_linear(x, w);
     for (int64_t t : {0, 7, 33, 63}) {
-      if (!at::equal(all.narrow(0, t, 1), linear(x.narrow(0, t, 1), w)) ||
-          !at::equal(all.narrow(0, t, 1), linear(x.narrow(0, t / 2, 64 - t / 2), w).narrow(0, t - t / 2, 1))) {
+      if (!at::equal(all.narrow(0, t, 1), run_linear(x.narrow(0, t, 1), w)) ||
+          !at::equal(all.narrow(0, t, 1), run_linear(x.narrow(0, t / 2, 64 - t / 2), w).narrow(0, t - t / 2, 1))) {
         ++failures;
         std::printf("FAIL batch invariance row %lld %s\n", static_cast<long long>(t), c10::toString(wtype));
       }
