@@ -102,10 +102,9 @@ struct Engine::GraphCache {
   }
 };
 
-bool Engine::decode_group_graph(const std::vector<int64_t>& ids) {
+bool Engine::decode_group_graph(const std::vector<int64_t>& ids, int64_t E) {
   if (!graphs_ready()) return false;
   const int64_t n = static_cast<int64_t>(ids.size());
-  const int64_t E = rows_.at(ids[0]).params.exit_layer;
   auto& entry = graphs_->decode[{E, n}];
   if (entry && entry->generation != buffers_.generation()) entry.reset();  // the KV cache moved: recapture
   if (!entry) entry = std::make_unique<GraphCache::Decode>();
@@ -161,7 +160,9 @@ bool Engine::speculative_group_graph(const std::vector<int64_t>& ids) {
     const Row& r = rows_.at(ids[j]);
     const RowState& s = r.state;
     const int64_t remaining = r.params.max_new_tokens - static_cast<int64_t>(s.tokens.size());
-    d[j] = std::max<int64_t>(0, std::min({r.params.num_speculations, remaining, s.capacity - s.position - 1}));
+    // the confidence threshold needs a host sync per draft step and the reduced head other buffers: eager
+    if (r.params.policy.threshold > 0.0 || r.params.reduced_head) return false;
+    d[j] = std::max<int64_t>(0, std::min({s.policy.length, remaining, s.capacity - s.position - 1}));
     c[j] = s.counter;
     pos[j] = s.position;
     greedy = greedy && r.params.temperature == 0.0;
@@ -251,7 +252,7 @@ bool Engine::speculative_group_graph(const std::vector<int64_t>& ids) {
   }
   // host sync (in replay): the accepted tokens, their counts and the logits' finiteness, once per round
   const at::Tensor host = graphs_->replay(g);
-  finish_round(ids, d, c, pos, host.data_ptr<int64_t>());
+  finish_round(ids, d, c, pos, W, host.data_ptr<int64_t>());
   return true;
 }
 
@@ -273,7 +274,7 @@ int64_t Engine::graph_replays() { return graphs_ ? graphs_->replays : 0; }
 
 struct Engine::GraphCache {};
 
-bool Engine::decode_group_graph(const std::vector<int64_t>&) { return false; }
+bool Engine::decode_group_graph(const std::vector<int64_t>&, int64_t) { return false; }
 
 bool Engine::speculative_group_graph(const std::vector<int64_t>&) { return false; }
 

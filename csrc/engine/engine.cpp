@@ -140,6 +140,13 @@ int64_t Engine::add_row(at::Tensor prompt, std::string strategy, int64_t exit_la
   s.capacity = max_new_tokens >= room ? context_length
                                       : std::min(context_length, s.prompt_length + max_new_tokens + p.num_speculations + 1);
   if (max_new_tokens == 0) s.finish_reason = "length";
+  if (speculative) {
+    const ModelShape& m = config_.shape;
+    const int64_t layer = draft_policy::layer_weights(m.hidden, m.q_size(), m.kv_size(), m.intermediate);
+    p.policy.max_length = p.num_speculations;
+    p.policy.draft_cost = draft_policy::draft_cost(p.exit_layer, L, layer, m.hidden, V, V);
+  }
+  s.policy = draft_policy::initial_state(p.policy);
 
   // 2. reserve a cache row (growing the buffers keeps every other row's contents)
   int64_t slot = 0;
@@ -160,14 +167,22 @@ at::Tensor Engine::step() {
   step_output_.clear();
   // rows to prefill, and the groups of prefilled rows that run a round
   std::vector<int64_t> to_prefill;
-  std::map<std::tuple<int, int64_t, int64_t>, std::vector<int64_t>> groups;  // (strategy, E, d) -> ids
+  // (strategy, E, d, reduced draft head) -> ids
+  std::map<std::tuple<int, int64_t, int64_t, bool>, std::vector<int64_t>> groups;
   for (auto& [id, r] : rows_) {
     if (r.state.finish_reason) continue;
     if (!r.state.prefilled) {
       to_prefill.push_back(id);
     } else {
       const RowParams& p = r.params;
-      groups[std::make_tuple(static_cast<int>(p.strategy), p.exit_layer, p.num_speculations)].push_back(id);
+      if (p.strategy == Strategy::self_speculative && !draft_policy::speculating(r.state.policy)) {
+        // drafting is off for this row: it joins the plain (autoregressive) step
+        groups[std::make_tuple(static_cast<int>(Strategy::autoregressive), config_.shape.num_layers, int64_t{0}, false)]
+            .push_back(id);
+        continue;
+      }
+      groups[std::make_tuple(static_cast<int>(p.strategy), p.exit_layer, p.num_speculations, p.reduced_head)]
+          .push_back(id);
     }
   }
   for (int64_t id : to_prefill) {
@@ -182,7 +197,7 @@ at::Tensor Engine::step() {
     if (static_cast<Strategy>(std::get<0>(key)) == Strategy::self_speculative) {
       speculative_group(ids);
     } else {
-      decode_group(ids);
+      decode_group(ids, std::get<1>(key));
     }
     const double dt = seconds_since(t0);
     for (int64_t id : ids) rows_.at(id).state.decode_s += dt;
@@ -196,6 +211,48 @@ void Engine::remove_row(int64_t id) {
   Row& r = row(id);
   slot_used_[r.state.slot] = false;
   rows_.erase(id);
+}
+
+void Engine::set_row_policy(int64_t id, double threshold, bool adaptive, int64_t probe_interval, bool reduced_head) {
+  Busy busy(busy_);
+  Row& r = row(id);
+  TORCH_CHECK(r.params.strategy == Strategy::self_speculative, "Engine: set_row_policy: row ", id,
+              " is not self-speculative");
+  TORCH_CHECK(!r.state.prefilled, "Engine: set_row_policy: row ", id, " has already been stepped");
+  TORCH_CHECK(threshold >= 0.0 && threshold <= 1.0, "Engine: draft threshold must be in [0, 1], got ", threshold);
+  TORCH_CHECK(probe_interval >= 1 && probe_interval <= (int64_t{1} << 20),
+              "Engine: probe_interval must be in [1, 2^20], got ", probe_interval);
+  TORCH_CHECK(!reduced_head || draft_vocab_.defined(), "Engine: set_row_policy: a reduced draft head needs "
+              "set_draft_vocab first");
+  draft_policy::Params& p = r.params.policy;
+  if (reduced_head) {
+    const ModelShape& m = config_.shape;
+    const int64_t layer = draft_policy::layer_weights(m.hidden, m.q_size(), m.kv_size(), m.intermediate);
+    p.draft_cost = draft_policy::draft_cost(r.params.exit_layer, m.num_layers, layer, m.hidden,
+                                            draft_vocab_.size(0), m.vocab);
+  }
+  r.params.reduced_head = reduced_head;
+  p.threshold = threshold;
+  p.adaptive = adaptive;
+  p.probe_interval = probe_interval;
+  r.state.policy = draft_policy::initial_state(p);
+}
+
+void Engine::set_draft_vocab(at::Tensor token_ids) {
+  Busy busy(busy_);
+  TORCH_CHECK(rows_.empty(), "Engine: set_draft_vocab needs an engine without rows");
+  const int64_t V = config_.shape.vocab;
+  TORCH_CHECK(token_ids.dim() == 1 && token_ids.scalar_type() == at::kLong && token_ids.size(0) >= 1 &&
+                  token_ids.size(0) <= V,
+              "Engine: draft vocabulary must be a 1-D int64 tensor of 1 to ", V, " token ids");
+  const at::Tensor host = token_ids.to(at::kCPU).contiguous();
+  const int64_t* ids = host.data_ptr<int64_t>();
+  for (int64_t i = 0; i < host.size(0); ++i) {
+    TORCH_CHECK(ids[i] >= 0 && ids[i] < V && (i == 0 || ids[i] > ids[i - 1]), "Engine: draft vocabulary must be "
+                "strictly ascending token ids in [0, ", V, "); entry ", i, " is ", ids[i]);
+  }
+  draft_vocab_ = host.to(weights_.embed.device());
+  draft_head_ = weights_.lm_head.index_select(0, draft_vocab_).contiguous();  // [K, H]
 }
 
 Row& Engine::row(int64_t id) {

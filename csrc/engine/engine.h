@@ -32,6 +32,7 @@
 
 #include "engine/buffers.h"
 #include "engine/dispatch.h"
+#include "engine/draft_policy.h"
 #include "engine/profiler.h"
 #include "engine/weights.h"
 
@@ -56,6 +57,8 @@ struct RowParams {
   int64_t max_new_tokens = 0, top_k = 0, seed = 0, context_length = 0;
   double temperature = 0.0, top_p = 1.0;
   std::vector<int64_t> stop_token_ids;
+  draft_policy::Params policy;  // self-speculative drafting policy (set_row_policy; defaults: fixed d)
+  bool reduced_head = false;    // drafts use only the draft vocabulary's rows of the LM head (set_draft_vocab)
 };
 
 // The progress of one row.
@@ -71,6 +74,7 @@ struct RowState {
   int64_t position = 0;  // position of the newest token, which no layer has processed yet
   int64_t counter = 0;   // next random draw
   int64_t drafted = 0, accepted = 0, rounds = 0;
+  draft_policy::State policy;  // draft length / plain decoding of a self-speculative row
   double prefill_s = 0.0, decode_s = 0.0;
 };
 
@@ -97,6 +101,15 @@ class Engine : public torch::CustomClassHolder {
   // One step over every unfinished row (see the file comment): [n, 2] int64 CPU pairs (row id, new token).
   at::Tensor step();
   void remove_row(int64_t id);
+  // The drafting policy of a self-speculative row not yet stepped (csrc/engine/draft_policy.h): stop a round
+  // below `threshold` top probability (0: never); `adaptive`: adapt the length, switch drafting off when it
+  // does not pay, probe again after `probe_interval` plain tokens. Throws (changing nothing) on bad input.
+  // reduced_head: the row drafts with the reduced LM head of set_draft_vocab (verification keeps the whole head).
+  void set_row_policy(int64_t id, double threshold, bool adaptive, int64_t probe_interval, bool reduced_head);
+  // The reduced draft head: token ids [K] int64, strictly ascending in [0, V); its rows of the LM head are
+  // copied once. Only on an engine without rows.
+  void set_draft_vocab(at::Tensor token_ids);
+  int64_t draft_vocab_size() { return draft_vocab_.defined() ? draft_vocab_.size(0) : 0; }
 
   std::vector<int64_t> row_ids();  // rows held (finished or not), ascending
   bool has_unfinished();           // some row still needs steps
@@ -126,24 +139,27 @@ class Engine : public torch::CustomClassHolder {
                   bool batch_invariant);
   // residual x [T, H] -> logits [T, V] (final norm + LM head), into the workspace tensor `name`.
   at::Tensor exit_logits(const at::Tensor& x, const char* name, bool batch_invariant);
+  // residual x [T, H] -> draft logits over the draft vocabulary [T, K] (final norm + reduced head).
+  at::Tensor reduced_logits(const at::Tensor& x);
   void linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, bool batch_invariant);
 
   // strategies.cpp
   bool push(Row& row, int64_t id, int64_t token);  // appends a token; true when the row must stop
   void prefill(int64_t id, Row& row);
-  void decode_group(const std::vector<int64_t>& ids);
+  void decode_group(const std::vector<int64_t>& ids, int64_t layers);  // one token through layers [0, layers)
   // Updates the rows of a decode step from its host outputs out [2n]: tokens, then finite flags.
   void finish_decode(const std::vector<int64_t>& ids, const int64_t* out);
-  // cuda_graphs.cpp: runs the decode step of `ids` from a captured CUDA graph; false when it does not (not on
-  // CUDA, graphs off, profiling, or the first step of its shape, which runs eagerly and warms up).
-  bool decode_group_graph(const std::vector<int64_t>& ids);
+  // cuda_graphs.cpp: runs the decode step of `ids` through layers [0, layers) from a captured CUDA graph; false
+  // when it does not (not on CUDA, graphs off, profiling, or the first step of its shape, which runs eagerly).
+  bool decode_group_graph(const std::vector<int64_t>& ids, int64_t layers);
   void speculative_group(const std::vector<int64_t>& ids);
   // Updates the rows of a round (draft lengths d, first counters c, positions pos) from its host outputs out:
-  // tokens [n, W] (W = max d + 1), accepted counts [n], finite flags of the verified positions.
+  // tokens [n, W] (W: the round's planned max d + 1; a threshold may have cut the d_j below it), accepted
+  // counts [n], finite flags of the verified positions.
   void finish_round(const std::vector<int64_t>& ids, const std::vector<int64_t>& d, const std::vector<int64_t>& c,
-                    const std::vector<int64_t>& pos, const int64_t* out);
-  // cuda_graphs.cpp: runs the round of `ids` from a captured CUDA graph when every row drafts the same d; false
-  // when it does not (as decode_group_graph).
+                    const std::vector<int64_t>& pos, int64_t W, const int64_t* out);
+  // cuda_graphs.cpp: runs the round of `ids` from a captured CUDA graph when every row drafts the same d with no
+  // confidence threshold and the full head; false when it does not (as decode_group_graph).
   bool speculative_group_graph(const std::vector<int64_t>& ids);
   bool graphs_ready();  // CUDA, graphs on, not profiling (creates the graph cache)
   // Per-token sampling parameters of rows `ids` (token j of row ids[j], counter offsets added): [T] tensors.
@@ -164,6 +180,8 @@ class Engine : public torch::CustomClassHolder {
   Buffers buffers_;
   Profiler profiler_;
   std::map<int64_t, Row> rows_;        // by id
+  at::Tensor draft_vocab_;             // [K] int64 token ids of the reduced draft head (undefined: none)
+  at::Tensor draft_head_;              // [K, H] their LM-head rows, in the matmul dtype
   std::vector<bool> slot_used_;        // cache rows in use
   int64_t next_id_ = 0;
   std::vector<int64_t> step_output_;   // (id, token) pairs of the current step

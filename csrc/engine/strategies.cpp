@@ -89,11 +89,11 @@ void Engine::prefill(int64_t id, Row& r) {
   push(r, id, host[0].item<int64_t>());
 }
 
-// One token per row through layers [0, E) (E = L for autoregressive), the final norm and the LM head.
-void Engine::decode_group(const std::vector<int64_t>& ids) {
-  if (decode_group_graph(ids)) return;
+// One token per row through layers [0, E) (E = L for autoregressive and for self-speculative rows whose
+// drafting is off), the final norm and the LM head.
+void Engine::decode_group(const std::vector<int64_t>& ids, int64_t E) {
+  if (decode_group_graph(ids, E)) return;
   const int64_t n = static_cast<int64_t>(ids.size());
-  const int64_t E = rows_.at(ids[0]).params.exit_layer;
   std::vector<int64_t> last(n), slots(n), positions(n), counters(n);
   for (int64_t j = 0; j < n; ++j) {
     const RowState& s = rows_.at(ids[j]).state;
@@ -125,6 +125,7 @@ void Engine::finish_decode(const std::vector<int64_t>& ids, const int64_t* out) 
     Row& r = rows_.at(ids[j]);
     r.state.counter += 1;
     r.state.position += 1;
+    draft_policy::after_plain_token(r.state.policy);
     if (out[n + j] == 0) {
       fail(r.state, "non-finite logits at position " + std::to_string(r.state.position - 1));
       continue;
@@ -138,15 +139,28 @@ void Engine::finish_decode(const std::vector<int64_t>& ids, const int64_t* out) 
   }
 }
 
-// Every row drafts d_j tokens through layers [0, E); layers [E, L) verify all rows' d_j + 1 positions in one
-// pass from the exit-query cache; each row accepts its own prefix plus one token of the full model and rolls
-// back by moving its position.
+// Every row drafts d_j tokens through layers [0, E) (its policy's length, fewer when a draft's top probability
+// falls below its threshold: draft_policy.h); layers [E, L) verify all rows' d_j + 1 positions in one pass from
+// the exit-query cache; each row accepts its own prefix plus one token of the full model and rolls back by
+// moving its position.
+at::Tensor Engine::reduced_logits(const at::Tensor& x) {
+  const int64_t T = x.size(0);
+  at::Tensor normed = buffers_.scratch("normed", {T, config_.shape.hidden});
+  at::Tensor logits = buffers_.scratch("draft_logits", {T, draft_vocab_.size(0)});
+  Profiler::Scope s(profiler_, Cat::lm_head);
+  ops_.rms_norm.call(normed, x, weights_.final_norm, config_.shape.rms_norm_eps);  // [T, H]
+  linear(logits, normed, draft_head_, true);                                      // [T, K]
+  return logits;
+}
+
 void Engine::speculative_group(const std::vector<int64_t>& ids) {
   if (speculative_group_graph(ids)) return;
   const int64_t n = static_cast<int64_t>(ids.size());
   const ModelShape& shape = config_.shape;
   const int64_t L = shape.num_layers, H = shape.hidden, V = shape.vocab;
   const int64_t E = rows_.at(ids[0]).params.exit_layer;
+  const bool reduced = rows_.at(ids[0]).params.reduced_head;  // drafts over the draft vocabulary's K tokens
+  const int64_t Vd = reduced ? draft_vocab_.size(0) : V;
   const at::Device device = weights_.embed.device();
   // per row: draft length d_j (the verify block [position, position + d_j] stays inside the row's capacity),
   // first counter c_j
@@ -157,7 +171,7 @@ void Engine::speculative_group(const std::vector<int64_t>& ids) {
     const Row& r = rows_.at(ids[j]);
     const RowState& s = r.state;
     const int64_t remaining = r.params.max_new_tokens - static_cast<int64_t>(s.tokens.size());
-    d[j] = std::max<int64_t>(0, std::min({r.params.num_speculations, remaining, s.capacity - s.position - 1}));
+    d[j] = std::max<int64_t>(0, std::min({s.policy.length, remaining, s.capacity - s.position - 1}));
     c[j] = s.counter;
     slots[j] = s.slot;
     pos[j] = s.position;
@@ -171,7 +185,8 @@ void Engine::speculative_group(const std::vector<int64_t>& ids) {
   at::Tensor draft_probs = all_greedy ? at::Tensor() : buffers_.scratch("draft_probs", {n, dmax, V});
 
   // 1. draft: step i runs the rows with d_j >= i (position pos_j + i); rows with d_j > i also sample a token.
-  // The last step only stores the layer-E state of each row's last draft, for the verifier's bonus token.
+  // The last step only stores the layer-E state of each row's last draft, for the verifier's bonus token. A row
+  // whose draft at step i is below its threshold stops there: d_j = i (that state is its last one).
   std::vector<int64_t> active(n);
   for (int64_t j = 0; j < n; ++j) active[j] = j;
   at::Tensor inputs = longs(last, device);  // [T] input tokens of the active rows
@@ -197,25 +212,60 @@ void Engine::speculative_group(const std::vector<int64_t>& ids) {
     if (next.empty()) break;
     const int64_t Tn = static_cast<int64_t>(next.size());
     const at::Tensor xs = Tn == T ? x : x.index_select(0, longs(next_k, device));  // [Tn, H]
-    at::Tensor logits = exit_logits(xs, "draft_logits", true);                      // [Tn, V]
+    at::Tensor logits = reduced ? reduced_logits(xs) : exit_logits(xs, "draft_logits", true);  // [Tn, Vd]
     finite_rows(logits);  // a non-finite draft is only a bad guess: the verifier decides
     const SamplingParams sp = sampling_params(next_ids, next_counters);
     at::Tensor tokens = at::empty({Tn}, inputs.options());  // [Tn]: the next step's inputs
     std::vector<int64_t> draft_index(Tn);
     for (int64_t k = 0; k < Tn; ++k) draft_index[k] = next[k] * dmax + i;
     const at::Tensor draft_index_t = longs(draft_index, device);
+    at::Tensor probs;  // [Tn, Vd] the draft distributions (sampled groups)
     {
       Profiler::Scope scope(profiler_, Cat::sampling);
       if (all_greedy) {
         ops_.sample.call(tokens, logits, sp.temperature, sp.top_k, sp.top_p, sp.seeds, sp.counters);
       } else {  // greedy rows get one-hot probabilities: the same token, and exact greedy acceptance below
-        at::Tensor probs = buffers_.scratch("draft_step_probs", {Tn, V});
+        probs = buffers_.scratch("draft_step_probs", {Tn, Vd});
         ops_.sampling_probs.call(probs, logits, sp.temperature, sp.top_k, sp.top_p);
         ops_.sample_from_probs.call(tokens, probs, sp.seeds, sp.counters);
-        draft_probs.view({n * dmax, V}).index_copy_(0, draft_index_t, probs);
+        at::Tensor full = probs;  // [Tn, V]: a reduced draft's distribution is zero outside its K tokens
+        if (reduced) full = at::zeros({Tn, V}, probs.options()).index_copy_(1, draft_vocab_, probs);
+        draft_probs.view({n * dmax, V}).index_copy_(0, draft_index_t, full);
       }
+      if (reduced) tokens = draft_vocab_.index_select(0, tokens);  // positions in the draft vocabulary -> ids
     }
     drafts.view({n * dmax}).index_copy_(0, draft_index_t, tokens);
+    // the threshold: rows whose draft is not confident enough end their round with i drafts
+    bool any_threshold = false;
+    for (int64_t j : next) any_threshold = any_threshold || rows_.at(ids[j]).params.policy.threshold > 0.0;
+    if (any_threshold) {
+      // top probability of the distribution each draft came from: softmax of the logits (greedy rows),
+      // the filtered sampling distribution (sampled rows)
+      at::Tensor confidence = at::softmax(logits, 1).amax(1);  // [Tn]
+      if (!all_greedy) {
+        const at::Tensor sampled = probs.amax(1);  // [Tn]
+        std::vector<int64_t> is_sampled(Tn);
+        for (int64_t k = 0; k < Tn; ++k) is_sampled[k] = rows_.at(ids[next[k]]).params.temperature > 0.0;
+        confidence = at::where(longs(is_sampled, device).to(at::kBool), sampled, confidence);
+      }
+      // host sync: the drafts' confidence, once per draft step of a round with a threshold
+      const at::Tensor host_conf = confidence.to(at::kDouble).to(at::kCPU);
+      const double* conf = host_conf.data_ptr<double>();
+      std::vector<int64_t> keep_k;
+      std::vector<int64_t> kept;
+      for (int64_t k = 0; k < Tn; ++k) {
+        const int64_t j = next[k];
+        if (draft_policy::keep_draft(rows_.at(ids[j]).params.policy, conf[k])) {
+          keep_k.push_back(k);
+          kept.push_back(j);
+        } else {
+          d[j] = i;
+        }
+      }
+      if (kept.empty()) break;
+      if (static_cast<int64_t>(kept.size()) < Tn) tokens = tokens.index_select(0, longs(keep_k, device));
+      next = kept;
+    }
     active = next;
     inputs = tokens;
   }
@@ -266,13 +316,13 @@ void Engine::speculative_group(const std::vector<int64_t>& ids) {
   }
   // host sync: the accepted tokens, their counts and the logits' finiteness, once per round
   const at::Tensor host = at::cat({tokens.flatten(), num_accepted, finite}).to(at::kCPU);  // [n W + n + Tv]
-  finish_round(ids, d, c, pos, host.data_ptr<int64_t>());
+  finish_round(ids, d, c, pos, W, host.data_ptr<int64_t>());
 }
 
 void Engine::finish_round(const std::vector<int64_t>& ids, const std::vector<int64_t>& d,
-                          const std::vector<int64_t>& c, const std::vector<int64_t>& pos, const int64_t* out) {
+                          const std::vector<int64_t>& c, const std::vector<int64_t>& pos, int64_t W,
+                          const int64_t* out) {
   const int64_t n = static_cast<int64_t>(ids.size());
-  const int64_t W = *std::max_element(d.begin(), d.end()) + 1;
   const int64_t* accepted = out + n * W;
   const int64_t* finite_out = accepted + n;
   for (int64_t j = 0, v = 0; j < n; v += d[j] + 1, ++j) {
@@ -284,6 +334,7 @@ void Engine::finish_round(const std::vector<int64_t>& ids, const std::vector<int
     s.drafted += d[j];
     s.accepted += a;
     s.counter = c[j] + 3 * d[j] + 1;
+    draft_policy::after_round(r.params.policy, s.policy, d[j], a);
     bool ok = true;
     for (int64_t k = 0; k <= d[j]; ++k) ok = ok && finite_out[v + k] != 0;
     if (!ok) {

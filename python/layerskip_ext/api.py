@@ -5,6 +5,7 @@ import torch
 
 from . import engine as _engine
 from .errors import LayerSkipError
+from .draft_vocab import select as select_draft_vocab
 from .generation import GenerationResult, check_generation_args
 from .model import LayerSkipModel
 from .reference_generate import generate_reference_batch
@@ -14,7 +15,7 @@ BACKENDS = ("auto", "engine", "reference")
 
 # Arguments that may be given per row in batched mode (a list with one value per prompt).
 PER_ROW = ("max_new_tokens", "strategy", "exit_layer", "num_speculations", "temperature", "top_k", "top_p", "seed",
-           "stop_token_ids", "context_length")
+           "stop_token_ids", "context_length", "draft_threshold", "adaptive", "probe_interval", "draft_vocab_size")
 
 
 def _is_prompt_list(prompt) -> bool:
@@ -40,10 +41,36 @@ def _row_value(name: str, value, row: int, rows: int):
     return value[row]
 
 
+def _apply_settings(model: LayerSkipModel, row: dict) -> None:
+    """Fills a self-speculative row's unset exit_layer / num_speculations (and then draft_threshold / adaptive)
+    from the model's stored settings; the policy defaults (threshold 0, not adaptive) otherwise."""
+    stored = model.settings
+    if row["strategy"] == "self_speculative" and stored is not None and row["exit_layer"] is None \
+            and row["num_speculations"] is None:
+        row["exit_layer"], row["num_speculations"] = stored.exit_layer, stored.num_speculations
+        if row["draft_threshold"] is None:
+            row["draft_threshold"] = stored.draft_threshold
+        if row["adaptive"] is None:
+            row["adaptive"] = stored.adaptive
+        if row["draft_vocab_size"] is None:
+            row["draft_vocab_size"] = stored.draft_vocab_size
+    k = row.pop("draft_vocab_size")
+    row["draft_vocab"] = None
+    if k and row["strategy"] == "self_speculative":
+        if not isinstance(k, int) or isinstance(k, bool):
+            raise ValueError(f"draft_vocab_size must be an integer, got {k!r}")
+        row["draft_vocab"] = select_draft_vocab(model.draft_vocab, k, model.path or "the model")
+    if row["draft_threshold"] is None:
+        row["draft_threshold"] = 0.0
+    if row["adaptive"] is None:
+        row["adaptive"] = False
+
+
 def generate(model: LayerSkipModel, prompt, max_new_tokens=64, strategy="autoregressive", exit_layer=None,
              num_speculations=None, temperature=0.0, top_k=0, top_p=1.0, seed=None, stop_token_ids=None,
              on_token=None, backend: str = "auto", context_length=None,
-             weight_dtype: torch.dtype | None = None, stop=None):
+             weight_dtype: torch.dtype | None = None, stop=None, draft_threshold=None, adaptive=None,
+             probe_interval=32, draft_vocab_size=None):
     """Generates up to `max_new_tokens` tokens after `prompt`.
 
     prompt: a string or a list of token ids -> one GenerationResult; or a list of such prompts (lengths may
@@ -61,6 +88,16 @@ def generate(model: LayerSkipModel, prompt, max_new_tokens=64, strategy="autoreg
     Returning True ends that generation (row) there.
     stop: a string or list of strings (for every row): a generation ends when its text contains one, and its
     text excludes it.
+    draft_threshold, adaptive, probe_interval (self-speculative; csrc/engine/draft_policy.h states the policy):
+    a round stops drafting when the draft's top probability falls below draft_threshold (0: never); adaptive
+    adapts the draft length (at most num_speculations) to the acceptance observed and switches drafting off
+    when it does not pay (plain decoding, probed again every probe_interval tokens). Output stays the full
+    model's. Self-speculative calls that give neither exit_layer nor num_speculations use the settings stored
+    with the model (`layerskip-ext tune`, model.settings) for those two and, when not given, draft_threshold and
+    adaptive; without stored settings draft_threshold defaults to 0 and adaptive to False.
+    draft_vocab_size K (self-speculative): drafts use only the LM-head rows of the K most frequent tokens of
+    the draft vocabulary stored with the model (`layerskip-ext draft-vocab`); verification uses the whole head,
+    so the output is unchanged. None: the stored settings' K, else 0 (the whole head).
     backend: "engine" (C++ decoder loop), "reference" (pure PyTorch oracle) or "auto" (engine when built).
     weight_dtype: the engine's matmul weights, torch.float32 or torch.bfloat16 (None: bfloat16 for a
     bfloat16 model, else float32). The reference always runs in the model's dtype.
@@ -79,7 +116,8 @@ def generate(model: LayerSkipModel, prompt, max_new_tokens=64, strategy="autoreg
         raise LayerSkipError("prompt is empty: an empty list is neither a prompt nor a batch of prompts")
     values = dict(max_new_tokens=max_new_tokens, strategy=strategy, exit_layer=exit_layer,
                   num_speculations=num_speculations, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                  stop_token_ids=stop_token_ids, context_length=context_length)
+                  stop_token_ids=stop_token_ids, context_length=context_length, draft_threshold=draft_threshold,
+                  adaptive=adaptive, probe_interval=probe_interval, draft_vocab_size=draft_vocab_size)
     args_list = []
     for i, p in enumerate(prompts):
         row = {k: (_row_value(k, v, i, len(prompts)) if batched else v) for k, v in values.items()}
@@ -87,6 +125,7 @@ def generate(model: LayerSkipModel, prompt, max_new_tokens=64, strategy="autoreg
             if batched and not isinstance(p, (str, list, tuple)) and not hasattr(p, "ndim"):
                 raise LayerSkipError(f"a prompt must be a string or a list of token ids, got {type(p).__name__} "
                                  "(a batch must not mix prompts with token ids)")
+            _apply_settings(model, row)
             if row["context_length"] is None:
                 row["context_length"] = model.config.max_position_embeddings
             elif isinstance(row["context_length"], int) and row["context_length"] > model.config.max_position_embeddings:

@@ -1,7 +1,8 @@
-"""Command line: layerskip-ext generate | chat | serve | bench | sweep | train."""
+"""Command line: layerskip-ext generate | chat | serve | bench | sweep | tune | draft-vocab | train."""
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 
@@ -22,8 +23,13 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--strategy", default="self_speculative",
                    choices=["autoregressive", "early_exit", "self_speculative"])
-    p.add_argument("--exit-layer", type=int, default=None, help="E (default: a quarter of the layers)")
+    p.add_argument("--exit-layer", type=int, default=None,
+                   help="E (default: the model's tuned settings, else a quarter of the layers)")
     p.add_argument("--num-speculations", type=int, default=None, help="d, tokens drafted per round")
+    p.add_argument("--draft-threshold", type=float, default=None,
+                   help="stop a round's drafting below this top probability (default: tuned settings, else 0)")
+    p.add_argument("--adaptive", default=None, action=argparse.BooleanOptionalAction,
+                   help="adapt the draft length and switch drafting off when it does not pay")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -40,13 +46,16 @@ def _load(args):
 def _exit_layer(args, model):
     if args.exit_layer is not None or args.strategy == "autoregressive":
         return args.exit_layer
+    if args.strategy == "self_speculative" and model.settings is not None and args.num_speculations is None:
+        return None  # generate() takes E and d from the tuned settings
     return max(1, model.num_layers // 4)
 
 
 def _decode_kwargs(args, model):
     return dict(max_new_tokens=args.max_new_tokens, strategy=args.strategy, exit_layer=_exit_layer(args, model),
                 num_speculations=args.num_speculations, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, seed=args.seed, backend=args.backend)
+                top_p=args.top_p, seed=args.seed, backend=args.backend, draft_threshold=args.draft_threshold,
+                adaptive=args.adaptive)
 
 
 def _default_prompt(model) -> str:
@@ -119,7 +128,7 @@ def cmd_sweep(args) -> int:
     import layerskip_ext
     model = _load(args)
     args.prompt = args.prompt if args.prompt is not None else _default_prompt(model)
-    exits, ds = _int_list("--exit-layers", args.exit_layers), _int_list("--num-speculations", args.num_speculations)
+    exits, ds = _int_list(args.exit_layers, "--exit-layers"), _int_list(args.num_speculations, "--num-speculations")
     common = dict(max_new_tokens=args.max_new_tokens, stop_token_ids=[], backend=args.backend)
     layerskip_ext.generate(model, args.prompt, **dict(common, max_new_tokens=4))  # warm up
     base, _ = _median_run(model, args.prompt, args.repeats, **common)
@@ -183,11 +192,62 @@ def cmd_serve(args) -> int:
           max_batch=args.max_batch, max_queue=args.max_queue, defaults=defaults,
           chat_template=_read_template(args.chat_template))
     return 0
-def _int_list(flag: str, text: str) -> list[int]:
+def _int_list(text: str, name: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",")]
+        return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"{flag} must be a comma-separated list of integers, got {text!r}") from None
+        raise ValueError(f"{name} must be comma-separated integers, got {text!r}") from None
+
+
+def cmd_tune(args) -> int:
+    """Sweeps E x d x threshold x adaptive on sample prompts; writes tune.csv, tune.png and the settings file."""
+    from layerskip_ext.tune import prompts_from_file, prompts_from_text, tune
+    if args.prompts and args.text:
+        raise ValueError("give --prompts or --text, not both")
+    if args.model is None:
+        raise ValueError("tune needs --model (the settings are stored beside it)")
+    model = _load(args)
+    if args.prompts:
+        prompts = prompts_from_file(args.prompts)
+    elif args.text:
+        with open(args.text, encoding="utf-8") as f:
+            prompts = prompts_from_text(model, f.read(), count=args.num_prompts)
+    else:
+        prompts = [_default_prompt(model)]
+    L = model.num_layers
+    exits = _int_list(args.exit_layers, "--exit-layers") if args.exit_layers else \
+        sorted({max(1, min(L - 1, round(L * f))) for f in (0.125, 0.25, 0.375, 0.5)})
+    try:
+        thresholds = [float(x) for x in args.thresholds.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--thresholds must be comma-separated numbers, got {args.thresholds!r}") from None
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.adaptive_modes]
+    out = args.out or (args.model if os.path.isdir(args.model) else os.path.dirname(os.path.abspath(args.model)))
+    tune(model, prompts[:args.num_prompts], out, exits, _int_list(args.num_speculations, "--num-speculations"),
+         thresholds, modes, max_new_tokens=args.max_new_tokens, repeats=args.repeats, backend=args.backend,
+         save=not args.no_save, draft_vocab_sizes=_int_list(args.draft_vocab_sizes, "--draft-vocab-sizes"))
+    return 0
+
+
+def cmd_draft_vocab(args) -> int:
+    """Counts the tokens of the texts and stores them, most frequent first, beside the model."""
+    from layerskip_ext.draft_vocab import count_tokens, save_draft_vocab
+    if args.model is None:
+        raise ValueError("draft-vocab needs --model (the counts are stored beside it)")
+    model = _load(args)
+    ids: list[int] = []
+    for path in args.text:
+        with open(path, encoding="utf-8") as f:
+            ids += model.encode(f.read())
+    ranked = count_tokens(ids)
+    path = save_draft_vocab(args.model, ranked, model.config.vocab_size, len(ids))
+    print(f"{len(ids)} tokens counted, {len(ranked)} distinct of {model.config.vocab_size}; stored in {path}")
+    for k in (256, 1024, 4096, 8192):
+        if k < len(ranked):
+            top = set(ranked[:k])
+            covered = sum(1 for t in ids if t in top)
+            print(f"  K={k}: {covered / len(ids):.1%} of the counted tokens")
+    return 0
 
 
 def cmd_train(argv) -> int:
@@ -264,10 +324,28 @@ def _main(argv) -> int:
     s.add_argument("--num-speculations", default="2,4,6")
     s.add_argument("--repeats", type=int, default=1, help="runs per point; tokens/s is their median")
     s.add_argument("--prompt", default=None, help="default: a request in the model's chat template")
+    t = sub.add_parser("tune", help="sweep E, d, threshold; store the best settings with the model")
+    _model_args(t)
+    t.add_argument("--prompts", default=None, help="file with one prompt per line")
+    t.add_argument("--text", default=None, help="text file cut into prompts")
+    t.add_argument("--num-prompts", type=int, default=8, help="prompts used at most")
+    t.add_argument("--max-new-tokens", type=int, default=64)
+    t.add_argument("--exit-layers", default=None, help="comma-separated (default: 1/8, 1/4, 3/8, 1/2 of the depth)")
+    t.add_argument("--num-speculations", default="2,4,6")
+    t.add_argument("--thresholds", default="0,0.3")
+    t.add_argument("--adaptive-modes", default="both", choices=["off", "on", "both"])
+    t.add_argument("--draft-vocab-sizes", default="0",
+                   help="comma-separated K of the reduced draft head (0: the whole head; needs `draft-vocab`)")
+    t.add_argument("--repeats", type=int, default=1, help="runs per point; tokens/s is their median")
+    t.add_argument("--out", default=None, help="folder for tune.csv and tune.png (default: the model's folder)")
+    t.add_argument("--no-save", action="store_true", help="do not store the settings with the model")
+    v = sub.add_parser("draft-vocab", help="count token frequencies on a text for the reduced draft head")
+    _model_args(v)
+    v.add_argument("--text", required=True, action="append", help="text file(s) to count on (training text)")
     sub.add_parser("train", help="LayerSkip training recipes (see layerskip-ext train --help)")
     args = parser.parse_args(argv)
-    return {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "bench": cmd_bench,
-            "sweep": cmd_sweep}[args.command](args)
+    return {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "bench": cmd_bench, "sweep": cmd_sweep,
+            "tune": cmd_tune, "draft-vocab": cmd_draft_vocab}[args.command](args)
 
 
 if __name__ == "__main__":

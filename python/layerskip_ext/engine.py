@@ -74,6 +74,7 @@ class Engine:
         self.last_profile: dict[str, float] = {}
         self._lock = threading.Lock()
         self._owner: int | None = None  # thread running a call
+        self._draft_vocab: tuple[int, ...] | None = None  # token ids of the engine's reduced draft head
         config = dict(num_layers=c.num_layers, hidden_size=c.hidden_size, num_heads=c.num_heads,
                       num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, intermediate_size=c.intermediate_size,
                       vocab_size=c.vocab_size, max_rows=max_rows, capacity=capacity)
@@ -123,6 +124,7 @@ class Engine:
         """Adds a row with validated arguments (generation.check_generation_args); returns its id.
         Prefilled by the next step(). Raises without changing the engine if an argument is invalid."""
         with self._exclusive() as e:
+            self._use_draft_vocab(e, args)
             return self._add(e, args)
 
     def _add(self, e, args: GenerationArgs) -> int:
@@ -130,10 +132,28 @@ class Engine:
         spec = args.strategy == "self_speculative"
         # a row never outgrows its context: a larger max_new_tokens (even >= 2**63) ends at the context limit
         max_new_tokens = min(args.max_new_tokens, args.context_length)
-        return e.add_row(torch.tensor(args.prompt_ids, dtype=torch.int64, device=device), args.strategy,
-                         args.exit_layer, args.num_speculations if spec else 1, max_new_tokens, args.temperature,
-                         args.top_k, args.top_p, seed_as_int64(args.seed),
-                         torch.tensor(args.stop_token_ids, dtype=torch.int64), args.context_length)
+        row = e.add_row(torch.tensor(args.prompt_ids, dtype=torch.int64, device=device), args.strategy,
+                        args.exit_layer, args.num_speculations if spec else 1, max_new_tokens, args.temperature,
+                        args.top_k, args.top_p, seed_as_int64(args.seed),
+                        torch.tensor(args.stop_token_ids, dtype=torch.int64), args.context_length)
+        if spec:  # the drafting policy (draft_policy.h); a failure leaves the engine without the row
+            try:
+                e.set_row_policy(row, args.draft_threshold, args.adaptive, args.probe_interval,
+                                 args.draft_vocab is not None)
+            except Exception:
+                e.remove_row(row)
+                raise
+        return row
+
+    def _use_draft_vocab(self, e, args: GenerationArgs) -> None:
+        """Makes args.draft_vocab the engine's reduced draft head (one per engine while it holds rows)."""
+        if args.strategy != "self_speculative" or args.draft_vocab is None or args.draft_vocab == self._draft_vocab:
+            return
+        if len(e.row_ids()) != 0:
+            raise ValueError("every row of an engine drafting with a reduced head must use the same draft "
+                             "vocabulary (draft_vocab_size)")
+        e.set_draft_vocab(torch.tensor(args.draft_vocab, dtype=torch.int64))
+        self._draft_vocab = args.draft_vocab
 
     def step(self) -> list[tuple[int, list[int]]]:
         """One step over every unfinished row: [(row id, new tokens in order)] for the rows that produced some."""
@@ -185,6 +205,11 @@ class Engine:
             if len(e.row_ids()) != 0:
                 raise RuntimeError("generate() needs an engine with no rows of its own; this one holds rows added "
                                    "with add_row (use a separate Engine for the row interface)")
+            vocabs = {a.draft_vocab for a in args_list if a.strategy == "self_speculative"} - {None}
+            if len(vocabs) > 1:
+                raise ValueError("the rows of a batch must draft with one reduced head (one draft_vocab_size)")
+            for args in args_list:
+                self._use_draft_vocab(e, args)
             ids: list[int] = []
             try:
                 for args in args_list:

@@ -73,6 +73,12 @@ class GenerationArgs:
     seed: int
     stop_token_ids: tuple[int, ...]
     context_length: int
+    # the self-speculative drafting policy (csrc/engine/draft_policy.h): stop a round's drafting below this
+    # top probability (0: never); adapt the draft length and switch drafting off when it does not pay
+    draft_threshold: float = 0.0
+    adaptive: bool = False
+    probe_interval: int = 32
+    draft_vocab: tuple[int, ...] | None = None  # ascending token ids of a reduced draft head (None: whole head)
 
 
 def _is_int(x) -> bool:
@@ -80,7 +86,8 @@ def _is_int(x) -> bool:
 
 
 def check_generation_args(config, tokenizer, prompt, *, max_new_tokens, strategy, exit_layer, num_speculations,
-                          temperature, top_k, top_p, seed, stop_token_ids, context_length) -> GenerationArgs:
+                          temperature, top_k, top_p, seed, stop_token_ids, context_length, draft_threshold=0.0,
+                          adaptive=False, probe_interval=32, draft_vocab=None) -> GenerationArgs:
     """Every generation argument checked once, with an error that names the problem."""
     L, V = config.num_layers, config.vocab_size
     if strategy not in STRATEGIES:
@@ -129,5 +136,17 @@ def check_generation_args(config, tokenizer, prompt, *, max_new_tokens, strategy
         stop_token_ids = tuple(config.eos_token_ids)
     else:
         stop_token_ids = tuple(check_token_ids("stop token ids", list(stop_token_ids), V))
+    if isinstance(draft_threshold, bool) or not isinstance(draft_threshold, (int, float)) or \
+            not 0.0 <= draft_threshold <= 1.0:
+        raise LayerSkipError(f"draft_threshold must be a number in [0, 1], got {draft_threshold!r}")
+    if not isinstance(adaptive, bool):
+        raise LayerSkipError(f"adaptive must be True or False, got {adaptive!r}")
+    if not _is_int(probe_interval) or not 1 <= as_int(probe_interval) <= 1 << 20:
+        raise LayerSkipError(f"probe_interval must be an integer in [1, 2^20], got {probe_interval!r}")
+    if draft_vocab is not None:
+        draft_vocab = tuple(check_token_ids("draft_vocab", list(draft_vocab), V))
+        if not draft_vocab or any(a >= b for a, b in zip(draft_vocab, draft_vocab[1:])):
+            raise LayerSkipError(f"draft_vocab must be non-empty ascending token ids below {V}")
     return GenerationArgs(prompt_ids, max_new_tokens, strategy, as_int(exit_layer), as_int(num_speculations),
-                          temperature, top_k, top_p, as_int(seed), stop_token_ids, context_length)
+                          temperature, top_k, top_p, as_int(seed), stop_token_ids, context_length,
+                          float(draft_threshold), adaptive, as_int(probe_interval), draft_vocab)

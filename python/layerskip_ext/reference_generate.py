@@ -11,7 +11,9 @@ against it.
   from the cached layer-E states (the exit-query cache) and reusing the KV entries the draft wrote.
 
 Random draws follow a running counter (one per sampled token; d + 2d + 1 per speculative round) so the
-C++ engine, which uses the same counters, reproduces seeded generations token for token.
+C++ engine, which uses the same counters, reproduces seeded generations token for token. The adaptive drafting
+policy (confidence threshold, adaptive length, switching drafting off) is draft_policy.py, the mirror of the
+engine's csrc/engine/draft_policy.h.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import time
 import torch
 
 from .generation import GenerationArgs, GenerationResult, GenerationStats
+from . import draft_policy
 from .reference import KVCache, ReferenceLlama
 from .sampling import sample, sample_from_probs, sampling_probs, speculative_accept, speculative_accept_greedy
 
@@ -61,6 +64,8 @@ def generate_reference(model: ReferenceLlama, args: GenerationArgs, decode=None,
                             prompt_tokens=len(prompt))
     out = _Output(args, on_token)
     counter = 0  # next random draw
+    policy = policy_params(model.config, args)
+    policy_state = draft_policy.initial_state(policy)
 
     def pick(logits):  # logits [T, V] -> first row's token, advancing the draw counter
         nonlocal counter
@@ -80,14 +85,18 @@ def generate_reference(model: ReferenceLlama, args: GenerationArgs, decode=None,
 
     position = len(prompt)  # position of the last new token, which no layer has processed yet
     while out.finish_reason is None:
-        if args.strategy == "self_speculative":
-            position, drafted = _speculative_round(model, args, cache, position, out, stats, counter)
+        if args.strategy == "self_speculative" and draft_policy.speculating(policy_state):
+            position, drafted, accepted = _speculative_round(model, args, cache, position, out, stats, counter,
+                                                             policy, policy_state.length)
             counter += 3 * drafted + 1  # d draft draws, then 2d + 1 for acceptance
-        else:
+            draft_policy.after_round(policy, policy_state, drafted, accepted)
+        else:  # autoregressive, early exit, or a self-speculative row decoding plainly (all L layers)
+            layers = L if args.strategy == "self_speculative" else E
             ids = torch.tensor([[out.tokens[-1]]], device=param.device)
-            x = model.run_layers(model.embed(ids), 0, E, position, cache)  # [1, 1, H]
+            x = model.run_layers(model.embed(ids), 0, layers, position, cache)  # [1, 1, H]
             out.push(pick(model.exit_logits(x[0])))
             position += 1
+            draft_policy.after_plain_token(policy_state)
     stats.decode_time_s = time.perf_counter() - t1
     stats.new_tokens = len(out.tokens)
     text = decode(out.tokens) if decode is not None else ""
@@ -104,34 +113,60 @@ def generate_reference_batch(model: ReferenceLlama, args_list: list[GenerationAr
     return results
 
 
-def _speculative_round(model, args, cache, position, out, stats, counter) -> tuple[int, int]:
-    """One draft / verify / accept round.
+def policy_params(config, args: GenerationArgs) -> draft_policy.Params:
+    """The drafting policy's parameters of one generation (the engine builds the same in add_row /
+    set_row_policy)."""
+    spec = args.strategy == "self_speculative"
+    return draft_policy.Params(
+        max_length=args.num_speculations if spec else 1, threshold=args.draft_threshold, adaptive=args.adaptive,
+        draft_cost=draft_policy.model_draft_cost(
+            config, args.exit_layer, None if args.draft_vocab is None else len(args.draft_vocab)) if spec else 0,
+        probe_interval=args.probe_interval)
 
-    Returns the position of the new last (unprocessed) token and the number of tokens drafted."""
+
+def _speculative_round(model, args, cache, position, out, stats, counter, policy, length) -> tuple[int, int, int]:
+    """One draft / verify / accept round of at most `length` drafts.
+
+    Returns the position of the new last (unprocessed) token, the number of tokens drafted and accepted."""
     L, E, device = model.num_layers, args.exit_layer, cache.keys[0].device
     remaining = args.max_new_tokens - len(out.tokens)
     # the verify block covers positions [position, position + d]: keep it inside the cache
-    d = max(0, min(args.num_speculations, remaining, cache.capacity - position - 1))
+    d = max(0, min(length, remaining, cache.capacity - position - 1))
     greedy = args.temperature == 0
+    vocab = None if args.draft_vocab is None else torch.tensor(args.draft_vocab, device=device)  # [K] or None
 
-    # 1. draft: d tokens, each through layers [0, E) + norm + head; keep their layer-E states
+    # 1. draft: up to d tokens, each through layers [0, E) + norm + head; keep their layer-E states. Step d
+    # only runs the last draft token through layers [0, E), so that the verifier can score one bonus token; a
+    # draft whose top probability is below the threshold ends the round there (draft_policy.h).
     exit_states = []  # layer-E residual states of positions [position, position + d]
     draft_tokens, draft_probs = [], []
     token = out.tokens[-1]
-    for i in range(d):
+    for i in range(d + 1):
         x = model.run_layers(model.embed(torch.tensor([[token]], device=device)), 0, E, position + i, cache)
         exit_states.append(x)
+        if i == d:
+            break
         logits = model.exit_logits(x[0])  # [1, V]
+        if vocab is not None:  # a reduced draft head: only the draft vocabulary's rows
+            logits = logits[:, vocab]  # [1, K]
         if greedy:
             token = int(logits.argmax(-1)[0])
+            confidence = float(torch.softmax(logits.float(), -1).amax())
         else:
-            probs = sampling_probs(logits, args.temperature, args.top_k, args.top_p)  # [1, V]
+            probs = sampling_probs(logits, args.temperature, args.top_k, args.top_p)  # [1, K or V]
             token = int(sample_from_probs(probs, args.seed, counter + i)[0])
+            confidence = float(probs.amax())
+            if vocab is not None:  # the draft distribution is zero outside the draft vocabulary
+                probs = torch.zeros(1, model.config.vocab_size, dtype=probs.dtype, device=probs.device).index_copy_(
+                    1, vocab, probs)
+        if vocab is not None:
+            token = int(vocab[token])
+        if not draft_policy.keep_draft(policy, confidence):
+            d = i
+            break
+        if not greedy:
             draft_probs.append(probs[0])
         draft_tokens.append(token)
-    # the last draft token goes through layers [0, E) too, so that the verifier can score one bonus token
-    x = model.run_layers(model.embed(torch.tensor([[token]], device=device)), 0, E, position + d, cache)
-    exit_states.append(x)
 
     # 2. verify: layers [E, L) over the d + 1 cached exit states in one pass
     h = model.run_layers(torch.cat(exit_states, dim=1), E, L, position, cache)  # [1, d + 1, H]
@@ -152,4 +187,4 @@ def _speculative_round(model, args, cache, position, out, stats, counter) -> tup
             break
     stats.accepted += n
     # 4. roll back: positions [position, position + n] hold accepted tokens; later slots are stale
-    return position + n + 1, d
+    return position + n + 1, d, n
