@@ -165,13 +165,16 @@ def test_sampling_probs_finite_at_the_temperature_limits():
 
 
 def test_sample_from_probs_counter_at_the_int64_limit():
-    """offset + row near 2^63 wraps in uint64 like the Python reference (no signed overflow)."""
+    """Counters just below 2^63 - 1 draw as the Python reference does (no signed overflow); a counter of
+    2^63 - 1 or more is refused with a clear error (the valid range is [0, 2^63 - 1))."""
     probs = torch.rand(4, 50)
-    offset = 2**63 - 2
+    offset = 2**63 - 5  # counters offset .. offset + 3 = 2^63 - 2
     out = ops.sample_from_probs(probs, 5, offset)
     from layerskip_ext.sampling import sample_from_probs
-    expected = sample_from_probs(probs / probs.sum(-1, keepdim=True), 5, offset)  # counters mod 2^64
+    expected = sample_from_probs(probs / probs.sum(-1, keepdim=True), 5, offset)
     assert out.tolist() == expected.tolist()
+    with pytest.raises(RuntimeError, match="counters"):
+        ops.sample_from_probs(probs, 5, 2**63 - 2)  # the second row's counter is 2^63 - 1
 
 
 @pytest.mark.parametrize("user_value,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])

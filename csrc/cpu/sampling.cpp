@@ -41,8 +41,8 @@ void check_filter_args(const char* op, int64_t tokens, const torch::Tensor& temp
     const double ti = t.data_ptr<double>()[i], pi = p.data_ptr<double>()[i];
     TORCH_CHECK(std::isfinite(ti) && ti >= 0.0, op, ": temperature[", i, "] must be finite and >= 0, got ", ti);
     // below 1e-4, 1/T scales logit gaps past float range (NaN probabilities); above 1e4 it is uniform anyway
-    TORCH_CHECK(ti == 0.0 || (ti >= 1e-4 && ti <= 1e4), op, ": temperature[", i,
-                "] must be 0 (greedy) or in [1e-4, 1e4], got ", ti);
+    TORCH_CHECK(ti == 0.0 || (ti >= 1e-4 && ti <= 1e4), op, ": temperature must be 0 (greedy) or in [1e-4, 1e4], got ",
+                ti, " (token ", i, ")");
     TORCH_CHECK(k.data_ptr<int64_t>()[i] >= 0, op, ": top_k[", i, "] must be >= 0 (0 disables it), got ",
                 k.data_ptr<int64_t>()[i]);
     TORCH_CHECK(pi > 0.0 && pi <= 1.0, op, ": top_p[", i, "] must be in (0, 1] (1 disables it), got ", pi);

@@ -78,6 +78,7 @@ void speculative_accept_greedy_cpu(torch::Tensor& tokens, torch::Tensor& num_acc
           const T* row = logits.data_ptr<T>() + (b * (d + 1) + n) * vocab;
           for (int64_t i = 0; i < vocab; ++i) z[i] = cpu::to_float(row[i]);
         });
+        cpu::check_logits_row(z.data(), vocab, op, b * (d + 1) + n);  // NaN / +inf: a broken model, an error
         const int64_t best = cpu::argmax(z.data(), vocab);
         out[b * (d + 1) + n] = best;
         if (n == db || x[n] != best) break;
