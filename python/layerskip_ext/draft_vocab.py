@@ -15,6 +15,8 @@ import collections
 import json
 import os
 
+from .settings import read_sidecar_json
+
 FILE_NAME = "layerskip_draft_vocab.json"
 FORMAT, VERSION = "layerskip_draft_vocab", 1
 
@@ -68,14 +70,8 @@ def load_draft_vocab(model_path: str | None, vocab_size: int) -> list[int] | Non
     if model_path is None:
         return None
     path = draft_vocab_path(model_path)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return check_draft_vocab(raw, vocab_size, path)
+    raw = read_sidecar_json(path)
+    return None if raw is None else check_draft_vocab(raw, vocab_size, path)
 
 
 def select(ranked: list[int] | None, k: int, path_hint: str = "the model") -> tuple[int, ...]:

@@ -89,14 +89,20 @@ def load_settings(model_path: str | None, num_layers: int) -> Settings | None:
     if model_path is None:
         return None
     path = settings_path(model_path)
+    raw = read_sidecar_json(path, "; delete it or rerun `layerskip-ext tune`")
+    return None if raw is None else check_settings(raw, num_layers, path)
+
+
+def read_sidecar_json(path: str, hint: str = ""):
+    """The parsed JSON of a file stored beside a model (settings, draft vocabulary); None when there is none.
+    ValueError naming the file when it is not valid JSON (`hint` says what to do about it)."""
     if not os.path.isfile(path):
         return None
     try:
         with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
+            return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); delete it or rerun `layerskip-ext tune`") from None
-    return check_settings(raw, num_layers, path)
+        raise ValueError(f"{path}: not valid JSON ({e}){hint}") from None
 
 
 def save_settings(model_path: str, settings: Settings, num_layers: int) -> str:
