@@ -121,6 +121,6 @@ setup(
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     package_dir={"layerskip_ext": "python/layerskip_ext", "layerskip_ext.training": "training"},
-    packages=["layerskip_ext", "layerskip_ext.training"],
+    packages=["layerskip_ext", "layerskip_ext.server", "layerskip_ext.training"],
     package_data={"layerskip_ext.training": ["configs/*.json", "configs/*.yaml"]},
 )
