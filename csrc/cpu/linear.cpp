@@ -17,7 +17,7 @@
 // LAYERSKIP_LINEAR_KERNEL (read once) or layerskip::set_linear_kernel forces one the CPU supports, so tests
 // run every path the machine has. Switching kernels changes the low bits of results: do it between
 // generations, not during one.
-#include <ATen/Parallel.h>
+#include "cpu/parallel.h"
 #include <torch/all.h>
 #include <torch/library.h>
 
@@ -99,7 +99,7 @@ void skinny_linear(int wtype, int64_t elem_bytes, const void* w, const float* x,
   const linear_kernels::RowsKernel fn = current_kernel()->fn;
   const int64_t bytes_per_row = std::max<int64_t>(K * elem_bytes, 1);
   const int64_t grain = std::max<int64_t>((int64_t{256} << 10) / bytes_per_row, 8);
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { fn(wtype, w, K, n0, n1, x, T, out, N); });
+  cpu::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { fn(wtype, w, K, n0, n1, x, T, out, N); });
 }
 
 // Prefill (T > kLinearSkinnyMaxTokens): out = x @ w.T by at::mm, 16-bit weights widened 1024 rows at a time.
