@@ -94,6 +94,7 @@ def tiny(tiny_dir):
     lambda m: list(layerskip_ext.stream(m, [1, 2], max_new_tokens=2, on_token=print)),
     lambda m: layerskip_ext.engine.Engine(m, weight_dtype=torch.float16),
 ])
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # nothing fails in a __del__
 def test_bad_arguments_raise_layerskip_error(tiny, call):
     with pytest.raises(LayerSkipError):
         call(tiny)

@@ -76,7 +76,9 @@ class TextIterator:
             self._thread = None
 
     def __del__(self):
-        self._cancel.set()
+        cancel = getattr(self, "_cancel", None)  # absent when __init__ raised on a bad argument
+        if cancel is not None:
+            cancel.set()
 
 
 def stream(model, prompt, stop=None, **generate_kwargs) -> TextIterator:
