@@ -177,6 +177,27 @@ def test_sample_from_probs_counter_at_the_int64_limit():
         ops.sample_from_probs(probs, 5, 2**63 - 2)  # the second row's counter is 2^63 - 1
 
 
+@pytest.mark.parametrize("index", [2**63 - 1, -2**63])
+def test_cache_indices_at_the_int64_limits_are_refused(index):
+    """Positions and rows at the int64 limits: a bound check written as `position + 1 <= S` wraps around and
+    lets them through to an out-of-bounds write; the checks compare without arithmetic."""
+    big = torch.tensor([0, index])
+    kc, vc, kv = torch.zeros(2, 2, 8, 4), torch.zeros(2, 2, 8, 4), torch.randn(2, 2, 4)
+    q, rows, positions = torch.randn(2, 4, 4), torch.tensor([0, 1]), torch.tensor([0, 1])
+    with pytest.raises(RuntimeError, match=r"kv_cache_write: positions\[1\] = .* is outside \[0, 8\)"):
+        ops.kv_cache_write(kc, vc, kv, kv, rows, big)
+    with pytest.raises(RuntimeError, match=r"kv_cache_write: rows\[1\] = .* is outside \[0, 2\)"):
+        ops.kv_cache_write(kc, vc, kv, kv, big, positions)
+    with pytest.raises(RuntimeError, match=r"attention: positions\[1\] = .* is outside \[0, 8\)"):
+        ops.attention(q, kc, vc, rows, big, 0.5)
+    with pytest.raises(RuntimeError, match=r"attention: rows\[1\] = .* is outside \[0, 2\)"):
+        ops.attention(q, kc, vc, big, positions, 0.5)
+    cache = ops.rotary_cos_sin_cache(ops.rope_inv_freq(4, 1e4), 8)
+    with pytest.raises(RuntimeError, match=r"rotary_embedding: positions\[1\] = .* is outside \[0, 8\)"):
+        ops.rotary_embedding(q.clone(), kv.clone(), big, cache)
+    assert kc.abs().sum() == 0 and vc.abs().sum() == 0  # nothing was written
+
+
 @pytest.mark.parametrize("user_value,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
 def test_openmp_waits_passively_unless_the_user_chose(user_value, expected):
     """Importing layerskip_ext first makes idle OpenMP workers sleep (they collapse under contention when they

@@ -10,6 +10,7 @@ import torch
 
 import layerskip_ext
 from layerskip_ext import CheckpointError, ConfigError, LayerSkipError, ModelConfig
+from layerskip_ext.generation import GenerationArgs
 from layerskip_ext.reference import ReferenceLlama
 from conftest import make_hf_checkpoint
 
@@ -67,6 +68,33 @@ def test_rope_table_is_sized_by_the_context_used_not_the_maximum():
     assert long.shape[0] >= 1000
     from layerskip_ext.reference import rope_cos_sin_cache
     torch.testing.assert_close(long[:1000], rope_cos_sin_cache(config, 1000), rtol=0, atol=0)
+
+
+def test_engine_rope_table_is_sized_by_the_context_reached(tmp_path, monkeypatch):
+    """The engine's table covers the positions its rows reach (grown on demand), not max_position_embeddings:
+    a model allowing 2M positions builds no table past 1024 for a 5 + 600 token generation."""
+    from layerskip_ext import reference
+    from layerskip_ext.engine import Engine, get_engine
+    path = make_hf_checkpoint(tmp_path / "m", **dict(TINY, max_position_embeddings=1 << 21))
+    model = layerskip_ext.load(path)
+    built = []
+    real = reference.cos_sin_table
+
+    def spy(inv_freq, max_positions):  # refuses big tables before allocating them
+        built.append(max_positions)
+        assert max_positions <= 4096, f"a rotary table of {max_positions} positions was built"
+        return real(inv_freq, max_positions)
+
+    monkeypatch.setattr(reference, "cos_sin_table", spy)
+    short = layerskip_ext.generate(model, [1, 2, 3, 4, 5], max_new_tokens=8, backend="engine", stop_token_ids=[])
+    engine = get_engine(model)
+    assert engine.rope_positions <= 512 and len(short.tokens) == 8
+    long = layerskip_ext.generate(model, [1, 2, 3, 4, 5], max_new_tokens=600, backend="engine", stop_token_ids=[])
+    assert 606 <= engine.rope_positions <= 1024 and max(built) <= 1024
+    # the grown table gives the tokens of an engine whose table covered every position from the start
+    args = GenerationArgs([1, 2, 3, 4, 5], 600, "autoregressive", 2, 1, 0.0, 0, 1.0, 0, (), 1 << 21)
+    whole = Engine(model, capacity=1024).generate(args)
+    assert long.tokens == whole.tokens and long.tokens[:8] == short.tokens
 
 
 @pytest.mark.parametrize("edit,field", [

@@ -74,6 +74,8 @@ Engine::Engine(EngineConfig config, at::Tensor cos_sin_cache, const c10::Dict<st
               "[max_positions, ", D, "], got ", cos_sin_cache.sizes());
   TORCH_CHECK(config.capacity >= 1 && config.capacity <= cos_sin_cache.size(0), "Engine: capacity must be in [1, ",
               cos_sin_cache.size(0), "] (the rotary table's positions), got ", config.capacity);
+  TORCH_CHECK(config.max_positions >= cos_sin_cache.size(0), "Engine: max_positions (", config.max_positions,
+              ") must cover the rotary table's ", cos_sin_cache.size(0), " positions");
   TORCH_CHECK(config.max_rows >= 1 && config.max_rows <= 4096, "Engine: max_rows must be in [1, 4096], got ",
               config.max_rows);
   cos_sin_cache_ = cos_sin_cache.to(weights_.embed.device(), at::kFloat).contiguous();
@@ -92,6 +94,8 @@ c10::intrusive_ptr<Engine> Engine::create(c10::Dict<std::string, int64_t> config
   c.weight_dtype = parse_dtype(weight_dtype);
   c.max_rows = config_value(config, "max_rows");
   c.capacity = config_value(config, "capacity");
+  // without max_positions, the table bounds the context (as it did before set_rope_table existed)
+  c.max_positions = config.contains("max_positions") ? config.at("max_positions") : cos_sin_cache.size(0);
   return c10::make_intrusive<Engine>(c, cos_sin_cache, weights);
 }
 
@@ -111,8 +115,8 @@ int64_t Engine::add_row(at::Tensor prompt, std::string strategy, int64_t exit_la
               "Engine: stop_token_ids must be a 1-D int64 tensor");
   s.prompt_length = prompt.size(0);
   TORCH_CHECK(max_new_tokens >= 0, "Engine: max_new_tokens must be >= 0, got ", max_new_tokens);
-  TORCH_CHECK(context_length > s.prompt_length && context_length <= cos_sin_cache_.size(0),
-              "Engine: context_length must be in (prompt length ", s.prompt_length, ", ", cos_sin_cache_.size(0),
+  TORCH_CHECK(context_length > s.prompt_length && context_length <= config_.max_positions,
+              "Engine: context_length must be in (prompt length ", s.prompt_length, ", ", config_.max_positions,
               "], got ", context_length);
   const bool speculative = p.strategy == Strategy::self_speculative;
   p.exit_layer = p.strategy == Strategy::autoregressive ? L : exit_layer;
@@ -141,6 +145,8 @@ int64_t Engine::add_row(at::Tensor prompt, std::string strategy, int64_t exit_la
   const int64_t room = context_length - s.prompt_length;  // > 0
   s.capacity = max_new_tokens >= room ? context_length
                                       : std::min(context_length, s.prompt_length + max_new_tokens + p.num_speculations + 1);
+  TORCH_CHECK(s.capacity <= cos_sin_cache_.size(0), "Engine: the row reaches position ", s.capacity,
+              " but the rotary table covers ", cos_sin_cache_.size(0), " positions (grow it with set_rope_table)");
   if (max_new_tokens == 0) s.finish_reason = "length";
   if (speculative) {
     const ModelShape& m = config_.shape;
@@ -263,6 +269,17 @@ void Engine::set_draft_vocab(at::Tensor token_ids) {
   }
   draft_vocab_ = host.to(weights_.embed.device());
   draft_head_ = weights_.lm_head.index_select(0, draft_vocab_).contiguous();  // [K, H]
+}
+
+void Engine::set_rope_table(at::Tensor cos_sin_cache) {
+  Busy busy(busy_);
+  const int64_t D = config_.shape.head_dim, P = cos_sin_cache_.size(0);
+  TORCH_CHECK(cos_sin_cache.dim() == 2 && cos_sin_cache.size(1) == D && cos_sin_cache.size(0) >= P &&
+                  cos_sin_cache.size(0) <= config_.max_positions,
+              "Engine: set_rope_table needs a [P, ", D, "] table with P in [", P, ", ", config_.max_positions,
+              "], got ", cos_sin_cache.sizes());
+  cos_sin_cache_ = cos_sin_cache.to(weights_.embed.device(), at::kFloat).contiguous();
+  graphs_.reset();  // captured graphs read the old table
 }
 
 Row& Engine::row(int64_t id) {

@@ -47,6 +47,8 @@ struct EngineConfig {
   at::ScalarType weight_dtype = at::kFloat;  // matmul weights: float32 or bfloat16
   int64_t max_rows = 1;                      // cache rows allocated up front (grown on demand)
   int64_t capacity = 512;                    // cache positions per row allocated up front (grown on demand)
+  int64_t max_positions = 0;                 // the model's context limit (max_position_embeddings); the rotary
+                                             // table may cover fewer positions (grown with set_rope_table)
 };
 
 // The arguments of one row's generation (validated by add_row).
@@ -109,6 +111,10 @@ class Engine : public torch::CustomClassHolder {
   // The reduced draft head: token ids [K] int64, strictly ascending in [0, V); its rows of the LM head are
   // copied once. Only on an engine without rows.
   void set_draft_vocab(at::Tensor token_ids);
+  // Replaces the rotary table by a longer one [P, D] (P in [current rows, max_positions]) whose first rows are the
+  // current ones; the table is sized by the contexts rows reach, not by max_positions. Drops captured graphs.
+  void set_rope_table(at::Tensor cos_sin_cache);
+  int64_t rope_positions() { return cos_sin_cache_.size(0); }  // positions the rotary table covers
   int64_t draft_vocab_size() { return draft_vocab_.defined() ? draft_vocab_.size(0) : 0; }
 
   std::vector<int64_t> row_ids();  // rows held (finished or not), ascending
@@ -179,7 +185,7 @@ class Engine : public torch::CustomClassHolder {
   EngineConfig config_;
   ModelWeights weights_;
   Ops ops_;
-  at::Tensor cos_sin_cache_;  // [max_pos, D]
+  at::Tensor cos_sin_cache_;  // [P, D], P <= max_positions: the positions rows may reach so far
   double attn_scale_;
   Buffers buffers_;
   Profiler profiler_;

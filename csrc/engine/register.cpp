@@ -14,6 +14,8 @@ TORCH_LIBRARY_FRAGMENT(layerskip, m) {
       .def("set_row_policy", &Engine::set_row_policy)
       .def("set_draft_vocab", &Engine::set_draft_vocab)
       .def("draft_vocab_size", &Engine::draft_vocab_size)
+      .def("set_rope_table", &Engine::set_rope_table)
+      .def("rope_positions", &Engine::rope_positions)
       .def("row_ids", &Engine::row_ids)
       .def("has_unfinished", &Engine::has_unfinished)
       .def("finish_reason", &Engine::finish_reason)

@@ -10,6 +10,7 @@ from .generation import GenerationResult, check_generation_args
 from .model import LayerSkipModel
 from .reference_generate import generate_reference_batch
 from .stopping import stop_strings_hook
+from .validation import as_int
 
 BACKENDS = ("auto", "engine", "reference")
 
@@ -57,9 +58,9 @@ def _apply_settings(model: LayerSkipModel, row: dict) -> None:
     k = row.pop("draft_vocab_size")
     row["draft_vocab"] = None
     if k and row["strategy"] == "self_speculative":
-        if not isinstance(k, int) or isinstance(k, bool):
-            raise ValueError(f"draft_vocab_size must be an integer, got {k!r}")
-        row["draft_vocab"] = select_draft_vocab(model.draft_vocab, k, model.path or "the model")
+        if as_int(k) is None:
+            raise LayerSkipError(f"draft_vocab_size must be an integer, got {k!r}")
+        row["draft_vocab"] = select_draft_vocab(model.draft_vocab, as_int(k), model.path or "the model")
     if row["draft_threshold"] is None:
         row["draft_threshold"] = 0.0
     if row["adaptive"] is None:
@@ -128,7 +129,7 @@ def generate(model: LayerSkipModel, prompt, max_new_tokens=64, strategy="autoreg
             _apply_settings(model, row)
             if row["context_length"] is None:
                 row["context_length"] = model.config.max_position_embeddings
-            elif isinstance(row["context_length"], int) and row["context_length"] > model.config.max_position_embeddings:
+            elif (as_int(row["context_length"]) or 0) > model.config.max_position_embeddings:
                 raise LayerSkipError(f"context_length {row['context_length']} exceeds the model's max_position_embeddings "
                                  f"({model.config.max_position_embeddings})")
             args_list.append(check_generation_args(model.config, model.tokenizer, p, **row))

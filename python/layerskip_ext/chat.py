@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 
+from .errors import CheckpointError, LayerSkipError
+
 ROLES_REQUIRED = ("role", "content")
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -38,30 +40,30 @@ class ChatTemplate:
             return _compile(self.source).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                                 **context)
         except jinja2.TemplateError as e:
-            raise ValueError(f"the chat template failed to render: {e}") from None
+            raise LayerSkipError(f"the chat template failed to render: {e}") from None
 
 
 def check_messages(messages) -> list[dict]:
     """Validates an OpenAI-style message list; returns plain dicts (text-part lists joined into one string)."""
     if not isinstance(messages, (list, tuple)) or len(messages) == 0:
-        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        raise LayerSkipError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(m).__name__}")
+            raise LayerSkipError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(m).__name__}")
         if not isinstance(m.get("role"), str) or not m["role"]:
-            raise ValueError(f"messages[{i}] has no 'role' string")
+            raise LayerSkipError(f"messages[{i}] has no 'role' string")
         content = m.get("content")
         if isinstance(content, list):  # OpenAI content parts: only text parts are supported
             texts = []
             for part in content:
                 if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise ValueError(f"messages[{i}].content: only text parts ({{'type': 'text', 'text': ...}}) "
+                    raise LayerSkipError(f"messages[{i}].content: only text parts ({{'type': 'text', 'text': ...}}) "
                                      f"are supported, got {part!r}")
                 texts.append(part["text"])
             content = "".join(texts)
         if not isinstance(content, str):
-            raise ValueError(f"messages[{i}] has no 'content' string")
+            raise LayerSkipError(f"messages[{i}] has no 'content' string")
         out.append({**m, "content": content})
     return out
 
@@ -85,7 +87,7 @@ def _compile(source: str):
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"the chat template is not valid Jinja: {e}") from None
+        raise LayerSkipError(f"the chat template is not valid Jinja: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,8 +108,8 @@ def _from_hf_directory(path: str) -> ChatTemplate | None:
         try:
             with open(config_path, encoding="utf-8") as f:
                 config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{config_path} is not valid JSON: {e}", path=config_path) from None
     source = config.get("chat_template")
     if isinstance(source, list):  # named templates: [{"name": "default", "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
@@ -157,16 +159,16 @@ def find_chat_template(path) -> ChatTemplate | None:
 def get_chat_template(model, chat_template: str | None = None) -> ChatTemplate:
     """`chat_template` (Jinja source) if given, else the model's own, read once and cached on the model.
 
-    Raises ValueError when the model has none."""
+    Raises LayerSkipError when the model has none."""
     if chat_template is not None:
         if not isinstance(chat_template, str) or not chat_template.strip():
-            raise ValueError("chat_template must be a non-empty Jinja template string")
+            raise LayerSkipError("chat_template must be a non-empty Jinja template string")
         own = _cached_lookup(model)  # its special tokens still apply
         return ChatTemplate(chat_template, own.special_tokens if own else {})
     template = _cached_lookup(model)
     if template is None:
         where = model.path or "the default model"
-        raise ValueError(f"{where} has no chat template (no 'chat_template' in tokenizer_config.json or GGUF "
+        raise LayerSkipError(f"{where} has no chat template (no 'chat_template' in tokenizer_config.json or GGUF "
                          f"'tokenizer.chat_template'): pass chat_template=... (a Jinja string) or use a plain prompt")
     return template
 
@@ -186,7 +188,7 @@ def apply_chat_template(model, messages, add_generation_prompt: bool = True, cha
 def chat_prompt_ids(model, messages, chat_template: str | None = None, **variables) -> list[int]:
     """The rendered prompt as token ids; the template writes its own BOS, so the tokenizer adds none."""
     if model.tokenizer is None:
-        raise ValueError("this model has no tokenizer, so it cannot chat")
+        raise LayerSkipError("this model has no tokenizer, so it cannot chat")
     text = apply_chat_template(model, messages, True, chat_template, **variables)
     return model.tokenizer.encode(text, add_special_tokens=False).ids
 

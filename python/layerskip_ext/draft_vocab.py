@@ -15,6 +15,7 @@ import collections
 import json
 import os
 
+from .errors import CheckpointError, LayerSkipError
 from .settings import read_sidecar_json
 
 FILE_NAME = "layerskip_draft_vocab.json"
@@ -48,25 +49,27 @@ def save_draft_vocab(model_path: str, ranked: list[int], vocab_size: int, tokens
 def check_draft_vocab(raw, vocab_size: int, path: str) -> list[int]:
     """The ranked token ids in a parsed file, checked against a vocabulary of `vocab_size`."""
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}", path=path)
     if raw.get("format") != FORMAT or raw.get("version") != VERSION:
-        raise ValueError(f"{path}: field 'format'/'version' must be {FORMAT!r} / {VERSION}")
+        raise CheckpointError(f"{path}: field 'format'/'version' must be {FORMAT!r} / {VERSION}", path=path,
+                              field="format")
     if raw.get("vocab_size") != vocab_size:
-        raise ValueError(f"{path}: field 'vocab_size' is {raw.get('vocab_size')!r}, but the model's vocabulary has "
-                         f"{vocab_size} tokens")
+        raise CheckpointError(f"{path}: field 'vocab_size' is {raw.get('vocab_size')!r}, but the model's vocabulary "
+                              f"has {vocab_size} tokens", path=path, field="vocab_size")
     ids = raw.get("token_ids")
     if not isinstance(ids, list) or not ids:
-        raise ValueError(f"{path}: field 'token_ids' must be a non-empty list")
+        raise CheckpointError(f"{path}: field 'token_ids' must be a non-empty list", path=path, field="token_ids")
     for t in ids:
         if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size:
-            raise ValueError(f"{path}: field 'token_ids' holds {t!r}, not a token id below {vocab_size}")
+            raise CheckpointError(f"{path}: field 'token_ids' holds {t!r}, not a token id below {vocab_size}",
+                                  path=path, field="token_ids")
     if len(set(ids)) != len(ids):
-        raise ValueError(f"{path}: field 'token_ids' repeats a token id")
+        raise CheckpointError(f"{path}: field 'token_ids' repeats a token id", path=path, field="token_ids")
     return ids
 
 
 def load_draft_vocab(model_path: str | None, vocab_size: int) -> list[int] | None:
-    """The model's ranked draft vocabulary, None when it has none; ValueError naming the file when corrupt."""
+    """The model's ranked draft vocabulary, None when it has none; CheckpointError naming the file when corrupt."""
     if model_path is None:
         return None
     path = draft_vocab_path(model_path)
@@ -77,8 +80,8 @@ def load_draft_vocab(model_path: str | None, vocab_size: int) -> list[int] | Non
 def select(ranked: list[int] | None, k: int, path_hint: str = "the model") -> tuple[int, ...]:
     """The K most frequent token ids, ascending (the reduced head's rows in vocabulary order)."""
     if ranked is None:
-        raise ValueError(f"draft_vocab_size={k} needs a draft vocabulary stored with {path_hint}: run "
+        raise LayerSkipError(f"draft_vocab_size={k} needs a draft vocabulary stored with {path_hint}: run "
                          "`layerskip-ext draft-vocab --model M --text FILE`")
     if not 1 <= k <= len(ranked):
-        raise ValueError(f"draft_vocab_size must be in [1, {len(ranked)}] (the tokens counted), got {k}")
+        raise LayerSkipError(f"draft_vocab_size must be in [1, {len(ranked)}] (the tokens counted), got {k}")
     return tuple(sorted(ranked[:k]))

@@ -32,6 +32,7 @@ import time
 
 import torch
 
+from .errors import LayerSkipError
 from .generation import GenerationArgs, GenerationResult, GenerationStats
 from .sampling import seed_as_int64
 
@@ -92,11 +93,13 @@ class Engine:
         if _IMPORT_ERROR is not None:
             raise RuntimeError(f"the layerskip_ext C++ extension is not built: {_IMPORT_ERROR}")
         if weight_dtype not in WEIGHT_DTYPES:
-            raise ValueError(f"weight_dtype must be torch.float32 or torch.bfloat16, got {weight_dtype}")
+            raise LayerSkipError(f"weight_dtype must be torch.float32 or torch.bfloat16, got {weight_dtype}")
         c = model.config
-        table = model.module.rope_cache()  # [max_pos, D] float32: cos | sin
         if capacity is None:
             capacity = min(_INITIAL_CAPACITY, c.max_position_embeddings)
+        # [P, D] float32 cos | sin for the first P >= capacity positions, not max_position_embeddings of them:
+        # _add grows it when a row's context reaches further
+        table = model.module.rope_cache(capacity)
         self.model, self.weight_dtype = model, weight_dtype
         self.last_profile: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -104,7 +107,8 @@ class Engine:
         self._draft_vocab: tuple[int, ...] | None = None  # token ids of the engine's reduced draft head
         config = dict(num_layers=c.num_layers, hidden_size=c.hidden_size, num_heads=c.num_heads,
                       num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, intermediate_size=c.intermediate_size,
-                      vocab_size=c.vocab_size, max_rows=max_rows, capacity=capacity)
+                      vocab_size=c.vocab_size, max_rows=max_rows, capacity=capacity,
+                      max_positions=c.max_position_embeddings)
         with torch.no_grad():
             self._engine = torch.classes.layerskip.Engine(config, float(c.rms_norm_eps), table,
                                                           weight_tensors(model.module), WEIGHT_DTYPES[weight_dtype])
@@ -170,6 +174,12 @@ class Engine:
         return self._engine.capacity()
 
     @property
+    def rope_positions(self) -> int:
+        """Positions the engine's rotary table covers (grown as rows reach further; at most
+        max_position_embeddings)."""
+        return self._engine.rope_positions()
+
+    @property
     def weight_bytes_per_token(self) -> int:
         """Bytes of weights one full decode step reads (all layers, final norm, LM head, one embedding row)."""
         return self._engine.weight_bytes_per_token()
@@ -189,6 +199,7 @@ class Engine:
         spec = args.strategy == "self_speculative"
         # a row never outgrows its context: a larger max_new_tokens (even >= 2**63) ends at the context limit
         max_new_tokens = min(args.max_new_tokens, args.context_length)
+        self._grow_rope_table(e, _positions_reached(args, max_new_tokens))
         row = e.add_row(torch.tensor(args.prompt_ids, dtype=torch.int64, device=device), args.strategy,
                         args.exit_layer, args.num_speculations if spec else 1, max_new_tokens, args.temperature,
                         args.top_k, args.top_p, seed_as_int64(args.seed),
@@ -202,12 +213,18 @@ class Engine:
                 raise
         return row
 
+    def _grow_rope_table(self, e, positions: int) -> None:
+        """Makes the engine's rotary table cover `positions` positions (the model's cached table, grown by
+        doubling: a few rebuilds over a model's life, never more than the contexts used)."""
+        if positions > e.rope_positions():
+            e.set_rope_table(self.model.module.rope_cache(positions))
+
     def _use_draft_vocab(self, e, args: GenerationArgs) -> None:
         """Makes args.draft_vocab the engine's reduced draft head (one per engine while it holds rows)."""
         if args.strategy != "self_speculative" or args.draft_vocab is None or args.draft_vocab == self._draft_vocab:
             return
         if len(e.row_ids()) != 0:
-            raise ValueError("every row of an engine drafting with a reduced head must use the same draft "
+            raise LayerSkipError("every row of an engine drafting with a reduced head must use the same draft "
                              "vocabulary (draft_vocab_size)")
         e.set_draft_vocab(torch.tensor(args.draft_vocab, dtype=torch.int64))
         self._draft_vocab = args.draft_vocab
@@ -265,7 +282,7 @@ class Engine:
                                    "with add_row (use a separate Engine for the row interface)")
             vocabs = {a.draft_vocab for a in args_list if a.strategy == "self_speculative"} - {None}
             if len(vocabs) > 1:
-                raise ValueError("the rows of a batch must draft with one reduced head (one draft_vocab_size)")
+                raise LayerSkipError("the rows of a batch must draft with one reduced head (one draft_vocab_size)")
             for args in args_list:
                 self._use_draft_vocab(e, args)
             ids: list[int] = []
@@ -308,6 +325,16 @@ class Engine:
                 e.set_profiling(False)
                 for row in ids:
                     e.remove_row(row)
+
+
+def _positions_reached(args: GenerationArgs, max_new_tokens: int) -> int:
+    """Cache positions a row may use: the prompt, the new tokens and one verify block past the last one, within
+    the context (the engine's row capacity, engine.cpp add_row)."""
+    prompt = len(args.prompt_ids)
+    if max_new_tokens >= args.context_length - prompt:
+        return args.context_length
+    drafts = args.num_speculations if args.strategy == "self_speculative" else 0
+    return min(args.context_length, prompt + max_new_tokens + drafts + 1)
 
 
 def _group(pairs: torch.Tensor) -> list[tuple[int, list[int]]]:

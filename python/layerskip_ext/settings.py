@@ -19,6 +19,8 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
+from .errors import CheckpointError
+
 FILE_NAME = "layerskip_settings.json"
 FORMAT, VERSION = "layerskip_settings", 1
 
@@ -47,10 +49,10 @@ def _is_int(x) -> bool:
 def check_settings(raw, num_layers: int, path: str) -> Settings:
     """The Settings in a parsed JSON value, checked against a model of `num_layers` layers."""
     def bad(name: str, problem: str):
-        return ValueError(f"{path}: field {name!r} {problem}")
+        return CheckpointError(f"{path}: field {name!r} {problem}", path=path, field=name)
 
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}", path=path)
     if raw.get("format") != FORMAT:
         raise bad("format", f"must be {FORMAT!r}, got {raw.get('format')!r}")
     if raw.get("version") != VERSION:
@@ -84,7 +86,7 @@ def check_settings(raw, num_layers: int, path: str) -> Settings:
 
 
 def load_settings(model_path: str | None, num_layers: int) -> Settings | None:
-    """The model's stored settings, None when it has none. Raises ValueError naming the file and field when
+    """The model's stored settings, None when it has none. Raises CheckpointError naming the file and field when
     the file is corrupt or does not fit the model."""
     if model_path is None:
         return None
@@ -95,14 +97,14 @@ def load_settings(model_path: str | None, num_layers: int) -> Settings | None:
 
 def read_sidecar_json(path: str, hint: str = ""):
     """The parsed JSON of a file stored beside a model (settings, draft vocabulary); None when there is none.
-    ValueError naming the file when it is not valid JSON (`hint` says what to do about it)."""
+    CheckpointError naming the file when it is not valid JSON (`hint` says what to do about it)."""
     if not os.path.isfile(path):
         return None
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}){hint}") from None
+        raise CheckpointError(f"{path}: not valid JSON ({e}){hint}", path=path) from None
 
 
 def save_settings(model_path: str, settings: Settings, num_layers: int) -> str:

@@ -14,6 +14,8 @@ stop string is held back until it cannot.
 """
 from __future__ import annotations
 
+from .errors import LayerSkipError
+
 _REPLACEMENT = "\ufffd"
 
 
@@ -24,10 +26,10 @@ def check_stop(stop) -> tuple[str, ...]:
     if isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, (list, tuple)):
-        raise ValueError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
+        raise LayerSkipError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
     for s in stop:
         if not isinstance(s, str) or s == "":
-            raise ValueError(f"every stop string must be a non-empty string, got {s!r}")
+            raise LayerSkipError(f"every stop string must be a non-empty string, got {s!r}")
     return tuple(stop)
 
 
@@ -88,7 +90,7 @@ def stop_strings_hook(model, stop, on_token=None, rows: int = 1):
     caller's on_token(row, token); one TextStream per row, holding its text)."""
     streams = [TextStream(model.decode, stop) for _ in range(rows)]
     if model.tokenizer is None and streams[0].stop:
-        raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+        raise LayerSkipError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
 
     def hook(row: int, token: int) -> bool:
         asked = bool(on_token(row, token)) if on_token is not None else False

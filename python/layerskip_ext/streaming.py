@@ -13,6 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 
+from .errors import LayerSkipError
 from .stopping import TextStream, check_stop
 
 _DONE = object()
@@ -24,7 +25,7 @@ class TextIterator:
     def __init__(self, model, prompt, stop=None, **generate_kwargs):
         from .api import generate
         if "on_token" in generate_kwargs:
-            raise ValueError("stream() does its own on_token; use generate() for a token callback")
+            raise LayerSkipError("stream() does its own on_token; use generate() for a token callback")
         self._text = TextStream(model.decode, check_stop(stop))
         self._queue: queue.Queue = queue.Queue()
         self._cancel = threading.Event()
@@ -75,7 +76,9 @@ class TextIterator:
             self._thread = None
 
     def __del__(self):
-        self._cancel.set()
+        cancel = getattr(self, "_cancel", None)  # absent when __init__ raised on a bad argument
+        if cancel is not None:
+            cancel.set()
 
 
 def stream(model, prompt, stop=None, **generate_kwargs) -> TextIterator:

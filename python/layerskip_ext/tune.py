@@ -13,6 +13,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
+from .errors import LayerSkipError
 from .settings import Settings, save_settings
 
 
@@ -32,7 +33,7 @@ def prompts_from_text(model, text: str, count: int = 8, length: int = 48) -> lis
     """`count` prompts of `length` tokens taken at even steps through a text (token ids)."""
     ids = model.encode(text)
     if len(ids) < length + 1:
-        raise ValueError(f"the text has {len(ids)} tokens; need at least {length + 1} to cut a prompt")
+        raise LayerSkipError(f"the text has {len(ids)} tokens; need at least {length + 1} to cut a prompt")
     step = max(1, (len(ids) - length) // count)
     return [ids[i:i + length] for i in range(0, len(ids) - length, step)][:count]
 
@@ -42,7 +43,7 @@ def prompts_from_file(path: str) -> list[str]:
     with open(path, encoding="utf-8") as f:
         prompts = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
     if not prompts:
-        raise ValueError(f"{path}: no prompts (one prompt per non-empty line)")
+        raise LayerSkipError(f"{path}: no prompts (one prompt per non-empty line)")
     return prompts
 
 
@@ -140,13 +141,13 @@ def tune(model, prompts, out_dir: str, exit_layers, draft_lengths, thresholds, a
     L = model.num_layers
     for E in exit_layers:
         if not 1 <= E <= L - 1:
-            raise ValueError(f"exit layer {E} is outside [1, {L - 1}] for a model with {L} layers")
+            raise LayerSkipError(f"exit layer {E} is outside [1, {L - 1}] for a model with {L} layers")
     for d in draft_lengths:
         if d < 1:
-            raise ValueError(f"draft length {d} must be >= 1")
+            raise LayerSkipError(f"draft length {d} must be >= 1")
     for t in thresholds:
         if not 0.0 <= t <= 1.0:
-            raise ValueError(f"threshold {t} must be in [0, 1]")
+            raise LayerSkipError(f"threshold {t} must be in [0, 1]")
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
     base, points = sweep(model, prompts, exit_layers, draft_lengths, thresholds, adaptive_modes, max_new_tokens,
