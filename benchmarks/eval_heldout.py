@@ -213,11 +213,12 @@ def main(argv=None) -> int:
     labels = args.label or [os.path.basename(os.path.normpath(m)) for m in args.model]
     if len(labels) != len(args.model):
         ap.error(f"{len(args.model)} --model but {len(labels)} --label")
-    if args.prompts < 1 or args.max_new_tokens < 2:
-        ap.error("--prompts must be >= 1 and --max-new-tokens >= 2")
+    if args.prompts < 1 or args.max_new_tokens < 2 or args.threads < 1:
+        ap.error("--prompts and --threads must be >= 1 and --max-new-tokens >= 2")
     if args.backend == "engine" and not layerskip_ext.engine.is_available():
         ap.error("the C++ engine is not built (pip install -e .); timing the reference backend means little")
     torch.set_num_threads(args.threads)
+    os.environ["LAYERSKIP_THREADS"] = str(args.threads)  # a fixed count: no drop to one thread under contention
     os.makedirs(args.out, exist_ok=True)
     report = [f"Held-out evaluation: {', '.join(args.valid)}; {args.prompts} prompts x {args.prompt_len} tokens, "
               f"{args.max_new_tokens} new tokens (greedy, no early stop), {args.threads} threads, "
