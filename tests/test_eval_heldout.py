@@ -78,13 +78,15 @@ def test_tuned_settings_row_is_the_stored_settings(tmp_path):
     assert lines[1].endswith(",,,") and lines[4].startswith("tuned,2,3,")
 
 
-def test_shipped_code16_checkpoint_is_lossless_at_its_suggested_settings():
+def test_shipped_code16_checkpoint_is_lossless_at_its_tuned_settings():
     import layerskip_ext
     path = os.path.join(os.path.dirname(__file__), os.pardir, "checkpoints", "layerskip-code16")
     model = layerskip_ext.load(path)
     assert model.num_layers == 16 and model.config.vocab_size == 2048
+    assert model.settings is not None and 1 <= model.settings.exit_layer < 16  # layerskip_settings.json
     prompt = "    def __init__(self, name):\n        self.name = name\n"
     ar = layerskip_ext.generate(model, prompt, max_new_tokens=24, stop_token_ids=[], backend="reference")
-    spec = layerskip_ext.generate(model, prompt, max_new_tokens=24, stop_token_ids=[], backend="reference",
-                                  strategy="self_speculative", exit_layer=5, num_speculations=2)
-    assert spec.tokens == ar.tokens and spec.stats.drafted > 0
+    for backend in ("reference", "engine") if layerskip_ext.engine.is_available() else ("reference",):
+        spec = layerskip_ext.generate(model, prompt, max_new_tokens=24, stop_token_ids=[], backend=backend,
+                                      strategy="self_speculative")  # E, d, threshold, adaptive, K: the stored ones
+        assert spec.tokens == ar.tokens and spec.stats.drafted > 0, backend
