@@ -62,12 +62,18 @@ def exit_table(model, tokens: torch.Tensor, seq_len: int, windows: int) -> list[
 
 
 def sweep(model, prompts: list[list[int]], settings: list[tuple[int, int]], max_new_tokens: int,
-          weight_dtype, backend: str) -> tuple[dict, list[dict]]:
-    """(autoregressive summary, one summary per (E, d)): medians over prompts, acceptance over all prompts."""
+          weight_dtype, backend: str, tuned: bool = False) -> tuple[dict, list[dict], dict | None]:
+    """(autoregressive summary, one summary per (E, d), summary of the tuned settings or None): medians over
+    prompts, acceptance over all prompts. tuned: also run self-speculative decoding at the settings stored with
+    the model (`layerskip-ext tune`: E, d, threshold, adaptive, draft-head size K), interleaved like the grid."""
+    if tuned and model.settings is None:
+        raise ValueError(f"{model.path}: no tuned settings stored with the model (run `layerskip-ext tune`)")
     common = dict(max_new_tokens=max_new_tokens, stop_token_ids=[], backend=backend)
     if backend != "reference":
         common["weight_dtype"] = weight_dtype
     runs = [("autoregressive", None, None)] + [("self_speculative", E, d) for E, d in settings]
+    if tuned:  # no exit_layer / num_speculations: generate() takes the settings stored with the model
+        runs.append(("tuned", None, None))
     layerskip_ext.generate(model, prompts[0], **dict(common, max_new_tokens=8))  # builds the engine: untimed
     per = {key: [] for key in runs}  # (strategy, E, d) -> [stats per prompt]
     mismatches, ar_outputs = 0, []
@@ -76,8 +82,8 @@ def sweep(model, prompts: list[list[int]], settings: list[tuple[int, int]], max_
         results = {}
         for key in order:
             strategy, E, d = key
-            results[key] = layerskip_ext.generate(model, prompt, strategy=strategy, exit_layer=E, num_speculations=d,
-                                                  **common)
+            results[key] = layerskip_ext.generate(model, prompt, strategy=strategy.replace("tuned", "self_speculative"),
+                                                  exit_layer=E, num_speculations=d, **common)
         want = results[runs[0]].tokens
         ar_outputs.append(want)
         mismatches += sum(r.tokens != want for r in results.values())
@@ -98,7 +104,13 @@ def sweep(model, prompts: list[list[int]], settings: list[tuple[int, int]], max_
                 "tokens_per_round": statistics.median(s.new_tokens / s.rounds for s in stats) if stats[0].rounds
                 else None}
     ar = dict(summary(runs[0]), distinct_4grams=statistics.median(distinct_ngrams(t, 4) for t in ar_outputs))
-    return ar, [summary(k) for k in runs[1:]]
+    grid = [summary(k) for k in runs[1:] if k[0] == "self_speculative"]
+    best = None
+    if tuned:
+        st = model.settings
+        best = dict(summary(runs[-1]), exit_layer=st.exit_layer, num_speculations=st.num_speculations,
+                    draft_threshold=st.draft_threshold, adaptive=st.adaptive, draft_vocab_size=st.draft_vocab_size)
+    return ar, grid, best
 
 
 def distinct_ngrams(tokens: list[int], n: int) -> float:
@@ -113,7 +125,7 @@ def exit_markdown(label: str, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def sweep_markdown(label: str, ar: dict, rows: list[dict]) -> str:
+def sweep_markdown(label: str, ar: dict, rows: list[dict], tuned: dict | None = None) -> str:
     lines = [f"{label}: autoregressive {ar['tokens_per_second']:.0f} tokens/s, {ar['time_per_token_ms']:.3f} ms/token; "
              f"its greedy outputs: {100 * ar['distinct_4grams']:.0f}% distinct 4-grams (median; low = loops, which "
              "drafts predict easily)",
@@ -124,8 +136,17 @@ def sweep_markdown(label: str, ar: dict, rows: list[dict]) -> str:
                      f"{r['tokens_per_round']:.2f} | {r['tokens_per_second']:.0f} | {r['time_per_token_ms']:.3f} | "
                      f"{r['speedup']:.2f}x |")
     best = max(rows, key=lambda r: r["speedup"])
-    lines += ["", f"best: E={best['exit_layer']} d={best['num_speculations']}: {best['speedup']:.2f}x "
+    lines += ["", f"best fixed (E, d): E={best['exit_layer']} d={best['num_speculations']}: {best['speedup']:.2f}x "
                   f"(acceptance {100 * best['acceptance']:.1f}%)"]
+    if tuned is not None:
+        t = tuned
+        acc = "-" if t["acceptance"] is None else f"{100 * t['acceptance']:.1f}%"
+        per_round = "-" if t["tokens_per_round"] is None else f"{t['tokens_per_round']:.2f}"
+        lines += ["", f"tuned settings (stored with the model): E={t['exit_layer']} d={t['num_speculations']} "
+                      f"threshold={t['draft_threshold']} adaptive={t['adaptive']} K={t['draft_vocab_size'] or 'all'}: "
+                      f"acceptance {acc}, {per_round} tokens/round, "
+                      f"{t['tokens_per_second']:.0f} tokens/s, {t['time_per_token_ms']:.3f} ms/token, "
+                      f"**{t['speedup']:.2f}x** autoregressive"]
     return "\n".join(lines) + "\n"
 
 
@@ -160,15 +181,18 @@ def contour(label: str, rows: list[dict], path: str) -> None:
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
+    """One line per row; the columns are every key of any row, in order of first appearance (blank if absent)."""
+    fields = list(dict.fromkeys(k for r in rows for k in r))
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", action="append", required=True, help="model directory (repeatable)")
+    ap.add_argument("--model", action="append", required=True,
+                    help="model directory or .gguf file (repeatable); 'default': layerskip_ext.load()'s SmolLM2")
     ap.add_argument("--label", action="append", default=[], help="a name per --model (default: folder name)")
     ap.add_argument("--valid", nargs="+", required=True, help="held-out text files (not trained on)")
     ap.add_argument("--out", required=True)
@@ -183,33 +207,36 @@ def main(argv=None) -> int:
     ap.add_argument("--weight-dtype", choices=sorted(_DTYPES), default=None,
                     help="the engine's matmul weights (default: the model's dtype)")
     ap.add_argument("--backend", choices=("engine", "reference"), default="engine")
+    ap.add_argument("--tuned", action="store_true",
+                    help="also run the self-speculative settings stored with each model (layerskip-ext tune)")
     args = ap.parse_args(argv)
     labels = args.label or [os.path.basename(os.path.normpath(m)) for m in args.model]
     if len(labels) != len(args.model):
         ap.error(f"{len(args.model)} --model but {len(labels)} --label")
-    if args.prompts < 1 or args.max_new_tokens < 2:
-        ap.error("--prompts must be >= 1 and --max-new-tokens >= 2")
+    if args.prompts < 1 or args.max_new_tokens < 2 or args.threads < 1:
+        ap.error("--prompts and --threads must be >= 1 and --max-new-tokens >= 2")
     if args.backend == "engine" and not layerskip_ext.engine.is_available():
         ap.error("the C++ engine is not built (pip install -e .); timing the reference backend means little")
     torch.set_num_threads(args.threads)
+    os.environ["LAYERSKIP_THREADS"] = str(args.threads)  # a fixed count: no drop to one thread under contention
     os.makedirs(args.out, exist_ok=True)
     report = [f"Held-out evaluation: {', '.join(args.valid)}; {args.prompts} prompts x {args.prompt_len} tokens, "
               f"{args.max_new_tokens} new tokens (greedy, no early stop), {args.threads} threads, "
               f"backend {args.backend}; CE over {args.windows} windows x {args.seq_len} tokens.", ""]
     for label, path in zip(labels, args.model):
-        model = layerskip_ext.load(path)
+        model = layerskip_ext.load(None if path == "default" else path)
         tokens = token_stream(model.tokenizer, args.valid, eos_id(model.tokenizer))  # [N]
         exits = exit_table(model, tokens, args.seq_len, args.windows)
         settings = [(E, d) for E in args.exit_layers if E < model.num_layers for d in args.num_speculations]
         prompts = held_out_prompts(tokens, args.prompts, args.prompt_len)
         dtype = _DTYPES[args.weight_dtype] if args.weight_dtype else None
-        ar, rows = sweep(model, prompts, settings, args.max_new_tokens, dtype, args.backend)
+        ar, rows, tuned = sweep(model, prompts, settings, args.max_new_tokens, dtype, args.backend, args.tuned)
         d = os.path.join(args.out, label)
         os.makedirs(d, exist_ok=True)
         write_csv(os.path.join(d, "exits.csv"), exits)
-        write_csv(os.path.join(d, "sweep.csv"), [ar] + rows)
+        write_csv(os.path.join(d, "sweep.csv"), [ar] + rows + ([dict(tuned, strategy="tuned")] if tuned else []))
         contour(label, rows, os.path.join(d, "contour.png"))
-        text = f"## {label} ({path})\n\n" + exit_markdown(label, exits) + "\n" + sweep_markdown(label, ar, rows)
+        text = f"## {label} ({path})\n\n" + exit_markdown(label, exits) + "\n" + sweep_markdown(label, ar, rows, tuned)
         print(text, flush=True)
         report.append(text)
     with open(os.path.join(args.out, "report.md"), "w") as f:

@@ -54,6 +54,24 @@ def test_bench_prints_every_strategy(capsys):
     assert re.fullmatch(r"\d+\.\d%", lines[3].split()[4])
 
 
+def test_bench_without_e_or_d_uses_the_stored_settings(tmp_path, capsys):
+    import shutil
+    from layerskip_ext.settings import Settings, save_settings
+    model_dir = str(tmp_path / "demo")
+    shutil.copytree(DEMO, model_dir)
+    save_settings(model_dir, Settings(exit_layer=3, num_speculations=3), num_layers=layerskip_ext.load(DEMO).num_layers)
+    assert main(["bench", "--model", model_dir, "--max-new-tokens", "12", "--repeats", "1", "--prompt", PROMPT,
+                 "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines[1:4]] == ["autoregressive", "early_exit", "self_speculative"]
+    assert lines[4] == ("(early exit at layer 3; self-speculative at the settings stored with the model: E=3 d=3 "
+                        "threshold=0.0 adaptive=False K=all)")
+    model = layerskip_ext.load(model_dir)
+    want = layerskip_ext.generate(model, PROMPT, max_new_tokens=12, stop_token_ids=[], strategy="self_speculative",
+                                  exit_layer=3, num_speculations=3).stats.acceptance_rate
+    assert lines[3].split()[4] == f"{want:.1%}"  # stored E=3, d=3, not E=L/4=2, d=4
+
+
 def test_sweep_prints_the_grid_with_acceptance_of_the_api(demo, capsys):
     assert main(["sweep", "--model", DEMO, "--exit-layers", "2,6", "--num-speculations", "1,3",
                  "--max-new-tokens", "16", "--prompt", PROMPT, "--threads", "1"]) == 0

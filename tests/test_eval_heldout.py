@@ -44,7 +44,8 @@ def test_sweep_acceptance_matches_the_evaluation_code(tmp_path):
     model = _model()
     prompts = eval_heldout.held_out_prompts(torch.randint(0, 40, (200,)), 3, 6)
     settings = [(E, d) for E in (1, 2) for d in (1, 3)]
-    ar, rows = eval_heldout.sweep(model, prompts, settings, 12, None, "reference")
+    ar, rows, tuned = eval_heldout.sweep(model, prompts, settings, 12, None, "reference")
+    assert tuned is None
     assert ar["strategy"] == "autoregressive" and ar["acceptance"] is None and 0 < ar["distinct_4grams"] <= 1
     assert [(r["exit_layer"], r["num_speculations"]) for r in rows] == settings
     for d in (1, 3):
@@ -57,13 +58,35 @@ def test_sweep_acceptance_matches_the_evaluation_code(tmp_path):
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_shipped_code16_checkpoint_is_lossless_at_its_suggested_settings():
+def test_tuned_settings_row_is_the_stored_settings(tmp_path):
+    from layerskip_ext.settings import Settings
+    model = _model()
+    prompts = eval_heldout.held_out_prompts(torch.randint(0, 40, (200,)), 3, 6)
+    with pytest.raises(ValueError, match="no tuned settings"):
+        eval_heldout.sweep(model, prompts, [(1, 2)], 12, None, "reference", tuned=True)
+    model.settings = Settings(exit_layer=2, num_speculations=3)  # threshold 0, not adaptive: the grid's (2, 3)
+    ar, rows, tuned = eval_heldout.sweep(model, prompts, [(1, 2), (2, 3)], 12, None, "reference", tuned=True)
+    assert [(r["exit_layer"], r["num_speculations"]) for r in rows] == [(1, 2), (2, 3)]
+    assert (tuned["exit_layer"], tuned["num_speculations"], tuned["adaptive"]) == (2, 3, False)
+    assert tuned["acceptance"] == rows[1]["acceptance"] != rows[0]["acceptance"]
+    assert tuned["tokens_per_round"] == rows[1]["tokens_per_round"]
+    text = eval_heldout.sweep_markdown("tiny", ar, rows, tuned)
+    assert "tuned settings (stored with the model): E=2 d=3 threshold=0.0 adaptive=False K=all" in text
+    eval_heldout.write_csv(str(tmp_path / "s.csv"), [ar] + rows + [dict(tuned, strategy="tuned")])
+    lines = (tmp_path / "s.csv").read_text().splitlines()
+    assert len(lines) == 5 and lines[0].endswith(",draft_threshold,adaptive,draft_vocab_size")
+    assert lines[1].endswith(",,,") and lines[4].startswith("tuned,2,3,")
+
+
+def test_shipped_code16_checkpoint_is_lossless_at_its_tuned_settings():
     import layerskip_ext
     path = os.path.join(os.path.dirname(__file__), os.pardir, "checkpoints", "layerskip-code16")
     model = layerskip_ext.load(path)
     assert model.num_layers == 16 and model.config.vocab_size == 2048
+    assert model.settings is not None and 1 <= model.settings.exit_layer < 16  # layerskip_settings.json
     prompt = "    def __init__(self, name):\n        self.name = name\n"
     ar = layerskip_ext.generate(model, prompt, max_new_tokens=24, stop_token_ids=[], backend="reference")
-    spec = layerskip_ext.generate(model, prompt, max_new_tokens=24, stop_token_ids=[], backend="reference",
-                                  strategy="self_speculative", exit_layer=5, num_speculations=2)
-    assert spec.tokens == ar.tokens and spec.stats.drafted > 0
+    for backend in ("reference", "engine") if layerskip_ext.engine.is_available() else ("reference",):
+        spec = layerskip_ext.generate(model, prompt, max_new_tokens=24, stop_token_ids=[], backend=backend,
+                                      strategy="self_speculative")  # E, d, threshold, adaptive, K: the stored ones
+        assert spec.tokens == ar.tokens and spec.stats.drafted > 0, backend

@@ -111,12 +111,18 @@ def cmd_bench(args) -> int:
     import layerskip_ext
     model = _load(args)
     args.prompt = args.prompt if args.prompt is not None else _default_prompt(model)
-    E = max(1, model.num_layers // 4) if args.exit_layer is None else args.exit_layer  # 0 is an error, not a default
+    # neither --exit-layer nor --num-speculations: the settings stored with the model (`tune`), when it has some
+    tuned = model.settings if args.exit_layer is None and args.num_speculations is None else None
+    if tuned is not None:
+        E, d = tuned.exit_layer, None  # generate() fills E, d, threshold, adaptive and K from the settings
+    else:  # 0 is an error, not a default
+        E = max(1, model.num_layers // 4) if args.exit_layer is None else args.exit_layer
+        d = 4 if args.num_speculations is None else args.num_speculations
     rows = []
     for strategy in ("autoregressive", "early_exit", "self_speculative"):
         kwargs = dict(max_new_tokens=args.max_new_tokens, strategy=strategy, stop_token_ids=[], backend=args.backend,
-                      exit_layer=None if strategy == "autoregressive" else E,
-                      num_speculations=args.num_speculations if strategy == "self_speculative" else None)
+                      exit_layer=None if strategy == "autoregressive" or (tuned and strategy == "self_speculative")
+                      else E, num_speculations=d if strategy == "self_speculative" else None)
         layerskip_ext.generate(model, args.prompt, **dict(kwargs, max_new_tokens=4))  # warm up
         tps, stats = _median_run(model, args.prompt, args.repeats, **kwargs)
         rows.append((strategy, tps, 1e3 / tps if tps else float("nan"), stats.acceptance_rate))
@@ -124,6 +130,10 @@ def cmd_bench(args) -> int:
     print(f"{'strategy':<18}{'tokens/s':>10}{'ms/token':>10}{'speedup':>9}{'acceptance':>12}")
     for name, tps, ms, acc in rows:
         print(f"{name:<18}{tps:>10.1f}{ms:>10.1f}{tps / base:>8.2f}x{'' if acc is None else f'{acc:.1%}':>12}")
+    if tuned is not None:
+        print(f"(early exit at layer {E}; self-speculative at the settings stored with the model: E={tuned.exit_layer} "
+              f"d={tuned.num_speculations} threshold={tuned.draft_threshold} adaptive={tuned.adaptive} "
+              f"K={tuned.draft_vocab_size or 'all'})")
     return 0
 
 
@@ -318,7 +328,8 @@ def _main(argv) -> int:
     _model_args(b)
     b.add_argument("--max-new-tokens", type=int, default=64)
     b.add_argument("--exit-layer", type=int, default=None)
-    b.add_argument("--num-speculations", type=int, default=4)
+    b.add_argument("--num-speculations", type=int, default=None,
+                   help="d (default: the model's tuned settings when neither E nor d is given, else 4)")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--prompt", default=None, help="default: a request in the model's chat template")
     s = sub.add_parser("sweep", help="self-speculative grid over exit layers and draft lengths")
