@@ -42,11 +42,16 @@ TORCH_LIBRARY(layerskip, m) {
       "float scale) -> ()");
   // out [..., I] = silu(gate) * up of input [..., 2I] = gate | up.
   m.def("silu_and_mul(Tensor(a!) out, Tensor input) -> ()");
-  // out [T, N] float32 = input [T, K] float32 @ weight [N, K].T, weight float32 or bfloat16.
+  // out [T, N] float32 = input [T, K] float32 @ weight [N, K].T, weight float32, bfloat16 or float16.
   // T <= 64 (decode steps, verify blocks, batches of them): each weight row is read once for all T rows and
   // every output element has one reduction order whatever T is (batch invariant). Larger T (prefill) may use
   // a GEMM library, whose order depends on T.
   m.def("linear(Tensor(a!) out, Tensor input, Tensor weight) -> ()");
+  // The kernels this CPU can run for linear with T <= 64 rows, best first ("avx512", "avx2", "plain"), the one
+  // in use, and forcing one ("auto": the best; also LAYERSKIP_LINEAR_KERNEL, read once).
+  m.def("linear_kernels() -> str[]");
+  m.def("linear_kernel() -> str");
+  m.def("set_linear_kernel(str name) -> ()");
   // out [T, V] float32: probabilities of logits [T, V] after per-token filtering. temperature [T] float64
   // (0: one-hot of the first argmax, so greedy and sampled tokens share every downstream op),
   // top_k [T] int64 (0: off), top_p [T] float64 in (0, 1]. Row t = softmax(logits[t] / temperature[t])

@@ -1,10 +1,12 @@
 """torch.ops.layerskip.linear against a float64 PyTorch reference: T on both sides of the skinny-kernel
-limit (64), K with and without a vector tail, N not a multiple of the row block, fp32 and bf16 weights,
-non-contiguous inputs, batch invariance, error messages, and opcheck."""
+limit (64), K with and without a vector tail, N not a multiple of the row block, fp32, bf16 and fp16 weights,
+non-contiguous inputs, batch invariance (bit for bit, every SIMD kernel this CPU has, forced in turn), error
+messages, and opcheck."""
 import pytest
 import torch
 
 import layerskip_ext._C  # noqa: F401  (registers torch.ops.layerskip.*)
+from layerskip_ext import ops
 
 _linear = torch.ops.layerskip.linear
 
@@ -17,6 +19,13 @@ def linear(x, w):
 
 
 TOKENS = list(range(1, 18)) + [33, 64, 65, 90]
+WDTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def _restore_kernel():
+    yield
+    ops.set_linear_kernel("auto")
 KS = [7, 64, 576, 1536, 1000]
 NS = [1, 5, 192, 576, 1000]
 
@@ -35,7 +44,7 @@ def check(out, x, w):
     assert err < 1e-5, f"relative error {err:.3g}"
 
 
-@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("wdtype", WDTYPES)
 @pytest.mark.parametrize("t", TOKENS)
 def test_matches_reference(t, wdtype):
     gen = torch.Generator().manual_seed(t)
@@ -46,7 +55,7 @@ def test_matches_reference(t, wdtype):
             check(linear(x, w), x, w)
 
 
-@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("wdtype", WDTYPES)
 def test_lm_head_shape(wdtype):
     """A wide weight split across threads (SmolLM2's LM head shape, fewer rows)."""
     gen = torch.Generator().manual_seed(0)
@@ -55,7 +64,7 @@ def test_lm_head_shape(wdtype):
     check(linear(x, w), x, w)
 
 
-@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("wdtype", WDTYPES)
 def test_batch_invariance(wdtype):
     """Up to 64 rows, each output row is bit for bit the row computed alone or in any other batch."""
     gen = torch.Generator().manual_seed(3)
@@ -67,6 +76,54 @@ def test_batch_invariance(wdtype):
         assert torch.equal(linear(x[t // 2:], w)[t - t // 2], full[t])
 
 
+KERNEL_KS = [1, 7, 15, 16, 17, 33, 100, 576]  # none, some or all of K in the 8- / 16-lane body
+KERNEL_NS = [1, 3, 5, 13, 37]  # not multiples of the row blocks (4) nor of each other
+
+
+@pytest.mark.parametrize("wdtype", WDTYPES)
+@pytest.mark.parametrize("kernel", ops.linear_kernels())
+def test_kernel_matches_reference_and_is_row_invariant(kernel, wdtype):
+    """Each kernel this CPU runs, forced: close to float64, and every row of a call with T = 1..64 rows equal
+    bit for bit to the row computed alone, whatever rows come before and after it (T changes the passes,
+    the rows per block and whether 16-bit weights are widened into a scratch copy)."""
+    ops.set_linear_kernel(kernel)
+    assert ops.linear_kernel() == kernel
+    gen = torch.Generator().manual_seed(11)
+    for k in KERNEL_KS:
+        for n in KERNEL_NS:
+            x = torch.randn(64, k, generator=gen)  # [64, K]
+            w = torch.randn(n, k, generator=gen).to(wdtype)  # [N, K]
+            alone = torch.cat([linear(x[t:t + 1], w) for t in range(64)])  # [64, N], one row per call
+            check(alone, x, w)
+            for t in range(1, 65):
+                first = (t * 7) % (65 - t)  # a varying window of t rows
+                got = linear(x[first:first + t], w)
+                assert torch.equal(got, alone[first:first + t]), (kernel, k, n, t)
+
+
+@pytest.mark.parametrize("kernel", ops.linear_kernels())
+def test_kernel_threads_and_wide_weights(kernel):
+    """A weight split across threads at row counts that are not multiples of the row block: the same bits as
+    the rows computed alone."""
+    ops.set_linear_kernel(kernel)
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(24, 200, generator=gen)  # [T, K]
+    for wdtype in WDTYPES:
+        w = torch.randn(4099, 200, generator=gen).to(wdtype)  # [N, K]
+        full = linear(x, w)
+        check(full, x, w)
+        for t in (0, 5, 23):
+            assert torch.equal(linear(x[t:t + 1], w)[0], full[t])
+
+
+def test_kernel_selection_errors():
+    assert ops.linear_kernels()[-1] == "plain"
+    with pytest.raises(RuntimeError, match="unknown linear kernel 'avx9'"):
+        ops.set_linear_kernel("avx9")
+    ops.set_linear_kernel("auto")
+    assert ops.linear_kernel() == ops.linear_kernels()[0]
+
+
 @pytest.mark.parametrize("t", [4, 20, 70])
 def test_non_contiguous(t):
     gen = torch.Generator().manual_seed(1)
@@ -75,6 +132,7 @@ def test_non_contiguous(t):
     assert not x.is_contiguous() and not w.is_contiguous()
     check(linear(x, w), x, w)
     check(linear(x, w.bfloat16()), x, w.bfloat16())
+    check(linear(x, w.half()), x, w.half())
 
 
 @pytest.mark.parametrize("t", [0, 3, 20])
@@ -92,8 +150,8 @@ def test_empty(t):
         (torch.randn(2, 8), torch.randn(8), "weight \\[N, K\\] must have 2 dimensions"),
         (torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 8), "input must be float32"),
         (torch.randn(2, 8).bfloat16(), torch.randn(4, 8), "input must be float32"),
-        (torch.randn(2, 8), torch.randn(4, 8).half(), "weight must be float32 or bfloat16"),
-        (torch.randn(2, 8), torch.randint(0, 3, (4, 8)), "weight must be float32 or bfloat16"),
+        (torch.randn(2, 8), torch.randn(4, 8).double(), "weight must be float32, bfloat16 or float16"),
+        (torch.randn(2, 8), torch.randint(0, 3, (4, 8)), "weight must be float32, bfloat16 or float16"),
         (torch.randn(2, 8), torch.randn(4, 9), "disagree on K"),
         (torch.randn(70, 8), torch.randn(4, 9), "disagree on K"),  # also on the ATen path
     ],
@@ -119,7 +177,7 @@ def test_out_errors():
 
 
 @pytest.mark.parametrize("t", [1, 8, 17, 70])
-@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("wdtype", WDTYPES)
 def test_opcheck(t, wdtype):
     if _ops_module() is None:
         pytest.skip("layerskip_ext.ops (register_fake for linear) not available in this checkout")

@@ -15,7 +15,8 @@ DEFAULT_REQUEST = "Write a short story about a lighthouse keeper."
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads (default: torch's count, one while other processes fill every core)")
     p.add_argument("--backend", default="auto", choices=["auto", "engine", "reference"])
 
 
@@ -39,7 +40,10 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
 def _load(args):
     import layerskip_ext
     if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+        os.environ["LAYERSKIP_THREADS"] = str(args.threads)  # an explicit choice overrides the engine's default
     return layerskip_ext.load(args.model, dtype=DTYPES[args.dtype])
 
 

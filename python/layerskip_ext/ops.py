@@ -105,7 +105,7 @@ def silu_and_mul(input: Tensor) -> Tensor:
 
 
 def linear(input: Tensor, weight: Tensor) -> Tensor:
-    """input [T, K] float32 @ weight [N, K] (float32 or bfloat16).T -> [T, N] float32."""
+    """input [T, K] float32 @ weight [N, K] (float32, bfloat16 or float16).T -> [T, N] float32."""
     rows = input.shape[0] if input.dim() == 2 else 0
     cols = weight.shape[0] if weight.dim() == 2 else 0
     # float32 on the CPU; the CUDA kernel also takes float16 / bfloat16 inputs and writes their dtype
@@ -145,6 +145,22 @@ def quant_kernel() -> str:
 def set_quant_kernel(name: str) -> None:
     """Forces a linear_quantized kernel ("auto": the best this CPU supports)."""
     _ops.set_quant_kernel.default(name)
+
+
+def linear_kernels() -> list[str]:
+    """The kernels of `linear` (T <= 64 rows) this CPU can run, best first (of avx512, avx2, plain)."""
+    return list(_ops.linear_kernels.default())
+
+
+def linear_kernel() -> str:
+    """The `linear` kernel in use."""
+    return _ops.linear_kernel.default()
+
+
+def set_linear_kernel(name: str) -> None:
+    """Forces a `linear` kernel ("auto": the best this CPU supports). Results differ in the low bits between
+    kernels: switch between generations, not during one."""
+    _ops.set_linear_kernel.default(name)
 
 
 def sampling_probs(logits: Tensor, temperature, top_k=0, top_p=1.0) -> Tensor:
