@@ -3,8 +3,10 @@
     python benchmarks/bench_contention.py                    # SmolLM2-135M fp32, 64 tokens, 3 repeats
     python benchmarks/bench_contention.py --model checkpoints/layerskip-demo --tokens 64 --repeats 3
 
-For each number of busy processes (each a Python loop spinning on one core) and each OpenMP waiting policy
-(ACTIVE: spinning workers; PASSIVE: what layerskip_ext chooses by default), a fresh child process loads the
+For each number of busy processes (each a Python loop spinning on one core), each OpenMP waiting policy
+(ACTIVE: spinning workers; PASSIVE: what layerskip_ext chooses by default) and each engine thread mode ("auto":
+the engine's default cap, one thread for a small model or while other processes fill every core; "all": every
+torch thread, LAYERSKIP_THREADS=0), a fresh child process loads the
 model once and measures, alternately, the engine's autoregressive greedy decode and transformers'
 generate(do_sample=False) on the same weights: median decode tokens/s over --repeats runs of each (the
 policy is read by libgomp when torch loads, hence one child per policy). The table puts them side by side,
@@ -63,8 +65,11 @@ def measure(model_path, tokens: int, repeats: int, threads: int) -> dict:
     return {"engine": statistics.median(e), "transformers": statistics.median(h)}
 
 
-def run_child(args, policy: str) -> dict:
+def run_child(args, policy: str, mode: str) -> dict:
     env = dict(os.environ, OMP_WAIT_POLICY=policy)
+    env.pop("LAYERSKIP_THREADS", None)
+    if mode == "all":
+        env["LAYERSKIP_THREADS"] = "0"
     cmd = [sys.executable, __file__, "--child", "--tokens", str(args.tokens), "--repeats", str(args.repeats),
            "--threads", str(args.threads)] + (["--model", args.model] if args.model else [])
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=1800).stdout
@@ -79,6 +84,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads of the measured process")
     p.add_argument("--busy", default="0,1,2", help="numbers of busy background processes")
     p.add_argument("--policies", default="ACTIVE,PASSIVE")
+    p.add_argument("--modes", default="auto,all", help="engine thread modes: auto (default cap), all (uncapped)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -95,13 +101,14 @@ def main() -> int:
         hogs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(busy)]
         try:
             for policy in args.policies.split(","):
-                rows.append((busy, policy, run_child(args, policy)))
+                for mode in args.modes.split(","):
+                    rows.append((busy, f"{policy}/{mode}", run_child(args, policy, mode)))
         finally:
             for h in hogs:
                 h.kill()
                 h.wait()
     base = {policy: r for busy, policy, r in rows if busy == 0}
-    print(f"{'busy':>4} {'OMP_WAIT_POLICY':>15} {'engine tok/s':>13} {'transformers':>13} {'engine/hf':>10} "
+    print(f"{'busy':>4} {'policy/threads':>15} {'engine tok/s':>13} {'transformers':>13} {'engine/hf':>10} "
           f"{'engine vs idle':>15} {'hf vs idle':>11}")
     for busy, policy, r in rows:
         b = base.get(policy, r)

@@ -109,6 +109,7 @@ def main():
     p.add_argument("--strategies", default="autoregressive,self_speculative")
     p.add_argument("--exit-layer", type=int, default=None)
     p.add_argument("--num-speculations", type=int, default=None)
+    p.add_argument("--adaptive", action="store_true", help="self-speculative rows use the adaptive drafting policy")
     args = p.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     with socket.socket() as s:
@@ -123,6 +124,8 @@ def main():
             if strategy != "autoregressive":
                 settings.update({k: v for k, v in (("exit_layer", args.exit_layer),
                                                    ("num_speculations", args.num_speculations)) if v is not None})
+                if args.adaptive and strategy == "self_speculative":
+                    settings["adaptive"] = True
             asyncio.run(run_level(url, "bench", 1, 2, 4, settings))  # warm up
             rows = [asyncio.run(run_level(url, "bench", c, args.requests, args.max_tokens, settings)) for c in levels]
             base = rows[0]["tps"]

@@ -101,7 +101,11 @@ def test_models_health_metrics(live):
             "layerskip_acceptance_rate"} <= set(m)
 
 
-@pytest.mark.parametrize("settings", [{}, SPEC], ids=["autoregressive", "self_speculative"])
+ADAPTIVE = {"strategy": "self_speculative", "exit_layer": 3, "num_speculations": 4, "adaptive": True,
+            "draft_threshold": 0.05}
+
+
+@pytest.mark.parametrize("settings", [{}, SPEC, ADAPTIVE], ids=["autoregressive", "self_speculative", "adaptive"])
 def test_completion_equals_offline_generate(live, offline, settings):
     expected = layerskip_ext.generate(offline, PROMPT, max_new_tokens=24, stop_token_ids=None, **settings)
     r = live.client().completions.create(model=NAME, prompt=PROMPT, max_tokens=24, temperature=0,
@@ -112,6 +116,7 @@ def test_completion_equals_offline_generate(live, offline, settings):
     stats = r.model_extra["layerskip"]
     assert stats["strategy"] == (settings.get("strategy") or "autoregressive")
     if settings:
+        assert (stats["drafted"], stats["accepted"]) == (expected.stats.drafted, expected.stats.accepted)
         assert stats["drafted"] > 0 and 0 <= stats["acceptance_rate"] <= 1
         assert stats["accepted"] == round(stats["acceptance_rate"] * stats["drafted"])
     # streamed: the pieces concatenate to the same text
@@ -192,6 +197,8 @@ def test_bad_requests_get_openai_errors(live):
         (dict(json={**good, "prompt": [99999]}), 400, "out of range"),
         (dict(json={**good, "stop": [""]}), 400, "stop"),
         (dict(json={**good, "temperature": -1}), 400, "temperature"),
+        (dict(json={**good, "strategy": "self_speculative", "draft_threshold": 2}), 400, "draft_threshold"),
+        (dict(json={**good, "strategy": "self_speculative", "adaptive": "sometimes"}), 400, "adaptive"),
     ]
     for kwargs, status, text in cases:
         code, message = error_of(post("/v1/completions", **kwargs))
@@ -204,6 +211,29 @@ def test_bad_requests_get_openai_errors(live):
         live.client().completions.create(model=NAME, prompt="x", max_tokens=4, extra_body={"exit_layer": 0,
                                                                                           "strategy": "early_exit"})
     assert live.client().completions.create(model=NAME, prompt="It was", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_stored_settings_are_the_self_speculative_default(tmp_path, offline):
+    """A request naming only the strategy runs at the settings stored with the model (layerskip-ext tune)."""
+    from layerskip_ext.settings import Settings, save_settings
+
+    directory = demo_chat_dir(tmp_path / "tuned")
+    save_settings(directory, Settings(exit_layer=2, num_speculations=3, adaptive=True), offline.num_layers)
+    server = LiveServer(create_app(layerskip_ext.load(directory), model_name=NAME))
+    try:
+        r = server.client().completions.create(model=NAME, prompt=PROMPT, max_tokens=16, temperature=0,
+                                               extra_body={"strategy": "self_speculative"})
+        stats = r.model_extra["layerskip"]
+        assert (stats["exit_layer"], stats["num_speculations"]) == (2, 3)
+        expected = layerskip_ext.generate(offline, PROMPT, max_new_tokens=16, strategy="self_speculative",
+                                          exit_layer=2, num_speculations=3, adaptive=True)
+        assert r.choices[0].text == expected.text
+        assert (stats["drafted"], stats["accepted"]) == (expected.stats.drafted, expected.stats.accepted)
+        r = server.client().completions.create(model=NAME, prompt=PROMPT, max_tokens=4, temperature=0,
+                                               extra_body={"strategy": "self_speculative", "exit_layer": 4})
+        assert r.model_extra["layerskip"]["exit_layer"] == 4  # the request's own field wins
+    finally:
+        server.close()
 
 
 def test_chat_without_template_is_a_400(tmp_path):

@@ -1,6 +1,6 @@
 // CPU kernel of silu_and_mul, the SwiGLU gate of the Llama MLP: input [..., 2I] = gate | up ->
 // silu(gate) * up [..., I]. float32 or bfloat16; math in float32 with a vectorisable exp.
-#include <ATen/Parallel.h>
+#include "cpu/parallel.h"
 
 #include "cpu/dtype_dispatch.h"
 #include "cpu/op_checks.h"
@@ -13,7 +13,7 @@ namespace {
 template <typename T>
 void silu_and_mul_kernel(const T* in, T* out, int64_t rows, int64_t inter) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(inter, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  cpu::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* gate = in + r * 2 * inter;
       const T* up = gate + inter;

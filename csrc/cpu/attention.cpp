@@ -2,7 +2,7 @@
 // Token t attends to slots [0, positions[t]] of cache row rows[t]. Scores, softmax and the weighted sum of
 // values in float32; query / caches float32 or bfloat16. One task per (token, query head), split across
 // threads; a task's arithmetic depends only on its token (batch invariant).
-#include <ATen/Parallel.h>
+#include "cpu/parallel.h"
 
 #include <algorithm>
 #include <cmath>
@@ -38,7 +38,7 @@ void attention_kernel(const Q* query, int64_t sq_t, int64_t sq_h, const C* k_cac
   for (int64_t t = 0; t < tokens; ++t) longest = std::max(longest, positions[t] + 1);
   const int64_t work_per_item = longest * head_dim * 2;  // flops-ish of the longest token
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(work_per_item, 1));
-  at::parallel_for(0, tokens * q_heads, grain, [&](int64_t begin, int64_t end) {
+  cpu::parallel_for(0, tokens * q_heads, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> q(head_dim), acc(head_dim), scores(longest);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t h = r / tokens, t = r % tokens;  // token-minor: consecutive tasks share a kv head

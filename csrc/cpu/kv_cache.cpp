@@ -2,7 +2,7 @@
 // [B, Hkv, S, D] at (rows[t], positions[t]). Caches and inputs may each be float32 or bfloat16 (converted on
 // copy); key / value may be strided views with a dense head dimension. Duplicate (row, position) pairs: the
 // last token wins.
-#include <ATen/Parallel.h>
+#include "cpu/parallel.h"
 
 #include "cpu/dtype_dispatch.h"
 #include "cpu/op_checks.h"
@@ -19,7 +19,7 @@ void scatter_rows(C* cache, const T* src, int64_t st, int64_t sh, const int64_t*
   // Heads split across threads; the tokens of a head are written in order, so the last of duplicate
   // (row, position) pairs wins deterministically.
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(tokens * head_dim, 1));
-  at::parallel_for(0, heads, grain, [&](int64_t begin, int64_t end) {
+  cpu::parallel_for(0, heads, grain, [&](int64_t begin, int64_t end) {
     for (int64_t h = begin; h < end; ++h) {
       for (int64_t t = 0; t < tokens; ++t) {
         const T* from = src + t * st + h * sh;

@@ -12,7 +12,7 @@
 // summed, then the K tail) whatever T is, whichever pass a row falls in and however threads split N, so a
 // row's result does not depend on the other rows of the call. Larger T (prefill) goes to at::mm, whose order
 // depends on T; bfloat16 weights are then widened in blocks of rows, never the whole matrix at once.
-#include <ATen/Parallel.h>
+#include "cpu/parallel.h"
 #include <torch/all.h>
 #include <torch/library.h>
 
@@ -179,7 +179,7 @@ void skinny_linear(const float* x, int64_t T, const W* w, int64_t K, float* out,
   // second thread costs microseconds, reading 256 KiB about 15).
   const int64_t bytes_per_row = std::max<int64_t>(K * static_cast<int64_t>(sizeof(W)), 1);
   const int64_t grain = std::max<int64_t>((int64_t{256} << 10) / bytes_per_row, Simd::kRows);
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { skinny_range(x, T, w, K, out, N, n0, n1); });
+  cpu::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { skinny_range(x, T, w, K, out, N, n0, n1); });
 }
 
 // Prefill (T > kLinearSkinnyMaxTokens): out = x @ w.T by at::mm, bfloat16 weights widened 1024 rows at a time.

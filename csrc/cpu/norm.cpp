@@ -1,6 +1,6 @@
 // CPU kernels of rms_norm and fused_add_rms_norm (Llama RMSNorm), float32 or bfloat16 activations
 // with a float32 or same-dtype weight. Statistics and products in float32; rows split across threads.
-#include <ATen/Parallel.h>
+#include "cpu/parallel.h"
 
 #include <cmath>
 #include <vector>
@@ -25,7 +25,7 @@ inline void normalise_row(const float* x, const W* w, T* out, int64_t hidden, fl
 
 template <typename T, typename W>
 void rms_norm_kernel(const T* in, const W* w, T* out, int64_t rows, int64_t hidden, float eps) {
-  at::parallel_for(0, rows, row_grain(hidden), [&](int64_t begin, int64_t end) {
+  cpu::parallel_for(0, rows, row_grain(hidden), [&](int64_t begin, int64_t end) {
     std::vector<float> row(hidden);  // [H] the input row in float
     for (int64_t r = begin; r < end; ++r) {
       const T* x = in + r * hidden;
@@ -39,7 +39,7 @@ void rms_norm_kernel(const T* in, const W* w, T* out, int64_t rows, int64_t hidd
 template <typename T, typename W>
 void fused_add_rms_norm_kernel(const T* in, T* residual, const W* w, T* out, int64_t rows, int64_t hidden,
                                float eps) {
-  at::parallel_for(0, rows, row_grain(hidden), [&](int64_t begin, int64_t end) {
+  cpu::parallel_for(0, rows, row_grain(hidden), [&](int64_t begin, int64_t end) {
     std::vector<float> row(hidden);  // [H] the updated residual row in float
     for (int64_t r = begin; r < end; ++r) {
       const T* x = in + r * hidden;

@@ -14,7 +14,7 @@
 // The kernel is chosen at run time from cpuid: avx512vnni > avx512 > avx2 > plain (the reference). The
 // environment variable LAYERSKIP_QUANT_KERNEL (read once) or layerskip::set_quant_kernel forces one of
 // those the CPU supports, so tests run every path the machine has.
-#include <ATen/Parallel.h>
+#include "cpu/parallel.h"
 #include <torch/all.h>
 #include <torch/library.h>
 
@@ -237,7 +237,7 @@ torch::Tensor& linear_quantized_out_cpu(const torch::Tensor& input, const torch:
   // input rows make each row costlier to compute.
   const int64_t work_per_row = row_bytes * (1 + (T - 1) / 8);
   const int64_t grain = std::max<int64_t>((int64_t{256} << 10) / std::max<int64_t>(work_per_row, 1), 1);
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { fn(format, wp, row_bytes, n0, n1, acts, op, ldo); });
+  cpu::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { fn(format, wp, row_bytes, n0, n1, acts, op, ldo); });
   return out;
 }
 
@@ -264,7 +264,7 @@ torch::Tensor dequantize_rows_cpu(const torch::Tensor& packed, int64_t format, i
   torch::Tensor out = torch::empty({T, K}, packed.options().dtype(at::kFloat));  // [T, K]
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+  cpu::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const uint8_t* row = wp + id[t] * row_bytes;
       for (int64_t b = 0; b < nb; ++b) {

@@ -1,7 +1,7 @@
 // CPU kernel of rotary_embedding: rotate-half (HF Llama) rotary position embedding of query and
 // key in place, at per-token positions. query / key may be strided views (e.g. slices of a fused QKV
 // projection) as long as the head dimension is dense. float32 or bfloat16; math in float32.
-#include <ATen/Parallel.h>
+#include "cpu/parallel.h"
 
 #include "cpu/dtype_dispatch.h"
 #include "cpu/op_checks.h"
@@ -31,7 +31,7 @@ void rotate_all(T* x, int64_t tokens, int64_t heads, int64_t st, int64_t sh, con
                 int64_t head_dim) {
   const int64_t half = head_dim / 2;
   const int64_t grain = std::max<int64_t>(1, 16384 / head_dim);
-  at::parallel_for(0, tokens * heads, grain, [&](int64_t begin, int64_t end) {
+  cpu::parallel_for(0, tokens * heads, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = r / heads, h = r % heads;
       rotate_head(x + t * st + h * sh, cache + pos[t] * head_dim, half);

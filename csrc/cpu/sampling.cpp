@@ -10,7 +10,7 @@
 //   top_p < 1 then keeps the shortest prefix (of the same order, among the top-k) whose summed e
 //   (float64, left to right) reaches top_p * (summed e of the top-k); at least one token.
 //   The kept e are renormalised to sum to 1; all others are 0.
-#include <ATen/Parallel.h>
+#include "cpu/parallel.h"
 
 #include <algorithm>
 #include <array>
@@ -187,7 +187,7 @@ void filtered_probs(const char* op, float* out, const torch::Tensor& logits, con
   const auto x = logits.contiguous();
   const auto temp = temperature.contiguous(), k = top_k.contiguous(), p = top_p.contiguous();
   const int64_t rows = x.size(0), vocab = x.size(1);
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> z(vocab);
     for (int64_t r = begin; r < end; ++r) {
       load_row(x, r, z.data());
@@ -203,7 +203,7 @@ void draw_tokens(const char* op, int64_t* out, const float* probs, int64_t rows,
   const auto s = seeds.contiguous(), c = counters.contiguous();
   const int64_t* sp = s.data_ptr<int64_t>();
   const int64_t* cp = c.data_ptr<int64_t>();
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* row = probs + r * vocab;
       const double total = cpu::row_mass(row, vocab, op, "probs", r);
@@ -258,7 +258,7 @@ void sample_cpu(torch::Tensor& out, const torch::Tensor& logits, const torch::Te
   const auto temp = temperature.contiguous(), k = top_k.contiguous(), p = top_p.contiguous();
   const auto s = seeds.contiguous(), c = counters.contiguous();
   int64_t* o = out.data_ptr<int64_t>();
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> z(vocab), probs;
     for (int64_t r = begin; r < end; ++r) {
       load_row(x, r, z.data());

@@ -3,7 +3,7 @@
 // speculative_accept (rejection sampling, Leviathan et al. 2023 / Chen et al. 2023, whose output follows the
 // target distribution exactly). Row b uses its first d_b = draft_lengths[b] drafts of the padded [B, d] input.
 // Outputs: tokens [B, d + 1] int64 (-1 past each row's last valid entry), num_accepted [B] int64.
-#include <ATen/Parallel.h>
+#include "cpu/parallel.h"
 
 #include <algorithm>
 #include <cmath>
@@ -66,7 +66,7 @@ void speculative_accept_greedy_cpu(torch::Tensor& tokens, torch::Tensor& num_acc
   tokens.fill_(-1);
   int64_t* out = tokens.data_ptr<int64_t>();
   int64_t* accepted = num_accepted.data_ptr<int64_t>();
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> z(vocab);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t* x = draft.data_ptr<int64_t>() + b * d;
@@ -120,7 +120,7 @@ void speculative_accept_cpu(torch::Tensor& tokens, torch::Tensor& num_accepted, 
   int64_t* out_all = tokens.data_ptr<int64_t>();
   int64_t* accepted = num_accepted.data_ptr<int64_t>();
 
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> residual(vocab);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t* x = draft.data_ptr<int64_t>() + b * d;

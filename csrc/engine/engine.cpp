@@ -1,6 +1,8 @@
 // Engine construction, the add_row / step / remove_row interface and the per-row results.
 #include "engine/engine.h"
 
+#include "cpu/parallel.h"
+
 #include <chrono>
 #include <cmath>
 #include <limits>
@@ -162,9 +164,17 @@ int64_t Engine::add_row(at::Tensor prompt, std::string strategy, int64_t exit_la
   return id;
 }
 
+void Engine::set_threads(int64_t threads) {
+  Busy busy(busy_);
+  TORCH_CHECK(threads >= 0 && threads <= 4096, "Engine: threads must be in [0, 4096] (0: torch's count), got ",
+              threads);
+  threads_ = threads;
+}
+
 at::Tensor Engine::step() {
   Busy busy(busy_);
   c10::InferenceMode guard;
+  cpu::ThreadCapGuard cap(threads_);
   step_output_.clear();
   // rows to prefill, and the groups of prefilled rows that run a round
   std::vector<int64_t> to_prefill;

@@ -124,6 +124,10 @@ class Engine : public torch::CustomClassHolder {
   int64_t capacity() { return buffers_.capacity(); }
   int64_t max_rows() { return buffers_.rows(); }
   int64_t weight_bytes_per_token() { return weights_.bytes_per_token(); }
+  // Threads the engine's own CPU ops may use (cpu/parallel.h); 0: torch's thread count. Applies to this engine's
+  // calls only: torch's global setting is left alone.
+  void set_threads(int64_t threads);
+  int64_t threads() { return threads_; }
   void set_profiling(bool enabled) { profiler_.enabled = enabled; }
   // CUDA graphs (on by default on a CUDA device; cuda_graphs.cpp): decode steps replayed from a graph captured
   // per (exit layer, rows in the step). graph_replays counts the steps that ran from a graph.
@@ -191,6 +195,7 @@ class Engine : public torch::CustomClassHolder {
   struct GraphCache;                   // cuda_graphs.cpp
   std::shared_ptr<GraphCache> graphs_;
   bool use_graphs_ = true;
+  int64_t threads_ = 0;                // cap on the threads of the engine's CPU ops (0: none)
 };
 
 }  // namespace engine

@@ -24,6 +24,8 @@ TORCH_LIBRARY_FRAGMENT(layerskip, m) {
       .def("capacity", &Engine::capacity)
       .def("max_rows", &Engine::max_rows)
       .def("weight_bytes_per_token", &Engine::weight_bytes_per_token)
+      .def("set_threads", &Engine::set_threads)
+      .def("threads", &Engine::threads)
       .def("set_profiling", &Engine::set_profiling)
       .def("set_cuda_graphs", &Engine::set_cuda_graphs)
       .def("graph_replays", &Engine::graph_replays)

@@ -26,7 +26,9 @@ The engine copies the weights it fuses when it is built: after changing the mode
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
+import time
 
 import torch
 
@@ -44,6 +46,31 @@ except ImportError as e:  # the extension is not built
 
 WEIGHT_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 PACKED = "packed"  # weight_dtype that keeps a model's packed GGUF blocks (load(weights="q4_1"), a GGUF file)
+
+
+def default_threads() -> int:
+    """The engine's thread cap: LAYERSKIP_THREADS when set (0: torch's thread count), else 0; in that default
+    the engine drops to one thread while other processes fill every core (Engine._adapt_threads)."""
+    value = os.environ.get("LAYERSKIP_THREADS", "").strip()
+    if value:
+        if not value.isdigit() or int(value) > 4096:
+            raise ValueError(f"LAYERSKIP_THREADS must be an integer in [0, 4096], got {value!r}")
+        return int(value)
+    return 0
+
+
+def oversubscribed() -> bool:
+    """True when other runnable threads already fill every core this process may use (Linux /proc/stat's
+    procs_running, the least of three reads, minus the calling thread); False when it cannot tell."""
+    try:
+        counts = []
+        for _ in range(3):
+            with open("/proc/stat", "rb") as f:
+                line = next(ln for ln in f if ln.startswith(b"procs_running"))
+            counts.append(int(line.split()[1]))
+        return min(counts) - 1 >= len(os.sched_getaffinity(0))
+    except (OSError, StopIteration, ValueError, AttributeError):
+        return False
 _INITIAL_CAPACITY = 512  # KV positions per row allocated up front; the engine grows them when a row needs more
 
 
@@ -123,6 +150,36 @@ class Engine:
                 tensors, formats, dtype_name = weight_tensors(model.module), {}, WEIGHT_DTYPES[weight_dtype]
             self._engine = torch.classes.layerskip.Engine(config, float(c.rms_norm_eps), table, tensors, formats,
                                                           dtype_name)
+        self._threads = default_threads()
+        self._auto_threads = not os.environ.get("LAYERSKIP_THREADS", "").strip()  # adapt to contention
+        self._threads_checked = 0.0  # time.monotonic() of the last contention check
+        self._engine.set_threads(self._threads)
+
+    @property
+    def threads(self) -> int:
+        """Threads the engine's CPU ops may use (0: torch's thread count; see default_threads)."""
+        return self._engine.threads()
+
+    @threads.setter
+    def threads(self, value: int) -> None:
+        """Fixes the thread cap (no more adapting to contention)."""
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 4096:
+            raise ValueError(f"threads must be an integer in [0, 4096] (0: torch's thread count), got {value!r}")
+        with self._exclusive() as e:
+            self._threads, self._auto_threads = value, False
+            e.set_threads(value)
+
+    def _adapt_threads(self, e) -> None:
+        """In the default (automatic) mode, at most every 0.5 s: one thread while other processes fill every core
+        (a second worker would wait for a core and stall each step; benchmarks/results_contention.md), else the
+        default cap."""
+        if not self._auto_threads or self._threads == 1:
+            return
+        now = time.monotonic()
+        if now - self._threads_checked < 0.5:
+            return
+        self._threads_checked = now
+        e.set_threads(1 if oversubscribed() else self._threads)
 
     @contextlib.contextmanager
     def _exclusive(self):
@@ -200,6 +257,7 @@ class Engine:
     def step(self) -> list[tuple[int, list[int]]]:
         """One step over every unfinished row: [(row id, new tokens in order)] for the rows that produced some."""
         with self._exclusive() as e:
+            self._adapt_threads(e)
             return _group(e.step())
 
     def remove_row(self, row: int) -> None:
@@ -265,6 +323,7 @@ class Engine:
                 kept: dict[int, int] = {}  # row index -> tokens kept, for rows whose on_token asked to stop
                 while e.has_unfinished() and any(i not in kept and not e.finish_reason(row)
                                                  for i, row in enumerate(ids)):
+                    self._adapt_threads(e)
                     pairs = e.step()
                     if on_token is not None:
                         for row, token in pairs.tolist():

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat import get_chat_template
+from ..api import _apply_settings
 from ..generation import check_generation_args
 from ..stopping import check_stop
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
@@ -117,20 +118,30 @@ def create_app(model, model_name: str | None = None, max_batch: int = 8, max_que
             raise APIError(400, f"this model's maximum context length is {ctx} tokens; the request has "
                                 f"{len(prompt_ids)} prompt tokens and max_tokens {max_tokens}", param="max_tokens")
         strategy = req.strategy or defaults.strategy
-        exit_layer = req.exit_layer if req.exit_layer is not None else defaults.exit_layer
-        if strategy != "autoregressive" and exit_layer is None:
-            exit_layer = max(1, model.num_layers // 4)
-        num_speculations = req.num_speculations if req.num_speculations is not None else defaults.num_speculations
+        # request fields, then the server's defaults, then (self-speculative) the settings stored with the model
+        # (layerskip-ext tune), then a quarter of the layers
+        row = dict(strategy=strategy,
+                   exit_layer=req.exit_layer if req.exit_layer is not None else defaults.exit_layer,
+                   num_speculations=(req.num_speculations if req.num_speculations is not None
+                                     else defaults.num_speculations),
+                   draft_threshold=req.draft_threshold, adaptive=req.adaptive, draft_vocab_size=None)
         try:
             stop = check_stop(req.stop)
+            if strategy == "self_speculative":
+                _apply_settings(model, row)
+            if strategy != "autoregressive" and row["exit_layer"] is None:
+                row["exit_layer"] = max(1, model.num_layers // 4)
+            spec = strategy == "self_speculative"
             args = check_generation_args(
                 model.config, model.tokenizer, prompt_ids, max_new_tokens=max_tokens, strategy=strategy,
-                exit_layer=None if strategy == "autoregressive" else exit_layer,
-                num_speculations=num_speculations if strategy == "self_speculative" else None,
+                exit_layer=None if strategy == "autoregressive" else row["exit_layer"],
+                num_speculations=row["num_speculations"] if spec else None,
                 temperature=1.0 if req.temperature is None else req.temperature, top_k=req.top_k or 0,
                 top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed,
                 stop_token_ids=[] if req.ignore_eos else None,
-                context_length=ctx)
+                context_length=ctx, draft_threshold=(row.get("draft_threshold") or 0.0) if spec else 0.0,
+                adaptive=bool(row.get("adaptive")) if spec else False,
+                draft_vocab=row.get("draft_vocab") if spec else None)
         except ValueError as e:
             raise APIError(400, str(e)) from None
         return args, stop

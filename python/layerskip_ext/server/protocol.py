@@ -55,6 +55,9 @@ class SamplingFields(BaseModel):
     strategy: Optional[Literal["autoregressive", "early_exit", "self_speculative"]] = None
     exit_layer: Optional[int] = None
     num_speculations: Optional[int] = None
+    # the drafting policy (csrc/engine/draft_policy.h); None: the model's stored settings, else off
+    draft_threshold: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    adaptive: Optional[bool] = None
 
     def unsupported(self) -> list[str]:
         """Names of the set fields this server cannot honour."""

@@ -1,0 +1,85 @@
+"""The engine's thread cap (csrc/cpu/parallel.h, engine.default_threads / oversubscribed): output is the same on
+any number of threads, the default follows LAYERSKIP_THREADS and the machine's load, bad values are refused."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import layerskip_ext
+from layerskip_ext import engine as engine_mod
+from conftest import make_hf_checkpoint
+
+pytestmark = pytest.mark.skipif(not engine_mod.is_available(), reason="C++ extension not built")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    # wide enough that linear, attention and the LM head split across threads when uncapped
+    directory = tmp_path_factory.mktemp("threads")
+    return layerskip_ext.load(make_hf_checkpoint(directory, seed=5, num_hidden_layers=3, hidden_size=256,
+                                                 num_attention_heads=4, num_key_value_heads=2,
+                                                 intermediate_size=1024, vocab_size=4096))
+
+
+@pytest.mark.parametrize("kw", [dict(strategy="autoregressive"),
+                                dict(strategy="self_speculative", exit_layer=1, num_speculations=3),
+                                dict(strategy="autoregressive", temperature=0.9, top_p=0.9, seed=4)])
+def test_same_tokens_on_one_and_all_threads(model, kw):
+    if torch.get_num_threads() < 2:
+        pytest.skip("needs 2 torch threads to compare with one")
+    engine = engine_mod.get_engine(model)
+    prompts = [[5, 17, 42, 7], [3, 99, 1000, 12, 8, 1]]
+    runs = {}
+    try:
+        for threads in (1, 0):
+            engine.threads = threads
+            assert engine.threads == threads
+            runs[threads] = [r.tokens for r in layerskip_ext.generate(model, prompts, max_new_tokens=20,
+                                                                       stop_token_ids=[], **kw)]
+    finally:
+        engine.threads = engine_mod.default_threads()
+    assert runs[1] == runs[0]
+    assert all(len(t) == 20 for t in runs[1])
+
+
+def test_default_threads_follow_env(monkeypatch, model):
+    monkeypatch.delenv("LAYERSKIP_THREADS", raising=False)
+    assert engine_mod.default_threads() == 0
+    assert engine_mod.Engine(model).threads == 0
+    monkeypatch.setenv("LAYERSKIP_THREADS", "3")
+    assert engine_mod.default_threads() == 3
+    assert engine_mod.Engine(model).threads == 3
+    for bad in ("-1", "two", "1.5", "99999"):
+        monkeypatch.setenv("LAYERSKIP_THREADS", bad)
+        with pytest.raises(ValueError, match="LAYERSKIP_THREADS"):
+            engine_mod.default_threads()
+
+
+def test_engine_drops_to_one_thread_when_oversubscribed(model, monkeypatch):
+    monkeypatch.delenv("LAYERSKIP_THREADS", raising=False)
+    engine = engine_mod.Engine(model)
+    seen = []
+    for busy in (True, False):
+        monkeypatch.setattr(engine_mod, "oversubscribed", lambda busy=busy: busy)
+        engine._threads_checked = 0.0
+        engine._adapt_threads(engine._engine)
+        seen.append(engine.threads)
+    assert seen == [1, 0]
+
+
+@pytest.mark.parametrize("bad", [-1, 4097, 1.5, True, "2"])
+def test_bad_thread_counts_are_refused(model, bad):
+    engine = engine_mod.get_engine(model)
+    with pytest.raises(ValueError, match="threads"):
+        engine.threads = bad
+
+
+def test_oversubscribed_reads_proc_stat(monkeypatch):
+    # procs_running counts the calling thread: it alone never fills the cores
+    import io
+
+    cores = len(__import__("os").sched_getaffinity(0))
+    for running, expected in ((1, False), (cores, False), (cores + 1, True)):
+        text = f"cpu  1 2 3\nprocs_running {running}\nprocs_blocked 0\n".encode()
+        monkeypatch.setattr("builtins.open", lambda *a, **k: io.BytesIO(text))
+        assert engine_mod.oversubscribed() is expected
