@@ -48,5 +48,7 @@ torch::Tensor dequantize_rows_cpu(const torch::Tensor& packed, int64_t format, i
 std::vector<std::string> quant_kernels_cpu();
 std::string quant_kernel_cpu();
 void set_quant_kernel_cpu(const std::string& name);
+std::string quant_activations_cpu();
+void set_quant_activations_cpu(const std::string& name);
 
 }  // namespace layerskip

@@ -81,9 +81,10 @@ TORCH_LIBRARY(layerskip, m) {
       "speculative_accept(Tensor(a!) tokens, Tensor(b!) num_accepted, Tensor draft_tokens, Tensor draft_lengths, "
       "Tensor draft_probs, Tensor target_probs, Tensor seeds, Tensor counters) -> ()");
   // ---- packed GGUF blocks (csrc/cpu/quant_linear.cpp; formats numbered as GGUF: 2 = Q4_0, 3 = Q4_1, 8 = Q8_0)
-  // Not yet used by the engine (the integration lives on branch `quant`, against the pre-batching engine).
+  // The engine runs every matmul and the LM head of a model loaded with packed weights through these.
   // input [T, K] float32, packed [N, K / 32 * block bytes] uint8 (the file's blocks, N rows of K) ->
-  // input @ dequantized(packed).T, [T, N] float32; input rows quantized per block of 32 to int8.
+  // input @ dequantized(packed).T, [T, N] float32; input rows quantized per block of 32 to int8 (two levels by
+  // default, see quant_activations).
   m.def("linear_quantized(Tensor input, Tensor packed, int format, int out_features, int in_features) -> Tensor");
   m.def(
       "linear_quantized.out(Tensor input, Tensor packed, int format, int out_features, int in_features, *, "
@@ -95,4 +96,8 @@ TORCH_LIBRARY(layerskip, m) {
   m.def("quant_kernels() -> str[]");
   m.def("quant_kernel() -> str");
   m.def("set_quant_kernel(str name) -> ()");
+  // How linear_quantized rounds its input rows: "int8x2" (default: int8 codes plus int8 codes of the rounding
+  // residual, int16-like accuracy) or "int8" (one level, as llama.cpp); also LAYERSKIP_QUANT_ACTIVATIONS.
+  m.def("quant_activations() -> str");
+  m.def("set_quant_activations(str name) -> ()");
 }

@@ -28,7 +28,8 @@ ops = sorted(name for name in torch._C._dispatch_get_all_op_names() if name.star
 # that any other op without a CUDA kernel still fails the check.
 CPU_ONLY = {"layerskip::linear_quantized", "layerskip::linear_quantized.out", "layerskip::dequantize_rows",
             "layerskip::quant_kernels", "layerskip::quant_kernel", "layerskip::set_quant_kernel",
-            "layerskip::linear_kernels", "layerskip::linear_kernel", "layerskip::set_linear_kernel"}
+            "layerskip::linear_kernels", "layerskip::linear_kernel", "layerskip::set_linear_kernel",
+            "layerskip::quant_activations", "layerskip::set_quant_activations"}
 if not ops:
     sys.exit("check_cuda_build: no layerskip ops registered")
 missing = {key: [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(op, key)

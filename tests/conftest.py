@@ -56,7 +56,13 @@ def random_checkpoint(request, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """SmolLM2-135M-Instruct (the default model), fp32."""
+    """SmolLM2-135M-Instruct (the default model), dequantized to fp32."""
+    return layerskip_ext.load(weights="fp32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_packed():
+    """SmolLM2-135M-Instruct as the file holds it: Q4_1 blocks (Q8_0 embedding / tied head), memory-mapped."""
     return layerskip_ext.load()
 
 

@@ -1,7 +1,8 @@
 """torch.ops.layerskip.linear_quantized / dequantize_rows on packed GGUF blocks (Q8_0, Q4_0, Q4_1), with the
 `gguf` package as the oracle: every kernel this CPU runs (forced in turn) against the float matmul on
-gguf's own dequantization, within the bound the int8 rounding of the activations allows, and against the
-plain C++ kernel; our quantizers against gguf.quants.quantize, byte for byte; error messages; opcheck."""
+gguf's own dequantization, within the bound the rounding of the activations allows (int8, or two-level
+int8x2), and against the plain C++ kernel; our quantizers against gguf.quants.quantize, byte for byte;
+error messages; opcheck."""
 import gguf
 import numpy as np
 import pytest
@@ -17,10 +18,14 @@ KS = [32, 96, 800, 1536]  # 96 and 800: not multiples of 256 (nor of a 64-byte p
 NS = [1, 7, 33]
 
 
+ACTIVATIONS = ["int8x2", "int8"]
+
+
 @pytest.fixture(autouse=True)
 def _restore_kernel():
     yield
     ops.set_quant_kernel("auto")
+    ops.set_quant_activations("int8x2")
 
 
 def gguf_packed(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, np.ndarray]:
@@ -29,12 +34,16 @@ def gguf_packed(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, np.ndarray]:
     return torch.from_numpy(packed.copy()), gguf.quants.dequantize(packed, GGUF_TYPES[fmt])
 
 
-def rounding_bound(x: torch.Tensor, w_deq: np.ndarray, packed: torch.Tensor, fmt: str) -> torch.Tensor:
+def rounding_bound(x: torch.Tensor, w_deq: np.ndarray, packed: torch.Tensor, fmt: str,
+                   activations: str = "int8") -> torch.Tensor:
     """[T, N] bound on |linear_quantized - x @ w.T| from rounding x per block to int8 (|error| <= scale/2 per
-    value, scale = max|x| / 127), plus float32 summation slack. The Q4_1 min term uses the exact sum of x,
-    so only the d * nibble part of its weights sees the rounding."""
+    value, scale = max|x| / 127; two levels: the residual rounded again with scale / 254), plus float32
+    summation slack. The Q4_1 min term uses the exact sum of x, so only the d * nibble part of its weights
+    sees the rounding."""
     T, K = x.shape
     scale = x.reshape(T, K // BLOCK, BLOCK).abs().amax(dim=2).double() / 127  # [T, B]
+    if activations == "int8x2":
+        scale = scale / 254
     codes = torch.from_numpy(w_deq).double()  # [N, K]
     if fmt == "q4_1":  # d * nibble = w - m
         mins = packed.reshape(-1, 20)[:, 2:4].contiguous().view(torch.float16).double()  # [N * B, 1]
@@ -45,11 +54,13 @@ def rounding_bound(x: torch.Tensor, w_deq: np.ndarray, packed: torch.Tensor, fmt
     return bound * (1 + 1e-6) + slack + 1e-6
 
 
+@pytest.mark.parametrize("activations", ACTIVATIONS)
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 @pytest.mark.parametrize("kernel", ops.quant_kernels())
-def test_matches_gguf_dequantization(kernel, fmt):
+def test_matches_gguf_dequantization(kernel, fmt, activations):
     ops.set_quant_kernel(kernel)
-    assert ops.quant_kernel() == kernel
+    ops.set_quant_activations(activations)
+    assert ops.quant_kernel() == kernel and ops.quant_activations() == activations
     gen = torch.Generator().manual_seed(1)
     fmt_id = FORMATS[fmt][0]
     err_total = bound_total = 0.0
@@ -62,7 +73,7 @@ def test_matches_gguf_dequantization(kernel, fmt):
                 out = ops.linear_quantized(x, packed, fmt_id, n, k)  # [T, N]
                 ref = x.double() @ torch.from_numpy(w_deq).double().T
                 err = (out.double() - ref).abs()
-                bound = rounding_bound(x, w_deq, packed, fmt)
+                bound = rounding_bound(x, w_deq, packed, fmt, activations)
                 assert out.shape == (t, n) and out.dtype == torch.float32
                 assert bool((err <= bound).all()), (
                     f"{kernel} {fmt} T={t} K={k} N={n}: error {err.max():.3g} above the rounding bound "
@@ -73,9 +84,11 @@ def test_matches_gguf_dequantization(kernel, fmt):
     assert err_total < 0.2 * bound_total
 
 
+@pytest.mark.parametrize("activations", ACTIVATIONS)
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
-def test_simd_kernels_equal_plain(fmt):
+def test_simd_kernels_equal_plain(fmt, activations):
     """Same int32 block sums, so a SIMD kernel differs from the plain one only by float summation order."""
+    ops.set_quant_activations(activations)
     gen = torch.Generator().manual_seed(2)
     k, n = 1536, 65
     w = quantize(torch.randn(n, k, generator=gen), fmt)
@@ -180,6 +193,8 @@ def test_errors():
         ops.dequantize_rows(w.data, 8, 4, 64, torch.tensor([0, 4]))
     with pytest.raises(RuntimeError, match="unknown quant kernel 'sse'"):
         ops.set_quant_kernel("sse")
+    with pytest.raises(RuntimeError, match="unknown quant activation mode 'int4'"):
+        ops.set_quant_activations("int4")
     with pytest.raises(ValueError, match="unsupported packed format"):
         PackedWeight(w.data, "q5_0", 4, 64)
 

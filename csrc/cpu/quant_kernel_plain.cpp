@@ -1,6 +1,7 @@
 // The plain C++ kernel of layerskip::linear_quantized: the reference every SIMD path is tested against,
 // and the path of CPUs without AVX2. Same arithmetic as the SIMD paths: per block an exact int32 dot
-// product of the weight codes and the int8 activations, scaled by d * scale(x); Q4_1 adds m * sum(x).
+// product of the weight codes and the int8 activations, scaled by d * scale(x) (two-level mode: plus the
+// residual codes' dot product times d * scale2(x)); Q4_1 adds m * sum(x).
 #include "cpu/quant_kernels.h"
 
 namespace layerskip {
@@ -35,13 +36,19 @@ void rows_plain(int64_t format, const uint8_t* w, int64_t row_bytes, int64_t n0,
     const uint8_t* row = w + n * row_bytes;
     for (int64_t t = 0; t < x.T; ++t) {
       const int8_t* xq = x.q + t * x.K;
+      const int8_t* xq2 = x.q2 != nullptr ? x.q2 + t * x.K : nullptr;
       float acc = 0.0f;
       for (int64_t b = 0; b < nb; ++b) {
         float d, m;
         decode_block(format, row + b * bb, codes, &d, &m);
-        int32_t dot = 0;
+        int32_t dot = 0, dot2 = 0;
         for (int i = 0; i < kBlock; ++i) dot += codes[i] * xq[b * kBlock + i];
-        acc += d * x.scale[t * nb + b] * static_cast<float>(dot) + m * x.sum[t * nb + b];
+        float xw = x.scale[t * nb + b] * static_cast<float>(dot);
+        if (xq2 != nullptr) {
+          for (int i = 0; i < kBlock; ++i) dot2 += codes[i] * xq2[b * kBlock + i];
+          xw += x.scale2[t * nb + b] * static_cast<float>(dot2);
+        }
+        acc += d * xw + m * x.sum[t * nb + b];
       }
       out[t * ldo + n] = acc;
     }

@@ -15,6 +15,10 @@
 // Activations: each block of 32 values of an input row is quantized to int8 as llama.cpp does,
 // scale = max|x| / 127, q = round(x / scale) (so the int8 dot product of a block is exact in int32),
 // and the float sum of the block's values is kept for Q4_1's min term (exact, not from the int8 values).
+// Two-level mode (the default, "int8x2"): the rounding residual r = x - scale * q (|r| <= scale / 2) is
+// quantized again, scale2 = scale / 254, q2 = round(r / scale2), and each block costs a second int8 dot
+// product against the same decoded weights: x is then held to ~1/65000 of the block's max (int16-like)
+// instead of 1/254, which keeps a model's greedy tokens those of its dequantized weights.
 #pragma once
 #include <cstdint>
 
@@ -40,8 +44,10 @@ struct QuantizedActivations {
   const int8_t* q;     // [T, K]      round(x / scale)
   const float* scale;  // [T, K / 32] max|x| / 127 of each block (0 for an all-zero block)
   const float* sum;    // [T, K / 32] sum of the block's float values
-  const float* qsum;   // [T, K / 32] scale * sum of the block's int8 codes (Q4_0's -8 offset, applied per block)
+  const float* qsum;   // [T, K / 32] sum of the block's rounded values (Q4_0's -8 offset, applied per block)
   int64_t T, K;
+  const int8_t* q2 = nullptr;       // [T, K] residual codes (two-level mode), nullptr: one level
+  const float* scale2 = nullptr;    // [T, K / 32] scale / 254
 };
 
 // out[t * ldo + n] = sum_k W[n, k] * x[t, k] for n in [n0, n1), every t < T, with W's rows packed in

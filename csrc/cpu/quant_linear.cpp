@@ -3,8 +3,13 @@
 //
 // linear_quantized: out [T, N] = input [T, K] @ W[N, K]^T. The input rows are quantized per block of 32 to
 // int8 (scale max|x| / 127, as llama.cpp does: the block dot products are then exact int32 sums, 4 products
-// per instruction lane, and the weights are never widened to float); output rows N are split across
-// threads, and each weight row is read from memory once for all T input rows (quant_kernel_simd.inc).
+// per instruction lane, and the weights are never widened to float), by default in two levels (the
+// rounding residual quantized again: int16-like accuracy for a second int8 dot product per block; see
+// quant_kernels.h; "int8" keeps llama.cpp's one level); output rows N are split across threads, and each
+// weight row is read from memory once for all T input rows (quant_kernel_simd.inc).
+//
+// The activation mode: LAYERSKIP_QUANT_ACTIVATIONS (read once) or layerskip::set_quant_activations,
+// "int8x2" (default) or "int8".
 //
 // The kernel is chosen at run time from cpuid: avx512vnni > avx512 > avx2 > plain (the reference). The
 // environment variable LAYERSKIP_QUANT_KERNEL (read once) or layerskip::set_quant_kernel forces one of
@@ -116,8 +121,10 @@ int64_t check_packed(const char* op, const torch::Tensor& packed, int64_t format
   return row_bytes;
 }
 
-// x [T, K] float32 -> int8 codes, scales and float sums per block of 32 (see quant_kernels.h).
-void quantize_rows(const float* x, int64_t T, int64_t K, int8_t* q, float* scale, float* sum, float* qsum) {
+// x [T, K] float32 -> int8 codes, scales and float sums per block of 32 (see quant_kernels.h); with q2 and
+// scale2 (two levels) also the residual's codes and scales.
+void quantize_rows(const float* x, int64_t T, int64_t K, int8_t* q, float* scale, float* sum, float* qsum,
+                   int8_t* q2, float* scale2) {
   const int64_t nb = K / kBlock;
   for (int64_t i = 0; i < T * nb; ++i) {
     const float* v = x + i * kBlock;
@@ -128,16 +135,48 @@ void quantize_rows(const float* x, int64_t T, int64_t K, int8_t* q, float* scale
     }
     const float d = amax / 127.0f;
     const float inv = d > 0.0f ? 1.0f / d : 0.0f;
-    int32_t codes = 0;
+    const float d2 = d / 254.0f;  // |residual| <= d / 2 = 127 d2
+    const float inv2 = d2 > 0.0f ? 1.0f / d2 : 0.0f;
+    int32_t codes = 0, codes2 = 0;
     for (int j = 0; j < kBlock; ++j) {
       const int8_t c = static_cast<int8_t>(std::lround(v[j] * inv));
       q[i * kBlock + j] = c;
       codes += c;
+      if (q2 != nullptr) {
+        const float r = v[j] - d * static_cast<float>(c);
+        const int8_t c2 = static_cast<int8_t>(std::clamp<long>(std::lround(r * inv2), -127, 127));
+        q2[i * kBlock + j] = c2;
+        codes2 += c2;
+      }
     }
     scale[i] = d;
     sum[i] = s;
     qsum[i] = d * static_cast<float>(codes);
+    if (q2 != nullptr) {
+      scale2[i] = d2;
+      qsum[i] += d2 * static_cast<float>(codes2);
+    }
   }
+}
+
+// The activation mode: true for two levels.
+std::atomic<int> g_two_levels{-1};  // -1: not read yet
+
+bool parse_activations(const std::string& name) {
+  if (name == "int8x2") return true;
+  if (name == "int8") return false;
+  TORCH_CHECK(false, "unknown quant activation mode '", name, "': expected int8x2 (two-level, accurate) or int8 ",
+              "(one level, as llama.cpp)");
+}
+
+bool two_levels() {
+  int v = g_two_levels.load(std::memory_order_acquire);
+  if (v >= 0) return v == 1;
+  const char* env = std::getenv("LAYERSKIP_QUANT_ACTIVATIONS");
+  const int chosen = parse_activations(env != nullptr && *env != '\0' ? env : "int8x2") ? 1 : 0;
+  int expected = -1;
+  g_two_levels.compare_exchange_strong(expected, chosen);  // a set_quant_activations that came first wins
+  return g_two_levels.load(std::memory_order_acquire) == 1;
 }
 
 }  // namespace
@@ -152,6 +191,12 @@ std::vector<std::string> quant_kernels_cpu() {
 std::string quant_kernel_cpu() { return current_kernel()->name; }
 
 void set_quant_kernel_cpu(const std::string& name) { g_kernel.store(find_kernel(name), std::memory_order_release); }
+
+std::string quant_activations_cpu() { return two_levels() ? "int8x2" : "int8"; }
+
+void set_quant_activations_cpu(const std::string& name) {
+  g_two_levels.store(parse_activations(name) ? 1 : 0, std::memory_order_release);
+}
 
 torch::Tensor& linear_quantized_out_cpu(const torch::Tensor& input, const torch::Tensor& packed, int64_t format,
                                         int64_t out_features, int64_t in_features, torch::Tensor& out) {
@@ -172,11 +217,17 @@ torch::Tensor& linear_quantized_out_cpu(const torch::Tensor& input, const torch:
   const torch::Tensor x = input.contiguous();  // [T, K]
   const torch::Tensor w = packed.contiguous();
   const int64_t nb = K / kBlock;
-  std::vector<int8_t> q(static_cast<size_t>(T * K));
+  const bool two = two_levels();
+  std::vector<int8_t> q(static_cast<size_t>(T * K)), q2(two ? static_cast<size_t>(T * K) : 0);
   std::vector<float> scale(static_cast<size_t>(T * nb)), sum(static_cast<size_t>(T * nb)),
-      qsum(static_cast<size_t>(T * nb));
-  quantize_rows(x.data_ptr<float>(), T, K, q.data(), scale.data(), sum.data(), qsum.data());
-  const quant::QuantizedActivations acts{q.data(), scale.data(), sum.data(), qsum.data(), T, K};
+      qsum(static_cast<size_t>(T * nb)), scale2(two ? static_cast<size_t>(T * nb) : 0);
+  quantize_rows(x.data_ptr<float>(), T, K, q.data(), scale.data(), sum.data(), qsum.data(),
+                two ? q2.data() : nullptr, two ? scale2.data() : nullptr);
+  quant::QuantizedActivations acts{q.data(), scale.data(), sum.data(), qsum.data(), T, K};
+  if (two) {
+    acts.q2 = q2.data();
+    acts.scale2 = scale2.data();
+  }
 
   const quant::RowsKernel fn = current_kernel()->fn;
   const uint8_t* wp = w.data_ptr<uint8_t>();
@@ -248,6 +299,8 @@ TORCH_LIBRARY_IMPL(layerskip, CompositeImplicitAutograd, m) {
   m.impl("quant_kernels", &quant_kernels_cpu);
   m.impl("quant_kernel", &quant_kernel_cpu);
   m.impl("set_quant_kernel", &set_quant_kernel_cpu);
+  m.impl("quant_activations", &quant_activations_cpu);
+  m.impl("set_quant_activations", &set_quant_activations_cpu);
 }
 
 }  // namespace layerskip

@@ -110,7 +110,7 @@ bool Engine::decode_group_graph(const std::vector<int64_t>& ids, int64_t E) {
   if (!entry) entry = std::make_unique<GraphCache::Decode>();
   GraphCache::Decode& g = *entry;
   if (!g.captured && g.steps_seen++ == 0) return false;  // the first step of this shape runs eagerly
-  if (!g.captured) GraphCache::allocate_io(g, 6 * n, 2 * n, 2 * n, weights_.embed.device());
+  if (!g.captured) GraphCache::allocate_io(g, 6 * n, 2 * n, 2 * n, weights_.device());
 
   // inputs, packed on the host: last tokens | cache rows | positions | counters | top_k | seeds; temperature | top_p
   int64_t* hl = g.host_long.data_ptr<int64_t>();
@@ -175,7 +175,7 @@ bool Engine::speculative_group_graph(const std::vector<int64_t>& ids) {
   if (!entry) entry = std::make_unique<GraphCache::Decode>();
   GraphCache::Decode& g = *entry;
   if (!g.captured && g.steps_seen++ == 0) return false;  // the first round of this shape runs eagerly
-  const at::Device device = weights_.embed.device();
+  const at::Device device = weights_.device();
   if (!g.captured) GraphCache::allocate_io(g, 6 * n, 2 * n, n * W + n + n * W, device);
 
   int64_t* hl = g.host_long.data_ptr<int64_t>();
@@ -257,7 +257,7 @@ bool Engine::speculative_group_graph(const std::vector<int64_t>& ids) {
 }
 
 bool Engine::graphs_ready() {
-  if (!use_graphs_ || profiler_.enabled || !weights_.embed.is_cuda()) return false;
+  if (!use_graphs_ || profiler_.enabled || !weights_.device().is_cuda()) return false;
   if (!graphs_) {
     if (!graphs_enabled_by_env()) {
       use_graphs_ = false;

@@ -20,6 +20,9 @@ struct Ops {
   c10::TypedOperatorHandle<void(Tensor&, C, C, C, C, C, double)> attention;
   c10::TypedOperatorHandle<void(Tensor&, C)> silu_and_mul;
   c10::TypedOperatorHandle<void(Tensor&, C, C)> linear;
+  // packed GGUF blocks (CPU): linear_quantized.out(input, packed, format, N, K, out), dequantize_rows
+  c10::TypedOperatorHandle<Tensor&(C, C, int64_t, int64_t, int64_t, Tensor&)> linear_quantized;
+  c10::TypedOperatorHandle<Tensor(C, int64_t, int64_t, int64_t, C)> dequantize_rows;
   c10::TypedOperatorHandle<void(Tensor&, C, C, C, C)> sampling_probs;
   c10::TypedOperatorHandle<void(Tensor&, C, C, C)> sample_from_probs;
   c10::TypedOperatorHandle<void(Tensor&, C, C, C, C, C, C)> sample;
@@ -29,7 +32,7 @@ struct Ops {
   // Looks every op up by name; throws if one is not registered.
   static Ops lookup() {
     auto& d = c10::Dispatcher::singleton();
-    auto find = [&](const char* name) { return d.findSchemaOrThrow(name, ""); };
+    auto find = [&](const char* name, const char* overload = "") { return d.findSchemaOrThrow(name, overload); };
     return Ops{
         find("layerskip::rms_norm").typed<void(Tensor&, C, C, double)>(),
         find("layerskip::fused_add_rms_norm").typed<void(Tensor&, C, Tensor&, C, double)>(),
@@ -38,6 +41,8 @@ struct Ops {
         find("layerskip::attention").typed<void(Tensor&, C, C, C, C, C, double)>(),
         find("layerskip::silu_and_mul").typed<void(Tensor&, C)>(),
         find("layerskip::linear").typed<void(Tensor&, C, C)>(),
+        find("layerskip::linear_quantized", "out").typed<Tensor&(C, C, int64_t, int64_t, int64_t, Tensor&)>(),
+        find("layerskip::dequantize_rows").typed<Tensor(C, int64_t, int64_t, int64_t, C)>(),
         find("layerskip::sampling_probs").typed<void(Tensor&, C, C, C, C)>(),
         find("layerskip::sample_from_probs").typed<void(Tensor&, C, C, C)>(),
         find("layerskip::sample").typed<void(Tensor&, C, C, C, C, C, C)>(),

@@ -63,12 +63,13 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 
 }  // namespace
 
-Engine::Engine(EngineConfig config, at::Tensor cos_sin_cache, const c10::Dict<std::string, at::Tensor>& weights)
+Engine::Engine(EngineConfig config, at::Tensor cos_sin_cache, const c10::Dict<std::string, at::Tensor>& weights,
+               const c10::Dict<std::string, int64_t>& weight_formats)
     : config_(config),
-      weights_((check_shape(config.shape), build_weights(config.shape, weights, config.weight_dtype))),
+      weights_((check_shape(config.shape), build_weights(config.shape, weights, weight_formats, config.weight_dtype))),
       ops_(Ops::lookup()),
       attn_scale_(1.0 / std::sqrt(static_cast<double>(config.shape.head_dim))),
-      buffers_(config.shape, weights_.embed.options()) {
+      buffers_(config.shape, weights_.final_norm.options()) {
   const int64_t D = config.shape.head_dim;
   TORCH_CHECK(cos_sin_cache.dim() == 2 && cos_sin_cache.size(1) == D, "Engine: cos_sin_cache must have shape ",
               "[max_positions, ", D, "], got ", cos_sin_cache.sizes());
@@ -78,14 +79,14 @@ Engine::Engine(EngineConfig config, at::Tensor cos_sin_cache, const c10::Dict<st
               ") must cover the rotary table's ", cos_sin_cache.size(0), " positions");
   TORCH_CHECK(config.max_rows >= 1 && config.max_rows <= 4096, "Engine: max_rows must be in [1, 4096], got ",
               config.max_rows);
-  cos_sin_cache_ = cos_sin_cache.to(weights_.embed.device(), at::kFloat).contiguous();
+  cos_sin_cache_ = cos_sin_cache.to(weights_.device(), at::kFloat).contiguous();
   buffers_.reserve(config.max_rows, config.capacity);
   slot_used_.assign(buffers_.rows(), false);
 }
 
 c10::intrusive_ptr<Engine> Engine::create(c10::Dict<std::string, int64_t> config, double rms_norm_eps,
                                           at::Tensor cos_sin_cache, c10::Dict<std::string, at::Tensor> weights,
-                                          std::string weight_dtype) {
+                                          c10::Dict<std::string, int64_t> weight_formats, std::string weight_dtype) {
   EngineConfig c;
   c.shape = ModelShape{config_value(config, "num_layers"),   config_value(config, "hidden_size"),
                        config_value(config, "num_heads"),    config_value(config, "num_kv_heads"),
@@ -96,7 +97,7 @@ c10::intrusive_ptr<Engine> Engine::create(c10::Dict<std::string, int64_t> config
   c.capacity = config_value(config, "capacity");
   // without max_positions, the table bounds the context (as it did before set_rope_table existed)
   c.max_positions = config.contains("max_positions") ? config.at("max_positions") : cos_sin_cache.size(0);
-  return c10::make_intrusive<Engine>(c, cos_sin_cache, weights);
+  return c10::make_intrusive<Engine>(c, cos_sin_cache, weights, weight_formats);
 }
 
 int64_t Engine::add_row(at::Tensor prompt, std::string strategy, int64_t exit_layer, int64_t num_speculations,
@@ -162,7 +163,7 @@ int64_t Engine::add_row(at::Tensor prompt, std::string strategy, int64_t exit_la
   buffers_.reserve(slot + 1, s.capacity);
   if (slot >= static_cast<int64_t>(slot_used_.size())) slot_used_.resize(slot + 1, false);
   s.slot = slot;
-  s.prompt = host_prompt.to(weights_.embed.device());
+  s.prompt = host_prompt.to(weights_.device());
   slot_used_[slot] = true;
   const int64_t id = next_id_++;
   rows_.emplace(id, std::move(r));
@@ -267,8 +268,8 @@ void Engine::set_draft_vocab(at::Tensor token_ids) {
     TORCH_CHECK(ids[i] >= 0 && ids[i] < V && (i == 0 || ids[i] > ids[i - 1]), "Engine: draft vocabulary must be "
                 "strictly ascending token ids in [0, ", V, "); entry ", i, " is ", ids[i]);
   }
-  draft_vocab_ = host.to(weights_.embed.device());
-  draft_head_ = weights_.lm_head.index_select(0, draft_vocab_).contiguous();  // [K, H]
+  draft_vocab_ = host.to(weights_.device());
+  draft_head_ = weights_.lm_head.rows(draft_vocab_);  // [K, H]
 }
 
 void Engine::set_rope_table(at::Tensor cos_sin_cache) {

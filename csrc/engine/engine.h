@@ -87,13 +87,15 @@ struct Row {
 
 class Engine : public torch::CustomClassHolder {
  public:
-  Engine(EngineConfig config, at::Tensor cos_sin_cache, const c10::Dict<std::string, at::Tensor>& weights);
+  Engine(EngineConfig config, at::Tensor cos_sin_cache, const c10::Dict<std::string, at::Tensor>& weights,
+         const c10::Dict<std::string, int64_t>& weight_formats = c10::Dict<std::string, int64_t>());
 
   // Python constructor: config keys num_layers, hidden_size, num_heads, num_kv_heads, head_dim,
   // intermediate_size, vocab_size, max_rows, capacity; weights by HF name (no lm_head.weight: tied).
+  // weight_formats: the matrices given as packed GGUF blocks, name -> GGUF format (see build_weights).
   static c10::intrusive_ptr<Engine> create(c10::Dict<std::string, int64_t> config, double rms_norm_eps,
                                            at::Tensor cos_sin_cache, c10::Dict<std::string, at::Tensor> weights,
-                                           std::string weight_dtype);
+                                           c10::Dict<std::string, int64_t> weight_formats, std::string weight_dtype);
 
   // A new row; returns its id. prompt [P] int64; stop_token_ids [n] int64; strategy "autoregressive" |
   // "early_exit" | "self_speculative". Throws (changing nothing) on any invalid argument.
@@ -151,7 +153,7 @@ class Engine : public torch::CustomClassHolder {
   at::Tensor exit_logits(const at::Tensor& x, const char* name, bool batch_invariant);
   // residual x [T, H] -> draft logits over the draft vocabulary [T, K] (final norm + reduced head).
   at::Tensor reduced_logits(const at::Tensor& x);
-  void linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, bool batch_invariant);
+  void linear(at::Tensor& out, const at::Tensor& x, const Matrix& w, bool batch_invariant);  // x @ w^T
 
   // strategies.cpp
   bool push(Row& row, int64_t id, int64_t token);  // appends a token; true when the row must stop
@@ -191,7 +193,7 @@ class Engine : public torch::CustomClassHolder {
   Profiler profiler_;
   std::map<int64_t, Row> rows_;        // by id
   at::Tensor draft_vocab_;             // [K] int64 token ids of the reduced draft head (undefined: none)
-  at::Tensor draft_head_;              // [K, H] their LM-head rows, in the matmul dtype
+  Matrix draft_head_;                  // [K, H] their LM-head rows, in the head's dtype or block format
   std::vector<bool> slot_used_;        // cache rows in use
   int64_t next_id_ = 0;
   std::vector<int64_t> step_output_;   // (id, token) pairs of the current step

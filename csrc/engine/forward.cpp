@@ -15,10 +15,20 @@ namespace engine {
 
 void Engine::embed(at::Tensor& out, const at::Tensor& ids) {
   Profiler::Scope s(profiler_, Cat::embed);
-  at::index_select_out(out, weights_.embed, 0, ids);  // [T] -> [T, H]
+  const Matrix& e = weights_.embed;
+  if (e.packed()) {  // the rows dequantized (a few KiB per token)
+    out.copy_(ops_.dequantize_rows.call(e.data, e.format, e.out_features, e.in_features, ids));  // [T, H]
+  } else {
+    at::index_select_out(out, e.data, 0, ids);  // [T] -> [T, H]
+  }
 }
 
-void Engine::linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, bool batch_invariant) {
+void Engine::linear(at::Tensor& out, const at::Tensor& x, const Matrix& m, bool batch_invariant) {
+  if (m.packed()) {  // batch invariant at any T: each output is one block-by-block sum (quant_kernel_simd.inc)
+    ops_.linear_quantized.call(x, m.data, m.format, m.out_features, m.in_features, out);
+    return;
+  }
+  const at::Tensor& w = m.data;
   const int64_t T = x.size(0);
   if (!batch_invariant || T <= kLinearSkinnyMaxTokens) {
     ops_.linear.call(out, x, w);

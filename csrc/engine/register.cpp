@@ -5,8 +5,9 @@ TORCH_LIBRARY_FRAGMENT(layerskip, m) {
   using layerskip::engine::Engine;
   m.class_<Engine>("Engine")
       .def(torch::init([](c10::Dict<std::string, int64_t> config, double rms_norm_eps, at::Tensor cos_sin_cache,
-                          c10::Dict<std::string, at::Tensor> weights, std::string weight_dtype) {
-        return Engine::create(config, rms_norm_eps, cos_sin_cache, weights, weight_dtype);
+                          c10::Dict<std::string, at::Tensor> weights, c10::Dict<std::string, int64_t> weight_formats,
+                          std::string weight_dtype) {
+        return Engine::create(config, rms_norm_eps, cos_sin_cache, weights, weight_formats, weight_dtype);
       }))
       .def("add_row", &Engine::add_row)
       .def("step", &Engine::step)

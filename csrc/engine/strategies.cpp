@@ -49,7 +49,7 @@ Engine::SamplingParams Engine::sampling_params(const std::vector<int64_t>& ids, 
     top_k[j] = p.top_k;
     seeds[j] = p.seed;
   }
-  const at::Device device = weights_.embed.device();
+  const at::Device device = weights_.device();
   return {at::tensor(temperature, at::kDouble).to(device), longs(top_k, device),
           at::tensor(top_p, at::kDouble).to(device), longs(seeds, device), longs(counters, device)};
 }
@@ -67,7 +67,7 @@ void Engine::prefill(int64_t id, Row& r) {
   const RowParams& p = r.params;
   const int64_t P = s.prompt_length;
   const int64_t layers = p.strategy == Strategy::early_exit ? p.exit_layer : config_.shape.num_layers;
-  const at::Device device = weights_.embed.device();
+  const at::Device device = weights_.device();
   at::Tensor x = buffers_.scratch("prefill_x", {P, config_.shape.hidden});  // [P, H]
   embed(x, s.prompt);
   const at::Tensor rows = at::full({P}, s.slot, at::TensorOptions().dtype(at::kLong).device(device));  // [P]
@@ -102,7 +102,7 @@ void Engine::decode_group(const std::vector<int64_t>& ids, int64_t E) {
     positions[j] = s.position;
     counters[j] = s.counter;
   }
-  const at::Device device = weights_.embed.device();
+  const at::Device device = weights_.device();
   at::Tensor x = buffers_.scratch("step_x", {n, config_.shape.hidden});  // [n, H]
   embed(x, longs(last, device));
   run_layers(x, 0, E, longs(slots, device), longs(positions, device), true);
@@ -161,7 +161,7 @@ void Engine::speculative_group(const std::vector<int64_t>& ids) {
   const int64_t E = rows_.at(ids[0]).params.exit_layer;
   const bool reduced = rows_.at(ids[0]).params.reduced_head;  // drafts over the draft vocabulary's K tokens
   const int64_t Vd = reduced ? draft_vocab_.size(0) : V;
-  const at::Device device = weights_.embed.device();
+  const at::Device device = weights_.device();
   // per row: draft length d_j (the verify block [position, position + d_j] stays inside the row's capacity),
   // first counter c_j
   std::vector<int64_t> d(n), c(n), slots(n), pos(n), last(n);

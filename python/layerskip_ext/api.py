@@ -70,7 +70,7 @@ def _apply_settings(model: LayerSkipModel, row: dict) -> None:
 def generate(model: LayerSkipModel, prompt, max_new_tokens=64, strategy="autoregressive", exit_layer=None,
              num_speculations=None, temperature=0.0, top_k=0, top_p=1.0, seed=None, stop_token_ids=None,
              on_token=None, backend: str = "auto", context_length=None,
-             weight_dtype: torch.dtype | None = None, stop=None, draft_threshold=None, adaptive=None,
+             weight_dtype: torch.dtype | str | None = None, stop=None, draft_threshold=None, adaptive=None,
              probe_interval=32, draft_vocab_size=None):
     """Generates up to `max_new_tokens` tokens after `prompt`.
 
@@ -100,8 +100,9 @@ def generate(model: LayerSkipModel, prompt, max_new_tokens=64, strategy="autoreg
     the draft vocabulary stored with the model (`layerskip-ext draft-vocab`); verification uses the whole head,
     so the output is unchanged. None: the stored settings' K, else 0 (the whole head).
     backend: "engine" (C++ decoder loop), "reference" (pure PyTorch oracle) or "auto" (engine when built).
-    weight_dtype: the engine's matmul weights, torch.float32 or torch.bfloat16 (None: bfloat16 for a
-    bfloat16 model, else float32). The reference always runs in the model's dtype.
+    weight_dtype: the engine's matmul weights, torch.float32, torch.bfloat16 or "packed" (the model's GGUF blocks
+    as loaded; None: "packed" for a model with packed weights, else bfloat16 for a bfloat16 model or one loaded
+    with weights="bf16", else float32). The reference always runs the model's module (packed weights dequantized).
     Concurrency: calls on one model from several threads are serialized (each gets correct results); a call
     from inside on_token on the same model raises RuntimeError.
     """

@@ -62,7 +62,7 @@ def check_state_dict(config: ModelConfig, state: dict[str, torch.Tensor], source
         if tuple(state[name].shape) != shape:
             raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(state[name].shape)}, expected "
                                   f"{shape}", source, name)
-        if not state[name].is_floating_point():
+        if isinstance(state[name], torch.Tensor) and not state[name].is_floating_point():
             raise CheckpointError(f"{source}: tensor {name!r} has dtype {state[name].dtype}, expected a float type",
                                   source, name)
 
@@ -196,22 +196,75 @@ def undo_rope_permutation(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _gguf_field(reader, key, default=None):
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
+    return reader.fields.get(key, default)
 
 
-def load_gguf(path: str):
-    """A llama-architecture GGUF file -> (config, state dict in HF layout, tokenizer or None)."""
+# What load(weights=...) can ask for (see model.load).
+WEIGHT_MODES = ("auto", "q8_0", "q4_0", "q4_1", "bf16", "fp32")
+_FLOAT_MODES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _dequantized(t, shape, path):
+    """A GGUF tensor's values, float32 numpy of `shape` (gguf's own dequantization)."""
+    import gguf
     try:
-        import gguf
+        values = gguf.quants.dequantize(t.data, t.tensor_type)
+        return values.astype("float32", copy=False).reshape(shape)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot dequantize tensor {t.name!r}: truncated or corrupt ({e})", path,
+                              t.name) from None
+
+
+def _gguf_matrix(t, shape, weights: str, path: str):
+    """A 2-D GGUF tensor [N, K] -> PackedWeight (the file's bytes, or quantized by us) or a float tensor.
+
+    "auto" keeps Q8_0 / Q4_0 / Q4_1 blocks as they are (a view of the memory map: nothing is read until used),
+    turns other block types (K-quants, Q5_*) into bfloat16 and keeps F32 / F16 as float32; "q8_0" / "q4_0" /
+    "q4_1" pack every matrix in that format; "bf16" / "fp32" dequantize."""
+    import gguf
+
+    from .quant import FORMAT_NAMES, PackedWeight, quantize
+
+    file_fmt = FORMAT_NAMES.get(int(t.tensor_type))
+    if file_fmt is not None and weights in ("auto", file_fmt):
+        with warnings.catch_warnings():  # a read-only memory map: torch warns that it is not writable
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.from_numpy(t.data)  # [N, row bytes] uint8, no copy
+        return PackedWeight(data, file_fmt, shape[0], shape[1])
+    tensor = torch.from_numpy(_dequantized(t, shape, path).copy())  # [N, K] float32
+    if weights in _FLOAT_MODES:
+        return tensor.to(_FLOAT_MODES[weights])
+    if weights != "auto":
+        return quantize(tensor, weights)
+    float_file = t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+    return tensor if float_file else tensor.to(torch.bfloat16)
+
+
+def _undo_rope(w, n_heads: int):
+    """undo_rope_permutation for a float tensor or a PackedWeight (a permutation of whole rows)."""
+    if isinstance(w, torch.Tensor):
+        return undo_rope_permutation(w, n_heads)
+    rows = torch.arange(w.out_features).unsqueeze(1)  # [N, 1]
+    return w.permute_rows(undo_rope_permutation(rows, n_heads)[:, 0])
+
+
+def load_gguf(path: str, weights: str = "auto"):
+    """A llama-architecture GGUF file -> (config, state dict in HF layout, tokenizer or None).
+
+    The file is memory-mapped (gguf_read.GGUFFile); matrices come back per `weights` (_gguf_matrix): packed
+    ones are views of the map (q / k: row-permuted copies). Vectors (norms) are float32 copies."""
+    if weights not in WEIGHT_MODES:
+        raise LayerSkipError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
+    try:
         from gguf import GGMLQuantizationType as Q
     except ImportError:
         raise ImportError("loading .gguf files needs the `gguf` package: pip install gguf") from None
+    from .gguf_read import GGUFFile, GGUFTensorError
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError/struct errors/IndexError on bad files
+        reader = GGUFFile(path)
+    except GGUFTensorError as e:
+        raise CheckpointError(f"{path}: {e}", path, e.name) from None
+    except Exception as e:  # ValueError on bad values, struct.error on a cut header, ...
         raise CheckpointError(f"cannot read {path}: not a valid GGUF file ({type(e).__name__}: {e})", path) from None
     arch = _gguf_field(reader, "general.architecture")
     if arch != "llama":
@@ -253,7 +306,7 @@ def load_gguf(path: str):
     ))
     expected = expected_shapes(config)
 
-    supported = {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1}
+    supported = {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K}
     state = {}
     for t in reader.tensors:
         if t.tensor_type not in supported:
@@ -271,17 +324,14 @@ def load_gguf(path: str):
         if name in expected and shape != expected[name]:  # before dequantizing or permuting rows
             raise CheckpointError(f"{path}: tensor {t.name!r} has shape {shape}, expected {expected[name]}", path,
                                   t.name)
-        try:
-            values = gguf.quants.dequantize(t.data, t.tensor_type)
-            values = values.astype("float32", copy=False).reshape(shape)
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot dequantize tensor {t.name!r}: truncated or corrupt ({e})", path,
-                                  t.name) from None
-        tensor = torch.from_numpy(values.copy())
+        if len(shape) == 2:
+            tensor = _gguf_matrix(t, shape, weights, path)
+        else:
+            tensor = torch.from_numpy(_dequantized(t, shape, path).copy())
         if name.endswith("self_attn.q_proj.weight"):
-            tensor = undo_rope_permutation(tensor, config.num_heads)
+            tensor = _undo_rope(tensor, config.num_heads)
         elif name.endswith("self_attn.k_proj.weight"):
-            tensor = undo_rope_permutation(tensor, config.num_kv_heads)
+            tensor = _undo_rope(tensor, config.num_kv_heads)
         state[name] = tensor
     check_state_dict(config, state, path)
     try:
@@ -333,13 +383,38 @@ def default_model_path() -> str:
     return path
 
 
-def read_checkpoint(path: str | None):
-    """path (HF directory, .gguf file or None for the default model) -> (config, state dict, tokenizer)."""
+def read_checkpoint(path: str | None, weights: str = "auto"):
+    """path (HF directory, .gguf file or None for the default model) -> (config, state dict, tokenizer).
+
+    weights: see model.load; a HF directory's matrices are quantized on load for a block format (quant.quantize)
+    or cast for bf16 / fp32. The state dict holds float tensors and quant.PackedWeight blocks."""
+    if weights not in WEIGHT_MODES:
+        raise LayerSkipError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
     path = default_model_path() if path is None else os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model path {path!r} does not exist")
     if os.path.isdir(path):
-        return load_hf_directory(path)
+        config, state, tokenizer = load_hf_directory(path)
+        return config, _convert_matrices(state, weights, path), tokenizer
     if path.endswith(".gguf"):
-        return load_gguf(path)
+        return load_gguf(path, weights)
     raise LayerSkipError(f"{path!r} is neither a Hugging Face model directory nor a .gguf file")
+
+
+def _convert_matrices(state: dict, weights: str, path: str) -> dict:
+    """A float state dict with its matrices packed (q8_0 / q4_0 / q4_1) or cast (bf16 / fp32); as is for auto."""
+    if weights == "auto":
+        return state
+    from .quant import quantize
+    out = {}
+    for name, t in state.items():
+        if t.dim() != 2:
+            out[name] = t
+        elif weights in _FLOAT_MODES:
+            out[name] = t.to(_FLOAT_MODES[weights])
+        else:
+            if t.shape[1] % 32:
+                raise CheckpointError(f"{path}: tensor {name!r} has rows of {t.shape[1]} values, not a multiple of "
+                                      f"the {weights} block size 32", path, name)
+            out[name] = quantize(t, weights)
+    return out

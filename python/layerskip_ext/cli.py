@@ -15,6 +15,9 @@ DEFAULT_REQUEST = "Write a short story about a lighthouse keeper."
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--weights", default="auto", choices=["auto", "q8_0", "q4_0", "q4_1", "bf16", "fp32"],
+                   help="matmul weights: auto keeps a GGUF's Q8_0/Q4_0/Q4_1 blocks packed and a HF checkpoint's "
+                        "floats; q8_0/q4_0/q4_1 quantize on load; bf16/fp32 dequantize (see load())")
     p.add_argument("--threads", type=int, default=None,
                    help="threads (default: torch's count, one while other processes fill every core)")
     p.add_argument("--backend", default="auto", choices=["auto", "engine", "reference"])
@@ -44,7 +47,7 @@ def _load(args):
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
         os.environ["LAYERSKIP_THREADS"] = str(args.threads)  # an explicit choice overrides the engine's default
-    return layerskip_ext.load(args.model, dtype=DTYPES[args.dtype])
+    return layerskip_ext.load(args.model, dtype=DTYPES[args.dtype], weights=getattr(args, "weights", "auto"))
 
 
 def _exit_layer(args, model):

@@ -34,6 +34,8 @@ import torch
 
 from .errors import LayerSkipError
 from .generation import GenerationArgs, GenerationResult, GenerationStats
+from .quant import PackedWeight
+from .reference import rope_cos_sin_cache
 from .sampling import seed_as_int64
 
 try:
@@ -44,6 +46,7 @@ except ImportError as e:  # the extension is not built
     _IMPORT_ERROR = e
 
 WEIGHT_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+PACKED = "packed"  # weight_dtype that keeps a model's packed GGUF blocks (load(weights="q4_1"), a GGUF file)
 
 
 def default_threads() -> int:
@@ -85,21 +88,56 @@ def weight_tensors(module) -> dict[str, torch.Tensor]:
             if not (tied and name == "lm_head.weight")}
 
 
+# Matrices the engine fuses into one: their blocks must share a format.
+_FUSED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
+
+def packed_weight_tensors(model) -> tuple[dict[str, torch.Tensor], dict[str, int], str]:
+    """A model with packed weights -> (tensors by HF name, GGUF format by name of the packed ones, the dtype
+    name of the float matrices).
+
+    Packed matrices go as their uint8 blocks [N, row bytes], never widened. A fused group (q|k|v, gate|up) that
+    mixes formats (some GGUF files do: Q4_K_M keeps some v / down in Q6_K) goes dequantized. Float matrices
+    (K-quants loaded as bfloat16) go in bfloat16 when any is bfloat16, else float32."""
+    w = model.weights
+    mixed = set()
+    for i in range(model.config.num_layers):
+        for group in _FUSED:
+            names = [f"model.layers.{i}.{m}.weight" for m in group]
+            if len({getattr(w[n], "fmt", "float") for n in names}) > 1:
+                mixed.update(names)
+    tensors, formats = {}, {}
+    for name, t in w.items():
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        if isinstance(t, PackedWeight) and name not in mixed:
+            tensors[name], formats[name] = t.data, t.format_id
+        else:
+            tensors[name] = (t.dequantize() if isinstance(t, PackedWeight) else t).detach()
+    bf16 = any(t.dtype == torch.bfloat16 for n, t in tensors.items() if n not in formats and t.dim() == 2)
+    return tensors, formats, "bfloat16" if bf16 else "float32"
+
+
 class Engine:
     """A model's weights and batched decoding state in the C++ engine (one call at a time, see the module doc)."""
 
-    def __init__(self, model, weight_dtype: torch.dtype = torch.float32, capacity: int | None = None,
+    def __init__(self, model, weight_dtype: torch.dtype | str = torch.float32, capacity: int | None = None,
                  max_rows: int = 1):
+        """weight_dtype: torch.float32 / torch.bfloat16 (every matmul weight in that dtype; packed ones
+        dequantized through the reference module), or "packed" (a model's packed blocks as they are)."""
         if _IMPORT_ERROR is not None:
             raise RuntimeError(f"the layerskip_ext C++ extension is not built: {_IMPORT_ERROR}")
-        if weight_dtype not in WEIGHT_DTYPES:
-            raise LayerSkipError(f"weight_dtype must be torch.float32 or torch.bfloat16, got {weight_dtype}")
+        if weight_dtype != PACKED and weight_dtype not in WEIGHT_DTYPES:
+            raise LayerSkipError(f"weight_dtype must be torch.float32, torch.bfloat16 or 'packed', got {weight_dtype}")
+        if weight_dtype == PACKED and not model.packed_formats:
+            raise ValueError("weight_dtype 'packed' needs a model with packed weights (a Q8_0 / Q4_0 / Q4_1 GGUF, "
+                             "or load(..., weights='q8_0'))")
         c = model.config
         if capacity is None:
             capacity = min(_INITIAL_CAPACITY, c.max_position_embeddings)
         # [P, D] float32 cos | sin for the first P >= capacity positions, not max_position_embeddings of them:
         # _add grows it when a row's context reaches further
-        table = model.module.rope_cache(capacity)
+        table = rope_cos_sin_cache(c, capacity)
         self.model, self.weight_dtype = model, weight_dtype
         self.last_profile: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -110,8 +148,12 @@ class Engine:
                       vocab_size=c.vocab_size, max_rows=max_rows, capacity=capacity,
                       max_positions=c.max_position_embeddings)
         with torch.no_grad():
-            self._engine = torch.classes.layerskip.Engine(config, float(c.rms_norm_eps), table,
-                                                          weight_tensors(model.module), WEIGHT_DTYPES[weight_dtype])
+            if weight_dtype == PACKED:
+                tensors, formats, dtype_name = packed_weight_tensors(model)
+            else:
+                tensors, formats, dtype_name = weight_tensors(model.module), {}, WEIGHT_DTYPES[weight_dtype]
+            self._engine = torch.classes.layerskip.Engine(config, float(c.rms_norm_eps), table, tensors, formats,
+                                                          dtype_name)
         self._threads = default_threads()
         self._auto_threads = not os.environ.get("LAYERSKIP_THREADS", "").strip()  # adapt to contention
         self._threads_checked = 0.0  # time.monotonic() of the last contention check
@@ -217,7 +259,11 @@ class Engine:
         """Makes the engine's rotary table cover `positions` positions (the model's cached table, grown by
         doubling: a few rebuilds over a model's life, never more than the contexts used)."""
         if positions > e.rope_positions():
-            e.set_rope_table(self.model.module.rope_cache(positions))
+            limit = self.model.config.max_position_embeddings
+            doubled = min(max(positions, 2 * e.rope_positions()), limit)
+            if positions > limit:
+                raise LayerSkipError(f"positions up to {positions} exceed max_position_embeddings ({limit})")
+            e.set_rope_table(rope_cos_sin_cache(self.model.config, doubled))
 
     def _use_draft_vocab(self, e, args: GenerationArgs) -> None:
         """Makes args.draft_vocab the engine's reduced draft head (one per engine while it holds rows)."""
@@ -345,15 +391,19 @@ def _group(pairs: torch.Tensor) -> list[tuple[int, list[int]]]:
     return list(out.items())
 
 
-def default_weight_dtype(model) -> torch.dtype:
-    """bfloat16 matmul weights for a bfloat16 model (nothing is lost), float32 otherwise."""
-    return torch.bfloat16 if model.dtype == torch.bfloat16 else torch.float32
+def default_weight_dtype(model) -> torch.dtype | str:
+    """The model's packed blocks when it has them; bfloat16 matmul weights for a bfloat16 model or one loaded
+    with weights="bf16" (nothing is lost), float32 otherwise."""
+    if model.packed_formats:
+        return PACKED
+    bf16 = model.dtype == torch.bfloat16 or getattr(model, "weight_mode", None) == "bf16"
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 _ENGINES_LOCK = threading.Lock()
 
 
-def get_engine(model, weight_dtype: torch.dtype | None = None, rebuild: bool = False) -> Engine:
+def get_engine(model, weight_dtype: torch.dtype | str | None = None, rebuild: bool = False) -> Engine:
     """The model's Engine for `weight_dtype`, built on first use and cached on the model (model._engine)."""
     weight_dtype = default_weight_dtype(model) if weight_dtype is None else weight_dtype
     with _ENGINES_LOCK:  # two threads must not build two engines for one model

