@@ -279,7 +279,7 @@ void Engine::set_rope_table(at::Tensor cos_sin_cache) {
                   cos_sin_cache.size(0) <= config_.max_positions,
               "Engine: set_rope_table needs a [P, ", D, "] table with P in [", P, ", ", config_.max_positions,
               "], got ", cos_sin_cache.sizes());
-  cos_sin_cache_ = cos_sin_cache.to(weights_.embed.device(), at::kFloat).contiguous();
+  cos_sin_cache_ = cos_sin_cache.to(weights_.device(), at::kFloat).contiguous();
   graphs_.reset();  // captured graphs read the old table
 }
 
