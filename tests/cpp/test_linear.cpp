@@ -88,7 +88,7 @@ int main() {
   check_error("1-D input", torch::randn({8}), torch::randn({4, 8}), "input [T, K] must have 2 dimensions");
   check_error("3-D weight", torch::randn({2, 8}), torch::randn({4, 8, 1}), "weight [N, K] must have 2 dimensions");
   check_error("double input", torch::randn({2, 8}, at::kDouble), torch::randn({4, 8}), "input must be float32");
-  check_error("half weight", torch::randn({2, 8}), torch::randn({4, 8}).to(at::kHalf), "weight must be float32 or bfloat16");
+  check_error("int8 weight", torch::randn({2, 8}), torch::randn({4, 8}).to(at::kChar), "weight must be float32, bfloat16 or float16");
   check_error("K mismatch", torch::randn({2, 8}), torch::randn({4, 9}), "disagree on K");
 
   std::printf("%d cases + 5 error checks, %d failures\n", cases, failures);
