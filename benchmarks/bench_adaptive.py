@@ -20,6 +20,7 @@ import torch
 
 import layerskip_ext
 from layerskip_ext.tune import prompts_from_text
+from bench_common import cpu_name  # noqa: E402  (benchmarks/ is the script's directory)
 
 
 def parse_setting(text: str) -> dict:
@@ -82,12 +83,7 @@ def main(argv=None) -> int:
             tps[i].append(r.stats.tokens_per_second)
             drafted[i] += r.stats.drafted
             accepted[i] += r.stats.accepted
-    cpu = "unknown CPU"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_name() or "unknown CPU"
     print(f"model {args.model or 'SmolLM2-135M-Instruct'} ({args.dtype}), {len(prompts)} prompts of "
           f"{args.prompt_len} tokens from {args.text}, {args.max_new_tokens} new tokens, greedy, "
           f"{args.threads} threads, {cpu}; {time.perf_counter() - t0:.0f} s")

@@ -24,6 +24,7 @@ import time
 import torch
 
 import layerskip_ext
+from bench_common import cpu_name  # noqa: E402  (benchmarks/ is the script's directory)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "checkpoints", "layerskip-demo")
@@ -34,16 +35,6 @@ PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", 
            "The stock market fell because", "To install the package, run", "Water boils at",
            "The best way to learn a language is", "Why is the sky blue?"]
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def run_once(model, B: int, new_tokens: int, weight_dtype, **kw) -> tuple[float, float | None, float]:
@@ -75,7 +66,8 @@ def main(argv=None) -> int:
     if a.quick:
         batches, a.new_tokens, a.repeats, models = [1, 4], 8, 1, ["demo"]
 
-    lines = [f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+    cpu = cpu_name() or platform.processor() or "unknown CPU"
+    lines = [f"CPU: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
              f"{a.new_tokens} new tokens per row, greedy, median of {a.repeats}.", ""]
     cache = {}
     for name in models:

@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from bench_common import cpu_name  # noqa: E402  (benchmarks/ is the script's directory)
 
 BUSY_LOOP = "while True: pass"
 
@@ -92,8 +93,7 @@ def main() -> int:
         return 0
 
     import platform
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu = cpu_name() or platform.processor()
     print(f"CPU: {cpu}; {os.cpu_count()} cores; load average before: {os.getloadavg()[0]:.1f}; "
           f"{args.threads} threads, {args.tokens} tokens, median of {args.repeats}")
     rows = []

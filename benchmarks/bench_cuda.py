@@ -22,6 +22,7 @@ import torch
 
 import layerskip_ext
 from layerskip_ext import engine as engine_mod
+from bench_common import table  # noqa: E402  (benchmarks/ is the script's directory)
 
 
 def sync(device):
@@ -42,16 +43,6 @@ def copy_bandwidth(device, nbytes=1 << 30, reps=10) -> float:
         times.append(time.perf_counter() - t0)
     return 2 * nbytes / statistics.median(times[1:]) / 1e9
 
-
-def table(title, header, rows):
-    cells = [[str(c) for c in header]] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    print(f"\n## {title}")
-    for j, r in enumerate(cells):
-        print("| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |")
-        if j == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    sys.stdout.flush()
 
 
 def random_model(device, layers, hidden, heads, kv_heads, inter, vocab, dtype):
@@ -102,7 +93,8 @@ def bench_strategies(model, args, bandwidth, weight_dtype):
     table(f"engine on {model.device}, {str(weight_dtype).replace('torch.', '')} weights: {bytes_per_token / 1e6:.1f} MB "
           f"per token, batch-1 roofline {roofline:.0f} tok/s at {bandwidth:.0f} GB/s ({args.tokens} new tokens per "
           f"row, median of {args.repeats})",
-          ["strategy", "batch", "tok/s (all rows)", "of batch-1 roofline", "ms/step", "acceptance"], rows)
+          ["strategy", "batch", "tok/s (all rows)", "of batch-1 roofline", "ms/step", "acceptance"],
+          rows, float_format=".4g")
 
 
 def decode_step_fn(model, weight_dtype, position):
@@ -202,7 +194,8 @@ def bench_graph(model, args, weight_dtype):
     else:
         rows.append(["ops from Python, one decode step", 1, eager, "n/a on the CPU", ""])
     table(f"step time, eager vs CUDA graph ({model.num_layers} layers; engine: ms per decode step or speculative "
-          f"round of row 0, median of {args.repeats})", ["what", "batch", "eager ms", "graph ms", "speed-up"], rows)
+          f"round of row 0, median of {args.repeats})", ["what", "batch", "eager ms", "graph ms", "speed-up"],
+          rows, float_format=".4g")
 
 
 def main(argv=None):

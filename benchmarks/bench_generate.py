@@ -35,6 +35,7 @@ from layerskip_ext import engine as engine_mod  # noqa: E402
 from layerskip_ext.checkpoint import save_pretrained  # noqa: E402
 
 from memory_bandwidth import read_bandwidth  # noqa: E402
+from bench_common import table  # noqa: E402  (benchmarks/ is the script's directory)
 
 PROMPTS = [
     "The capital of France is",
@@ -57,16 +58,6 @@ def copy_bandwidth(nbytes: int = 1 << 29, reps: int = 7) -> float:
         times.append(time.perf_counter() - t0)
     return 2 * nbytes / statistics.median(times) / 1e9
 
-
-def table(title: str, header: list[str], rows: list[list]) -> None:
-    cells = [[str(c) for c in header]] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    print(f"\n## {title}")
-    for j, r in enumerate(cells):
-        print("| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |")
-        if j == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    sys.stdout.flush()
 
 
 # ----------------------------------------------------------------------------------------------

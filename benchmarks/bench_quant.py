@@ -24,6 +24,7 @@ from memory_bandwidth import read_bandwidth  # noqa: E402
 
 from layerskip_ext import ops  # noqa: E402
 from layerskip_ext.quant import quantize  # noqa: E402
+from bench_common import cpu_name  # noqa: E402  (benchmarks/ is the script's directory)
 
 # one decoder layer of SmolLM2-135M, fused as the engine runs it (q|k|v 960 x 576, o 576 x 576,
 # gate|up 3072 x 576, down 576 x 1536), and the LM head
@@ -86,7 +87,7 @@ def main():
     ws = (16 if args.quick else args.ws_mb) << 20
     reps = 5 if args.quick else args.reps
     gen = torch.Generator().manual_seed(0)
-    print(f"CPU: {cpu_name()}; {args.threads} threads; kernel {ops.quant_kernel()} (supported: "
+    print(f"CPU: {cpu_name() or 'unknown'}; {args.threads} threads; kernel {ops.quant_kernel()} (supported: "
           f"{', '.join(ops.quant_kernels())})")
     roof = read_bandwidth(reps=3 if args.quick else 7)
     print(f"memory read bandwidth (roofline): {roof:.1f} GB/s\n")
@@ -99,13 +100,6 @@ def main():
                 gbs = nbytes / sec / 1e9
                 print(f"| {label} | {fmt} | {t} | {sec * 1e6:.0f} | {gbs:.1f} | {gbs / roof:.0%} |", flush=True)
 
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import sys
 import time
 
 import httpx
+from bench_common import cpu_name  # noqa: E402  (benchmarks/ is the script's directory)
 
 PROMPTS = ["It was", "She said that", "The house at", "Mr. Darcy", "In the morning", "Once upon a time",
            "The letter", "Her sister"]
@@ -118,7 +119,7 @@ def main():
     proc, url = start_server(args, port)
     try:
         print(f"model {args.model or 'SmolLM2-135M-Instruct'}, {args.requests} requests x {args.max_tokens} tokens "
-              f"per level, max batch {args.max_batch}, CPU: {cpu_name()}")
+              f"per level, max batch {args.max_batch}, CPU: {cpu_name() or 'unknown'}")
         for strategy in args.strategies.split(","):
             settings = {"strategy": strategy}
             if strategy != "autoregressive":
@@ -143,13 +144,6 @@ def main():
         proc.terminate()
         proc.wait(timeout=60)
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 if __name__ == "__main__":
