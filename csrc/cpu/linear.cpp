@@ -17,6 +17,7 @@
 // LAYERSKIP_LINEAR_KERNEL (read once) or layerskip::set_linear_kernel forces one the CPU supports, so tests
 // run every path the machine has. Switching kernels changes the low bits of results: do it between
 // generations, not during one.
+#include "cpu/kernel_choice.h"
 #include "cpu/parallel.h"
 #include <torch/all.h>
 #include <torch/library.h>
@@ -35,19 +36,10 @@
 
 namespace layerskip {
 
-std::vector<std::string> linear_kernels_cpu();
-
 namespace {
 
-
-struct KernelChoice {
-  const char* name;
-  linear_kernels::RowsKernel fn;
-  bool supported;
-};
-
 // Best first. __builtin_cpu_supports also checks that the OS saves the vector registers (XCR0).
-std::vector<KernelChoice> all_kernels() {
+std::vector<cpu::KernelChoice<linear_kernels::RowsKernel>> all_kernels() {
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                     __builtin_cpu_supports("f16c");
@@ -57,46 +49,16 @@ std::vector<KernelChoice> all_kernels() {
           {"plain", &linear_kernels::rows_plain, true}};
 }
 
-const std::vector<KernelChoice>& kernels() {
-  static const std::vector<KernelChoice> k = all_kernels();
-  return k;
-}
-
-const KernelChoice* find_kernel(const std::string& name) {
-  if (name == "auto") {
-    for (const auto& k : kernels())
-      if (k.supported) return &k;
-  }
-  for (const auto& k : kernels()) {
-    if (name == k.name) {
-      TORCH_CHECK(k.supported, "linear kernel '", name, "' is not supported by this CPU (supported: ",
-                  c10::Join(", ", linear_kernels_cpu()), ")");
-      return &k;
-    }
-  }
-  TORCH_CHECK(false, "unknown linear kernel '", name, "': expected auto, avx512, avx2 or plain");
-}
-
-std::atomic<const KernelChoice*> g_kernel{nullptr};
-
-const KernelChoice* current_kernel() {
-  const KernelChoice* k = g_kernel.load(std::memory_order_acquire);
-  if (k != nullptr) return k;
-  static std::once_flag once;
-  std::call_once(once, [] {
-    const char* env = std::getenv("LAYERSKIP_LINEAR_KERNEL");
-    const KernelChoice* chosen = find_kernel(env != nullptr && *env != '\0' ? env : "auto");
-    const KernelChoice* expected = nullptr;
-    g_kernel.compare_exchange_strong(expected, chosen);  // a set_linear_kernel that came first wins
-  });
-  return g_kernel.load(std::memory_order_acquire);
+cpu::KernelSelector<linear_kernels::RowsKernel>& selector() {
+  static cpu::KernelSelector<linear_kernels::RowsKernel> s("linear", "LAYERSKIP_LINEAR_KERNEL", all_kernels());
+  return s;
 }
 
 // Threads split N into contiguous blocks of at least 256 KiB of weights (a guess, not tuned: waking a second
 // thread costs microseconds, reading 256 KiB about 15).
 void skinny_linear(int wtype, int64_t elem_bytes, const void* w, const float* x, int64_t T, int64_t K,
                    float* out, int64_t N) {
-  const linear_kernels::RowsKernel fn = current_kernel()->fn;
+  const linear_kernels::RowsKernel fn = selector().current()->fn;
   const int64_t bytes_per_row = std::max<int64_t>(K * elem_bytes, 1);
   const int64_t grain = std::max<int64_t>((int64_t{256} << 10) / bytes_per_row, 8);
   cpu::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { fn(wtype, w, K, n0, n1, x, T, out, N); });
@@ -148,16 +110,11 @@ void linear_cpu(torch::Tensor& out, const torch::Tensor& input, const torch::Ten
   skinny_linear(wtype, w.element_size(), w.data_ptr(), x.data_ptr<float>(), T, K, out.data_ptr<float>(), N);
 }
 
-std::vector<std::string> linear_kernels_cpu() {
-  std::vector<std::string> names;
-  for (const auto& k : kernels())
-    if (k.supported) names.emplace_back(k.name);
-  return names;
-}
+std::vector<std::string> linear_kernels_cpu() { return selector().supported_names(); }
 
-std::string linear_kernel_cpu() { return current_kernel()->name; }
+std::string linear_kernel_cpu() { return selector().current()->name; }
 
-void set_linear_kernel_cpu(const std::string& name) { g_kernel.store(find_kernel(name), std::memory_order_release); }
+void set_linear_kernel_cpu(const std::string& name) { selector().set(name); }
 
 TORCH_LIBRARY_IMPL(layerskip, CPU, m) { m.impl("linear", &linear_cpu); }
 

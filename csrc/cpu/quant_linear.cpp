@@ -14,6 +14,7 @@
 // The kernel is chosen at run time from cpuid: avx512vnni > avx512 > avx2 > plain (the reference). The
 // environment variable LAYERSKIP_QUANT_KERNEL (read once) or layerskip::set_quant_kernel forces one of
 // those the CPU supports, so tests run every path the machine has.
+#include "cpu/kernel_choice.h"
 #include "cpu/parallel.h"
 #include <torch/all.h>
 #include <torch/library.h>
@@ -35,14 +36,8 @@ namespace {
 
 using quant::kBlock;
 
-struct KernelChoice {
-  const char* name;
-  quant::RowsKernel fn;
-  bool supported;
-};
-
 // Best first. __builtin_cpu_supports also checks that the OS saves the vector registers (XCR0).
-std::vector<KernelChoice> all_kernels() {
+std::vector<cpu::KernelChoice<quant::RowsKernel>> all_kernels() {
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                     __builtin_cpu_supports("f16c");
@@ -55,39 +50,9 @@ std::vector<KernelChoice> all_kernels() {
           {"plain", &quant::rows_plain, true}};
 }
 
-const std::vector<KernelChoice>& kernels() {
-  static const std::vector<KernelChoice> k = all_kernels();
-  return k;
-}
-
-const KernelChoice* find_kernel(const std::string& name) {
-  if (name == "auto") {
-    for (const auto& k : kernels())
-      if (k.supported) return &k;
-  }
-  for (const auto& k : kernels()) {
-    if (name == k.name) {
-      TORCH_CHECK(k.supported, "quant kernel '", name, "' is not supported by this CPU (supported: ",
-                  c10::Join(", ", quant_kernels_cpu()), ")");
-      return &k;
-    }
-  }
-  TORCH_CHECK(false, "unknown quant kernel '", name, "': expected auto, avx512vnni, avx512, avx2 or plain");
-}
-
-std::atomic<const KernelChoice*> g_kernel{nullptr};
-
-const KernelChoice* current_kernel() {
-  const KernelChoice* k = g_kernel.load(std::memory_order_acquire);
-  if (k != nullptr) return k;
-  static std::once_flag once;
-  std::call_once(once, [] {
-    const char* env = std::getenv("LAYERSKIP_QUANT_KERNEL");
-    const KernelChoice* chosen = find_kernel(env != nullptr && *env != '\0' ? env : "auto");
-    const KernelChoice* expected = nullptr;
-    g_kernel.compare_exchange_strong(expected, chosen);  // a set_quant_kernel that came first wins
-  });
-  return g_kernel.load(std::memory_order_acquire);
+cpu::KernelSelector<quant::RowsKernel>& selector() {
+  static cpu::KernelSelector<quant::RowsKernel> s("quant", "LAYERSKIP_QUANT_KERNEL", all_kernels());
+  return s;
 }
 
 const char* format_name(int64_t format) {
@@ -181,16 +146,11 @@ bool two_levels() {
 
 }  // namespace
 
-std::vector<std::string> quant_kernels_cpu() {
-  std::vector<std::string> names;
-  for (const auto& k : kernels())
-    if (k.supported) names.emplace_back(k.name);
-  return names;
-}
+std::vector<std::string> quant_kernels_cpu() { return selector().supported_names(); }
 
-std::string quant_kernel_cpu() { return current_kernel()->name; }
+std::string quant_kernel_cpu() { return selector().current()->name; }
 
-void set_quant_kernel_cpu(const std::string& name) { g_kernel.store(find_kernel(name), std::memory_order_release); }
+void set_quant_kernel_cpu(const std::string& name) { selector().set(name); }
 
 std::string quant_activations_cpu() { return two_levels() ? "int8x2" : "int8"; }
 
@@ -229,7 +189,7 @@ torch::Tensor& linear_quantized_out_cpu(const torch::Tensor& input, const torch:
     acts.scale2 = scale2.data();
   }
 
-  const quant::RowsKernel fn = current_kernel()->fn;
+  const quant::RowsKernel fn = selector().current()->fn;
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
   const int64_t ldo = out.stride(0);
