@@ -12,15 +12,14 @@ Full mode, in one run (2 threads, batch 1, 128 new tokens, median over several p
      generate(assistant_early_exit=E, num_assistant_tokens=d);
   4. a per-token time breakdown of engine decoding from the engine's built-in timers.
 Decode tokens/s exclude the prefill (the first token comes from it). Nothing here asserts a time.
-OMP_WAIT_POLICY defaults to PASSIVE here: on a machine shared with other processes, spinning OpenMP
-workers waiting for a descheduled peer cost more than the work (10-50x on single ops); set it to ACTIVE
-for exclusive-use measurements.
+The OpenMP wait policy is layerskip_ext's (idle workers spin about 0.1 ms, then sleep) unless OMP_WAIT_POLICY or
+GOMP_SPINCOUNT is set.
 """
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before libgomp loads (with torch)
+import layerskip_ext  # noqa: E402  (before torch: it sets the OpenMP wait policy before libgomp loads)
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
@@ -30,7 +29,6 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-import layerskip_ext  # noqa: E402
 from layerskip_ext import engine as engine_mod  # noqa: E402
 from layerskip_ext.checkpoint import save_pretrained  # noqa: E402
 
@@ -200,6 +198,7 @@ def full(args):
     roof32 = bw_read * 1e9 / bytes32
     table("machine", ["quantity", "value"],
           [["threads", torch.get_num_threads()], ["OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY")],
+           ["GOMP_SPINCOUNT", os.environ.get("GOMP_SPINCOUNT")],
            ["load average (1 min) at start", os.getloadavg()[0]], ["read bandwidth GB/s (sum, 1 GiB)", bw_read],
            ["copy bandwidth GB/s (read+write)", bw_copy], ["fp32 weight MB per token", bytes32 / 1e6],
            ["fp32 roofline tok/s", roof32]])

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before libgomp loads (with torch)
+import layerskip_ext  # noqa: E402  (before torch: it sets the OpenMP wait policy before libgomp loads)
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
@@ -30,7 +30,6 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import layerskip_ext  # noqa: E402
 from layerskip_ext import engine as engine_mod  # noqa: E402
 from layerskip_ext import ops  # noqa: E402
 from layerskip_ext.checkpoint import default_model_path  # noqa: E402

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before libgomp loads (with torch): shared machine
+import layerskip_ext  # noqa: E402  (before torch: it sets the OpenMP wait policy before libgomp loads)
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
@@ -27,7 +27,6 @@ import statistics  # noqa: E402
 
 import torch  # noqa: E402
 
-import layerskip_ext  # noqa: E402
 from layerskip_ext.training.data import token_stream, valid_windows  # noqa: E402
 from layerskip_ext.training.evaluate import exit_metrics  # noqa: E402
 from layerskip_ext.training.tokenizer import eos_id  # noqa: E402

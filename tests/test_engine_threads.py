@@ -55,16 +55,17 @@ def test_default_threads_follow_env(monkeypatch, model):
             engine_mod.default_threads()
 
 
-def test_engine_drops_to_one_thread_when_oversubscribed(model, monkeypatch):
+def test_engine_runs_on_the_free_cores(model, monkeypatch):
     monkeypatch.delenv("LAYERSKIP_THREADS", raising=False)
+    monkeypatch.setattr(engine_mod.torch, "get_num_threads", lambda: 4)
     engine = engine_mod.Engine(model)
     seen = []
-    for busy in (True, False):
-        monkeypatch.setattr(engine_mod, "oversubscribed", lambda busy=busy: busy)
+    for free in (0, 1, 3, 4, 8, None):
+        monkeypatch.setattr(engine_mod, "free_cores", lambda free=free: free)
         engine._threads_checked = 0.0
         engine._adapt_threads(engine._engine)
         seen.append(engine.threads)
-    assert seen == [1, 0]
+    assert seen == [1, 1, 3, 0, 0, 0]  # 0: no cap (torch's count)
 
 
 @pytest.mark.parametrize("bad", [-1, 4097, 1.5, True, "2"])
@@ -74,12 +75,19 @@ def test_bad_thread_counts_are_refused(model, bad):
         engine.threads = bad
 
 
-def test_oversubscribed_reads_proc_stat(monkeypatch):
-    # procs_running counts the calling thread: it alone never fills the cores
+def test_free_cores_reads_proc_stat(monkeypatch):
+    # procs_running counts this process's own runnable threads (the caller at least): they are not "others"
     import io
 
     cores = len(__import__("os").sched_getaffinity(0))
-    for running, expected in ((1, False), (cores, False), (cores + 1, True)):
+    real_open = open
+    monkeypatch.setattr(engine_mod, "_own_running_threads", lambda: 2)
+    for running, expected in ((1, cores), (2, cores), (3, cores - 1), (cores + 2, 0), (cores + 9, 0)):
         text = f"cpu  1 2 3\nprocs_running {running}\nprocs_blocked 0\n".encode()
-        monkeypatch.setattr("builtins.open", lambda *a, **k: io.BytesIO(text))
-        assert engine_mod.oversubscribed() is expected
+        monkeypatch.setattr("builtins.open", lambda path, *a, **k: io.BytesIO(text) if path == "/proc/stat"
+                            else real_open(path, *a, **k))
+        assert engine_mod.free_cores() == max(expected, 0)
+
+
+def test_own_running_threads_counts_the_caller():
+    assert engine_mod._own_running_threads() >= 1

@@ -198,16 +198,18 @@ def test_cache_indices_at_the_int64_limits_are_refused(index):
     assert kc.abs().sum() == 0 and vc.abs().sum() == 0  # nothing was written
 
 
-@pytest.mark.parametrize("user_value,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_openmp_waits_passively_unless_the_user_chose(user_value, expected):
-    """Importing layerskip_ext first makes idle OpenMP workers sleep (they collapse under contention when they
-    spin: benchmarks/bench_contention.py); a user's OMP_WAIT_POLICY is kept."""
+@pytest.mark.parametrize("user_env,expected", [({}, "None 10000"), ({"OMP_WAIT_POLICY": "PASSIVE"}, "PASSIVE None"),
+                                                  ({"GOMP_SPINCOUNT": "5"}, "None 5")])
+def test_openmp_spins_briefly_unless_the_user_chose(user_env, expected):
+    """Importing layerskip_ext first bounds the OpenMP workers' spinning to about 0.1 ms (they pay a futex
+    wake-up per parallel region when they sleep at once, and steal cores when they spin for long); a user's
+    OMP_WAIT_POLICY or GOMP_SPINCOUNT is kept."""
     import os
     import subprocess
     import sys
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if user_value is not None:
-        env["OMP_WAIT_POLICY"] = user_value
-    code = "import layerskip_ext, os; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(user_env)
+    code = ("import layerskip_ext, os; "
+            "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.stdout.strip() == expected, out.stderr

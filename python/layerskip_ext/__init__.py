@@ -11,10 +11,15 @@
 """
 import os
 
-# Idle OpenMP workers sleep instead of spinning unless the user chose otherwise: spinning workers collapse when
-# other processes share the cores (issue 13). libgomp reads this when it loads, i.e. with torch: it takes effect
-# when layerskip_ext is imported first. OMP_WAIT_POLICY=ACTIVE restores spinning for exclusive-use runs.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Idle OpenMP workers spin for about 0.1 ms (10,000 spins; libgomp's default is 3 ms, PASSIVE is none) before
+# they sleep, unless the user chose a policy. A decode step opens one parallel region per large op a few
+# microseconds apart: workers that sleep between them pay a futex wake-up each time (the 16-layer demo model
+# decodes 3x slower with OMP_WAIT_POLICY=PASSIVE, SmolLM2 1.5x), while workers that spin for long steal the
+# cores other processes need. Under contention the engine runs on the free cores only (engine.free_cores).
+# libgomp reads these variables when it loads, i.e. with torch: they take effect when layerskip_ext is imported
+# first.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = "10000"
 
 import torch  # noqa: E402,F401  (loads libtorch before the extension)
 

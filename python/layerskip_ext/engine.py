@@ -60,18 +60,34 @@ def default_threads() -> int:
     return 0
 
 
-def oversubscribed() -> bool:
-    """True when other runnable threads already fill every core this process may use (Linux /proc/stat's
-    procs_running, the least of three reads, minus the calling thread); False when it cannot tell."""
+def _own_running_threads() -> int:
+    """This process's threads in state R (running or runnable), at least 1: the calling thread."""
+    running = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # the thread ended
+            continue
+        running += stat[stat.rindex(b")") + 2:][:1] == b"R"
+    return max(running, 1)
+
+
+def free_cores() -> int | None:
+    """Cores this process may use (its affinity mask) that other processes' runnable threads do not occupy:
+    Linux /proc/stat's procs_running, the least of three reads, less this process's own runnable threads. None
+    when it cannot tell (not Linux)."""
     try:
-        counts = []
+        others = []
         for _ in range(3):
             with open("/proc/stat", "rb") as f:
                 line = next(ln for ln in f if ln.startswith(b"procs_running"))
-            counts.append(int(line.split()[1]))
-        return min(counts) - 1 >= len(os.sched_getaffinity(0))
+            others.append(int(line.split()[1]) - _own_running_threads())
+        return max(len(os.sched_getaffinity(0)) - max(min(others), 0), 0)
     except (OSError, StopIteration, ValueError, AttributeError):
-        return False
+        return None
+
+
 _INITIAL_CAPACITY = 512  # KV positions per row allocated up front; the engine grows them when a row needs more
 
 
@@ -174,16 +190,18 @@ class Engine:
             e.set_threads(value)
 
     def _adapt_threads(self, e) -> None:
-        """In the default (automatic) mode, at most every 0.5 s: one thread while other processes fill every core
-        (a second worker would wait for a core and stall each step; benchmarks/results_contention.md), else the
-        default cap."""
+        """In the default (automatic) mode, at most every 0.5 s: as many threads as there are free cores (at least
+        one, at most the default cap). A worker on a core that another process keeps busy gets a slice of it and
+        stalls every parallel region of a step (benchmarks/results_contention.md)."""
         if not self._auto_threads or self._threads == 1:
             return
         now = time.monotonic()
         if now - self._threads_checked < 0.5:
             return
         self._threads_checked = now
-        e.set_threads(1 if oversubscribed() else self._threads)
+        free = free_cores()
+        wanted = self._threads or torch.get_num_threads()
+        e.set_threads(self._threads if free is None or free >= wanted else max(free, 1))
 
     @contextlib.contextmanager
     def _exclusive(self):
