@@ -45,6 +45,8 @@ torch::Tensor& linear_quantized_out_cpu(const torch::Tensor& input, const torch:
                                         int64_t out_features, int64_t in_features, torch::Tensor& out);
 torch::Tensor dequantize_rows_cpu(const torch::Tensor& packed, int64_t format, int64_t out_features,
                                   int64_t in_features, const torch::Tensor& ids);
+torch::Tensor interleave_quantized_cpu(const torch::Tensor& packed, int64_t format, int64_t out_features,
+                                      int64_t in_features);
 std::vector<std::string> quant_kernels_cpu();
 std::string quant_kernel_cpu();
 void set_quant_kernel_cpu(const std::string& name);

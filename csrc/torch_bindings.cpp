@@ -91,6 +91,9 @@ TORCH_LIBRARY(layerskip, m) {
       "Tensor(a!) out) -> Tensor(a!)");
   // packed [N, K] as above, ids [T] int64 -> the dequantized rows ids, [T, K] float32 (embedding lookup).
   m.def("dequantize_rows(Tensor packed, int format, int out_features, int in_features, Tensor ids) -> Tensor");
+  // packed [N, K] as above -> the same blocks interleaved by groups of 16 rows, 1-D uint8, the layout of format
+  // 1000 + format that linear_quantized and dequantize_rows also take (cpu/quant_interleave.h; the engine's).
+  m.def("interleave_quantized(Tensor packed, int format, int out_features, int in_features) -> Tensor");
   // The kernels this CPU can run for linear_quantized, best first ("avx512vnni", "avx512", "avx2", "plain"),
   // the one in use, and forcing one ("auto": the best; also LAYERSKIP_QUANT_KERNEL, read once).
   m.def("quant_kernels() -> str[]");

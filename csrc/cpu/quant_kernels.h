@@ -30,8 +30,16 @@ constexpr int64_t kBlock = 32;  // weights per block, every format
 // The formats, numbered as GGUF's GGMLQuantizationType.
 enum Format : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8 };
 
+// The same blocks interleaved by groups of kGroup rows (quant_interleave.h): format kInterleaved + a GGUF
+// format. Same bytes per block; the kernels then compute kGroup rows per vector, one row per 32-bit lane.
+constexpr int64_t kInterleaved = 1000;
+constexpr int64_t kGroup = 16;
+
+static inline bool is_interleaved(int64_t format) { return format > kInterleaved; }
+static inline int64_t base_format(int64_t format) { return is_interleaved(format) ? format - kInterleaved : format; }
+
 static inline int64_t block_bytes(int64_t format) {
-  switch (format) {
+  switch (base_format(format)) {
     case kQ8_0: return 34;
     case kQ4_0: return 18;
     case kQ4_1: return 20;
@@ -48,10 +56,13 @@ struct QuantizedActivations {
   int64_t T, K;
   const int8_t* q2 = nullptr;       // [T, K] residual codes (two-level mode), nullptr: one level
   const float* scale2 = nullptr;    // [T, K / 32] scale / 254
+  const int32_t* codes = nullptr;   // [T, K / 32] sum of the block's codes q (the interleaved kernels' offsets)
+  const int32_t* codes2 = nullptr;  // [T, K / 32] sum of the block's residual codes q2 (two-level mode)
 };
 
 // out[t * ldo + n] = sum_k W[n, k] * x[t, k] for n in [n0, n1), every t < T, with W's rows packed in
-// `format` (row_bytes = K / 32 * block_bytes bytes each, row n at w + n * row_bytes).
+// `format` (row_bytes = K / 32 * block_bytes bytes each, row n at w + n * row_bytes; an interleaved format:
+// groups of kGroup rows, n0 a multiple of kGroup, see quant_interleave.h).
 using RowsKernel = void (*)(int64_t format, const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1,
                             const QuantizedActivations& x, float* out, int64_t ldo);
 

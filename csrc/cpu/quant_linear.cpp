@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/quant_interleave.h"
 #include "cpu/quant_kernels.h"
 #include "ops.h"
 
@@ -60,17 +61,27 @@ const char* format_name(int64_t format) {
     case quant::kQ8_0: return "Q8_0";
     case quant::kQ4_0: return "Q4_0";
     case quant::kQ4_1: return "Q4_1";
+    case quant::kInterleaved + quant::kQ8_0: return "Q8_0 interleaved";
+    case quant::kInterleaved + quant::kQ4_0: return "Q4_0 interleaved";
+    case quant::kInterleaved + quant::kQ4_1: return "Q4_1 interleaved";
     default: return "?";
   }
 }
 
-// Checks packed against [out_features, in_features] in `format`; returns the bytes per row.
+// A GGUF format we compute with, or its interleaved form (quant_interleave.h).
+bool known_format(int64_t format) {
+  const int64_t f = quant::base_format(format);
+  return f == quant::kQ8_0 || f == quant::kQ4_0 || f == quant::kQ4_1;
+}
+
+// Checks packed against [out_features, in_features] in `format`; returns the bytes per row (of K values; an
+// interleaved matrix holds whole groups of 16 rows).
 int64_t check_packed(const char* op, const torch::Tensor& packed, int64_t format, int64_t out_features,
                      int64_t in_features) {
   TORCH_CHECK(packed.device().is_cpu(), op, ": expected a CPU tensor, got packed weights on ", packed.device());
-  TORCH_CHECK(quant::block_bytes(format) > 0, op, ": unsupported block format ", format,
-              " (expected GGUF type ", int64_t{quant::kQ8_0}, " = Q8_0, ", int64_t{quant::kQ4_0}, " = Q4_0 or ",
-              int64_t{quant::kQ4_1}, " = Q4_1)");
+  TORCH_CHECK(known_format(format), op, ": unsupported block format ", format, " (expected GGUF type ",
+              int64_t{quant::kQ8_0}, " = Q8_0, ", int64_t{quant::kQ4_0}, " = Q4_0 or ", int64_t{quant::kQ4_1},
+              " = Q4_1, or ", quant::kInterleaved, " + one of those: interleaved by interleave_quantized)");
   TORCH_CHECK(packed.scalar_type() == at::kByte, op, ": packed weights must be uint8 bytes, got ",
               packed.scalar_type());
   TORCH_CHECK(out_features >= 0 && in_features >= 0, op, ": negative shape [", out_features, ", ", in_features,
@@ -78,18 +89,23 @@ int64_t check_packed(const char* op, const torch::Tensor& packed, int64_t format
   TORCH_CHECK(in_features % kBlock == 0, op, ": in_features ", in_features, " is not a multiple of the block size ",
               kBlock, " of ", format_name(format));
   const int64_t row_bytes = in_features / kBlock * quant::block_bytes(format);
-  TORCH_CHECK(packed.numel() == out_features * row_bytes, op, ": packed weights hold ", packed.numel(),
-              " bytes; a [", out_features, ", ", in_features, "] ", format_name(format), " matrix takes ",
-              out_features * row_bytes, " (", row_bytes, " per row)");
-  TORCH_CHECK(packed.dim() == 1 || (packed.dim() == 2 && packed.size(0) == out_features), op,
-              ": packed weights must be 1-D or [out_features, bytes per row], got shape ", packed.sizes());
+  const int64_t total = quant::is_interleaved(format) ? quant::interleaved_bytes(format, out_features, in_features)
+                                                      : out_features * row_bytes;
+  TORCH_CHECK(packed.numel() == total, op, ": packed weights hold ", packed.numel(), " bytes; a [", out_features,
+              ", ", in_features, "] ", format_name(format), " matrix takes ", total, " (", row_bytes, " per row)");
+  if (quant::is_interleaved(format)) {
+    TORCH_CHECK(packed.dim() == 1, op, ": interleaved weights must be 1-D, got shape ", packed.sizes());
+  } else {
+    TORCH_CHECK(packed.dim() == 1 || (packed.dim() == 2 && packed.size(0) == out_features), op,
+                ": packed weights must be 1-D or [out_features, bytes per row], got shape ", packed.sizes());
+  }
   return row_bytes;
 }
 
-// x [T, K] float32 -> int8 codes, scales and float sums per block of 32 (see quant_kernels.h); with q2 and
-// scale2 (two levels) also the residual's codes and scales.
+// x [T, K] float32 -> int8 codes, scales, float sums and code sums per block of 32 (see quant_kernels.h); with
+// q2, scale2 and csum2 (two levels) also the residual's codes, scales and code sums.
 void quantize_rows(const float* x, int64_t T, int64_t K, int8_t* q, float* scale, float* sum, float* qsum,
-                   int8_t* q2, float* scale2) {
+                   int32_t* csum, int8_t* q2, float* scale2, int32_t* csum2) {
   const int64_t nb = K / kBlock;
   for (int64_t i = 0; i < T * nb; ++i) {
     const float* v = x + i * kBlock;
@@ -117,7 +133,9 @@ void quantize_rows(const float* x, int64_t T, int64_t K, int8_t* q, float* scale
     scale[i] = d;
     sum[i] = s;
     qsum[i] = d * static_cast<float>(codes);
+    csum[i] = codes;
     if (q2 != nullptr) {
+      csum2[i] = codes2;
       scale2[i] = d2;
       qsum[i] += d2 * static_cast<float>(codes2);
     }
@@ -181,12 +199,15 @@ torch::Tensor& linear_quantized_out_cpu(const torch::Tensor& input, const torch:
   std::vector<int8_t> q(static_cast<size_t>(T * K)), q2(two ? static_cast<size_t>(T * K) : 0);
   std::vector<float> scale(static_cast<size_t>(T * nb)), sum(static_cast<size_t>(T * nb)),
       qsum(static_cast<size_t>(T * nb)), scale2(two ? static_cast<size_t>(T * nb) : 0);
-  quantize_rows(x.data_ptr<float>(), T, K, q.data(), scale.data(), sum.data(), qsum.data(),
-                two ? q2.data() : nullptr, two ? scale2.data() : nullptr);
+  std::vector<int32_t> csum(static_cast<size_t>(T * nb)), csum2(two ? static_cast<size_t>(T * nb) : 0);
+  quantize_rows(x.data_ptr<float>(), T, K, q.data(), scale.data(), sum.data(), qsum.data(), csum.data(),
+                two ? q2.data() : nullptr, two ? scale2.data() : nullptr, two ? csum2.data() : nullptr);
   quant::QuantizedActivations acts{q.data(), scale.data(), sum.data(), qsum.data(), T, K};
+  acts.codes = csum.data();
   if (two) {
     acts.q2 = q2.data();
     acts.scale2 = scale2.data();
+    acts.codes2 = csum2.data();
   }
 
   const quant::RowsKernel fn = selector().current()->fn;
@@ -196,6 +217,17 @@ torch::Tensor& linear_quantized_out_cpu(const torch::Tensor& input, const torch:
   // Threads split N into blocks of at least ~256 KiB of weights (as linear does), fewer bytes when many
   // input rows make each row costlier to compute.
   const int64_t work_per_row = row_bytes * (1 + (T - 1) / 8);
+  if (quant::is_interleaved(format)) {
+    // Whole groups of 16 rows per thread, at least ~32 KiB of weights each: the interleaved kernel computes
+    // 16 rows per instruction, so a decode step's small matrices (a few hundred KiB) still split across threads
+    // (with workers spinning between regions, a region costs a few microseconds).
+    const int64_t groups = (N + quant::kGroup - 1) / quant::kGroup;
+    const int64_t grain = std::max<int64_t>((int64_t{32} << 10) / std::max<int64_t>(work_per_row * quant::kGroup, 1), 1);
+    cpu::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+      fn(format, wp, row_bytes, g0 * quant::kGroup, std::min(g1 * quant::kGroup, N), acts, op, ldo);
+    });
+    return out;
+  }
   const int64_t grain = std::max<int64_t>((int64_t{256} << 10) / std::max<int64_t>(work_per_row, 1), 1);
   cpu::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { fn(format, wp, row_bytes, n0, n1, acts, op, ldo); });
   return out;
@@ -217,6 +249,8 @@ torch::Tensor dequantize_rows_cpu(const torch::Tensor& packed, int64_t format, i
   const torch::Tensor idx = ids.contiguous();
   const int64_t T = idx.size(0), K = in_features, nb = K / kBlock, bb = quant::block_bytes(format);
   const int64_t* id = idx.data_ptr<int64_t>();
+  const bool il = quant::is_interleaved(format);
+  const int64_t F = quant::base_format(format);
   for (int64_t t = 0; t < T; ++t) {
     TORCH_CHECK(id[t] >= 0 && id[t] < out_features, "dequantize_rows: id ", id[t], " at position ", t,
                 " is out of range [0, ", out_features, ")");
@@ -225,19 +259,24 @@ torch::Tensor dequantize_rows_cpu(const torch::Tensor& packed, int64_t format, i
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
   cpu::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    std::vector<uint8_t> scratch(il ? static_cast<size_t>(row_bytes) : 0);  // a row out of the interleaved groups
     for (int64_t t = t0; t < t1; ++t) {
       const uint8_t* row = wp + id[t] * row_bytes;
+      if (il) {
+        quant::move_row(format, K, id[t], const_cast<uint8_t*>(wp), scratch.data(), true);
+        row = scratch.data();
+      }
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* blk = row + b * bb;
         float* o = op + t * K + b * kBlock;
         const float d = quant::half_to_float(quant::load_u16(blk));
-        if (format == quant::kQ8_0) {
+        if (F == quant::kQ8_0) {
           for (int i = 0; i < kBlock; ++i) o[i] = d * static_cast<float>(static_cast<int8_t>(blk[2 + i]));
           continue;
         }
-        const float m = format == quant::kQ4_1 ? quant::half_to_float(quant::load_u16(blk + 2)) : 0.0f;
-        const uint8_t* qs = blk + (format == quant::kQ4_1 ? 4 : 2);
-        const int offset = format == quant::kQ4_0 ? 8 : 0;
+        const float m = F == quant::kQ4_1 ? quant::half_to_float(quant::load_u16(blk + 2)) : 0.0f;
+        const uint8_t* qs = blk + (F == quant::kQ4_1 ? 4 : 2);
+        const int offset = F == quant::kQ4_0 ? 8 : 0;
         for (int i = 0; i < kBlock / 2; ++i) {
           o[i] = d * static_cast<float>((qs[i] & 0x0f) - offset) + m;
           o[i + kBlock / 2] = d * static_cast<float>((qs[i] >> 4) - offset) + m;
@@ -248,7 +287,20 @@ torch::Tensor dequantize_rows_cpu(const torch::Tensor& packed, int64_t format, i
   return out;
 }
 
+torch::Tensor interleave_quantized_cpu(const torch::Tensor& packed, int64_t format, int64_t out_features,
+                                      int64_t in_features) {
+  TORCH_CHECK(!quant::is_interleaved(format), "interleave_quantized: format ", format,
+              " is already interleaved; pass the GGUF format (2 = Q4_0, 3 = Q4_1, 8 = Q8_0)");
+  check_packed("interleave_quantized", packed, format, out_features, in_features);
+  const torch::Tensor w = packed.contiguous();
+  torch::Tensor out = torch::empty({quant::interleaved_bytes(format, out_features, in_features)},
+                                   packed.options().dtype(at::kByte));
+  quant::interleave(format, out_features, in_features, w.data_ptr<uint8_t>(), out.data_ptr<uint8_t>());
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(layerskip, CPU, m) {
+  m.impl("interleave_quantized", &interleave_quantized_cpu);
   m.impl("linear_quantized", &linear_quantized_cpu);
   m.impl("linear_quantized.out", &linear_quantized_out_cpu);
   m.impl("dequantize_rows", &dequantize_rows_cpu);

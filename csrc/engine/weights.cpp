@@ -3,11 +3,13 @@
 #include "engine/weights.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <optional>
 #include <set>
 #include <string>
 #include <vector>
 
+#include "cpu/quant_interleave.h"
 #include "cpu/quant_kernels.h"
 
 namespace layerskip {
@@ -18,7 +20,7 @@ namespace {
 at::Tensor as(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
 
 const char* format_name(int64_t format) {
-  switch (format) {
+  switch (quant::base_format(format)) {
     case quant::kQ8_0: return "Q8_0";
     case quant::kQ4_0: return "Q4_0";
     case quant::kQ4_1: return "Q4_1";
@@ -114,10 +116,39 @@ Matrix stack(const std::vector<Matrix>& parts, at::ScalarType dtype, const std::
   return Matrix{joined, parts[0].format, rows, parts[0].in_features};
 }
 
+// A packed matrix in the GGUF layout -> its interleaved form (quant_interleave.h), the layout the decode kernels
+// read 16 rows per instruction from; float matrices as they are. LAYERSKIP_QUANT_INTERLEAVE=0 keeps the GGUF
+// layout (for comparisons).
+Matrix interleaved(const Matrix& m) {
+  static const bool enabled = [] {
+    const char* env = std::getenv("LAYERSKIP_QUANT_INTERLEAVE");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  if (!m.packed() || quant::is_interleaved(m.format) || !enabled) return m;
+  const at::Tensor src = m.data.contiguous();
+  at::Tensor out = at::empty({quant::interleaved_bytes(m.format, m.out_features, m.in_features)},
+                             src.options().dtype(at::kByte));
+  quant::interleave(m.format, m.out_features, m.in_features, src.data_ptr<uint8_t>(), out.data_ptr<uint8_t>());
+  return Matrix{out, quant::kInterleaved + m.format, m.out_features, m.in_features};
+}
+
 }  // namespace
 
 Matrix Matrix::rows(const at::Tensor& ids) const {
-  return Matrix{data.index_select(0, ids).contiguous(), format, ids.size(0), in_features};
+  if (!quant::is_interleaved(format)) {
+    return Matrix{data.index_select(0, ids).contiguous(), format, ids.size(0), in_features};
+  }
+  // the rows read back in the GGUF layout, then interleaved again
+  const at::Tensor idx = ids.to(at::kLong).contiguous();
+  const int64_t n = idx.size(0), row_bytes = in_features / quant::kBlock * quant::block_bytes(format);
+  at::Tensor rows = at::empty({n, row_bytes}, data.options().dtype(at::kByte));
+  const int64_t* id = idx.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(id[i] >= 0 && id[i] < out_features, "Engine: row ", id[i], " out of range [0, ", out_features, ")");
+    quant::move_row(format, in_features, id[i], data.data_ptr<uint8_t>(), rows.data_ptr<uint8_t>() + i * row_bytes,
+                    true);
+  }
+  return interleaved(Matrix{rows, quant::base_format(format), n, in_features});
 }
 
 int64_t ModelWeights::bytes_per_token() const {
@@ -138,10 +169,10 @@ ModelWeights build_weights(const ModelShape& s, const c10::Dict<std::string, at:
   Lookup w(tensors, formats);
   ModelWeights out;
   const Matrix embed = w.matrix("model.embed_tokens.weight", V, H);
-  out.embed = embed.packed() ? embed : Matrix{as(embed.data, at::kFloat), 0, V, H};
+  out.embed = embed.packed() ? interleaved(embed) : Matrix{as(embed.data, at::kFloat), 0, V, H};
   out.final_norm = as(w.get("model.norm.weight", {H}), at::kFloat);
   if (w.has("lm_head.weight")) {
-    out.lm_head = stack({w.matrix("lm_head.weight", V, H)}, matmul_dtype, "lm_head.weight");
+    out.lm_head = interleaved(stack({w.matrix("lm_head.weight", V, H)}, matmul_dtype, "lm_head.weight"));
   } else if (out.embed.packed() || matmul_dtype == at::kFloat) {  // tied: the embedding's storage
     out.lm_head = out.embed;
   } else {
@@ -152,14 +183,14 @@ ModelWeights build_weights(const ModelShape& s, const c10::Dict<std::string, at:
     const std::string p = "model.layers." + std::to_string(i) + ".";
     LayerWeights l;
     l.input_norm = as(w.get(p + "input_layernorm.weight", {H}), at::kFloat);
-    l.qkv = stack({w.matrix(p + "self_attn.q_proj.weight", Q, H), w.matrix(p + "self_attn.k_proj.weight", KV, H),
+    l.qkv = interleaved(stack({w.matrix(p + "self_attn.q_proj.weight", Q, H), w.matrix(p + "self_attn.k_proj.weight", KV, H),
                    w.matrix(p + "self_attn.v_proj.weight", KV, H)},
-                  matmul_dtype, p + "self_attn.{q,k,v}_proj");  // [(Hq + 2 Hkv) D, H]
-    l.o = stack({w.matrix(p + "self_attn.o_proj.weight", H, Q)}, matmul_dtype, p + "self_attn.o_proj");
+                  matmul_dtype, p + "self_attn.{q,k,v}_proj"));  // [(Hq + 2 Hkv) D, H]
+    l.o = interleaved(stack({w.matrix(p + "self_attn.o_proj.weight", H, Q)}, matmul_dtype, p + "self_attn.o_proj"));
     l.post_attn_norm = as(w.get(p + "post_attention_layernorm.weight", {H}), at::kFloat);
-    l.gate_up = stack({w.matrix(p + "mlp.gate_proj.weight", I, H), w.matrix(p + "mlp.up_proj.weight", I, H)},
-                      matmul_dtype, p + "mlp.{gate,up}_proj");  // [2I, H]
-    l.down = stack({w.matrix(p + "mlp.down_proj.weight", H, I)}, matmul_dtype, p + "mlp.down_proj");
+    l.gate_up = interleaved(stack({w.matrix(p + "mlp.gate_proj.weight", I, H), w.matrix(p + "mlp.up_proj.weight", I, H)},
+                                  matmul_dtype, p + "mlp.{gate,up}_proj"));  // [2I, H]
+    l.down = interleaved(stack({w.matrix(p + "mlp.down_proj.weight", H, I)}, matmul_dtype, p + "mlp.down_proj"));
     out.layers.push_back(std::move(l));
   }
   w.check_all_used();

@@ -23,7 +23,8 @@ struct ModelShape {
 };
 
 // A weight matrix [out_features, in_features]: float data [N, K], or packed blocks [N, K / 32 * block bytes]
-// uint8 in a GGUF format (2 = Q4_0, 3 = Q4_1, 8 = Q8_0; layouts in csrc/cpu/quant_kernels.h).
+// uint8 in a GGUF format (2 = Q4_0, 3 = Q4_1, 8 = Q8_0; layouts in csrc/cpu/quant_kernels.h). build_weights
+// stores packed matrices interleaved by 16 rows (1-D, format 1000 + the GGUF one; csrc/cpu/quant_interleave.h).
 struct Matrix {
   at::Tensor data;
   int64_t format = 0;  // 0: float data

@@ -132,6 +132,15 @@ def dequantize_rows(packed: Tensor, format: int, out_features: int, in_features:
     return _ops.dequantize_rows.default(packed, format, out_features, in_features, ids)
 
 
+INTERLEAVED = 1000  # format INTERLEAVED + f: GGUF format f's blocks interleaved by 16 rows (interleave_quantized)
+
+
+def interleave_quantized(packed: Tensor, format: int, out_features: int, in_features: int) -> Tensor:
+    """The packed [N, K] GGUF blocks interleaved by groups of 16 rows (1-D uint8; csrc/cpu/quant_interleave.h):
+    the layout of format INTERLEAVED + format, which linear_quantized and dequantize_rows take too."""
+    return _ops.interleave_quantized.default(packed, format, out_features, in_features)
+
+
 def quant_kernels() -> list[str]:
     """The linear_quantized kernels this CPU can run, best first (of avx512vnni, avx512, avx2, plain)."""
     return list(_ops.quant_kernels.default())
@@ -290,6 +299,12 @@ def _linear_quantized_fake(input, packed, format, out_features, in_features):
     return input.new_empty((input.shape[0], out_features), dtype=torch.float32)
 
 
+@torch.library.register_fake("layerskip::interleave_quantized")
+def _interleave_quantized_fake(packed, format, out_features, in_features):
+    rows = (out_features + 15) // 16 * 16
+    return packed.new_empty((packed.numel() // max(out_features, 1) * rows,), dtype=torch.uint8)
+
+
 @torch.library.register_fake("layerskip::dequantize_rows")
 def _dequantize_rows_fake(packed, format, out_features, in_features, ids):
     return packed.new_empty((ids.shape[0], in_features), dtype=torch.float32)
@@ -365,6 +380,9 @@ def linear_quantized_reference(input: Tensor, packed: Tensor, format: int, out_f
                                in_features: int) -> Tensor:
     """The float matmul on the dequantized weights (no activation rounding), [T, N] float32."""
     from layerskip_ext.quant import FORMAT_NAMES, dequantize
+    if format > INTERLEAVED:  # the GGUF rows back, through the kernel's own row extraction
+        ids = torch.arange(out_features)
+        return input.float() @ dequantize_rows(packed, format, out_features, in_features, ids).T
     w = dequantize(packed.reshape(out_features, -1), FORMAT_NAMES[format], in_features)  # [N, K]
     return input.float() @ w.T
 
