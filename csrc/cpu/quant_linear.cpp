@@ -118,17 +118,19 @@ void quantize_rows(const float* x, int64_t T, int64_t K, int8_t* q, float* scale
     const float inv = d > 0.0f ? 1.0f / d : 0.0f;
     const float d2 = d / 254.0f;  // |residual| <= d / 2 = 127 d2
     const float inv2 = d2 > 0.0f ? 1.0f / d2 : 0.0f;
+    // Rounded to nearest (ties to even): nearbyint compiles to one instruction, and these loops have no
+    // calls or branches, so the compiler vectorizes them (lround was a libm call per value).
+    int8_t* c = q + i * kBlock;
     int32_t codes = 0, codes2 = 0;
-    for (int j = 0; j < kBlock; ++j) {
-      const int8_t c = static_cast<int8_t>(std::lround(v[j] * inv));
-      q[i * kBlock + j] = c;
-      codes += c;
-      if (q2 != nullptr) {
-        const float r = v[j] - d * static_cast<float>(c);
-        const int8_t c2 = static_cast<int8_t>(std::clamp<long>(std::lround(r * inv2), -127, 127));
-        q2[i * kBlock + j] = c2;
-        codes2 += c2;
+    for (int j = 0; j < kBlock; ++j) c[j] = static_cast<int8_t>(std::nearbyint(v[j] * inv));
+    for (int j = 0; j < kBlock; ++j) codes += c[j];
+    if (q2 != nullptr) {
+      int8_t* c2 = q2 + i * kBlock;
+      for (int j = 0; j < kBlock; ++j) {
+        const float r = std::nearbyint((v[j] - d * static_cast<float>(c[j])) * inv2);
+        c2[j] = static_cast<int8_t>(r < -127.0f ? -127.0f : r > 127.0f ? 127.0f : r);
       }
+      for (int j = 0; j < kBlock; ++j) codes2 += c2[j];
     }
     scale[i] = d;
     sum[i] = s;
@@ -196,10 +198,16 @@ torch::Tensor& linear_quantized_out_cpu(const torch::Tensor& input, const torch:
   const torch::Tensor w = packed.contiguous();
   const int64_t nb = K / kBlock;
   const bool two = two_levels();
-  std::vector<int8_t> q(static_cast<size_t>(T * K)), q2(two ? static_cast<size_t>(T * K) : 0);
-  std::vector<float> scale(static_cast<size_t>(T * nb)), sum(static_cast<size_t>(T * nb)),
-      qsum(static_cast<size_t>(T * nb)), scale2(two ? static_cast<size_t>(T * nb) : 0);
-  std::vector<int32_t> csum(static_cast<size_t>(T * nb)), csum2(two ? static_cast<size_t>(T * nb) : 0);
+  // The quantized activations, in buffers kept per calling thread (a decode step makes ~4 calls per layer)
+  thread_local std::vector<int8_t> q, q2;
+  thread_local std::vector<float> scale, sum, qsum, scale2;
+  thread_local std::vector<int32_t> csum, csum2;
+  q.resize(static_cast<size_t>(T * K));
+  q2.resize(two ? static_cast<size_t>(T * K) : 0);
+  for (auto* v : {&scale, &sum, &qsum}) v->resize(static_cast<size_t>(T * nb));
+  scale2.resize(two ? static_cast<size_t>(T * nb) : 0);
+  csum.resize(static_cast<size_t>(T * nb));
+  csum2.resize(two ? static_cast<size_t>(T * nb) : 0);
   quantize_rows(x.data_ptr<float>(), T, K, q.data(), scale.data(), sum.data(), qsum.data(), csum.data(),
                 two ? q2.data() : nullptr, two ? scale2.data() : nullptr, two ? csum2.data() : nullptr);
   quant::QuantizedActivations acts{q.data(), scale.data(), sum.data(), qsum.data(), T, K};
