@@ -84,3 +84,23 @@ def test_self_speculative_lossless_on_packed(smollm2_packed, exit_layer, d):
     spec = layerskip_ext.generate(smollm2_packed, prompt, max_new_tokens=32, stop_token_ids=[],
                                   strategy="self_speculative", exit_layer=exit_layer, num_speculations=d)
     assert spec.tokens == auto.tokens
+
+
+@pytest.mark.skipif(not engine_mod.is_available(), reason="C++ extension not built")
+def test_draft_vocab_head_rows_of_interleaved_head(smollm2_packed):
+    """A draft vocabulary that is the whole vocabulary permuted: the engine gathers the LM head's rows (kept
+    interleaved by 16) in that order, so the drafts, and with them the accepted counts, equal the full head's."""
+    prompt = PROMPTS[1]
+    kwargs = dict(max_new_tokens=32, stop_token_ids=[], strategy="self_speculative", exit_layer=26,
+                  num_speculations=3)  # a late exit: this model was not trained to exit early
+    full = layerskip_ext.generate(smollm2_packed, prompt, **kwargs)
+    saved = smollm2_packed.draft_vocab
+    try:
+        vocab = smollm2_packed.config.vocab_size
+        smollm2_packed.draft_vocab = torch.randperm(vocab, generator=torch.Generator().manual_seed(0)).tolist()
+        permuted = layerskip_ext.generate(smollm2_packed, prompt, draft_vocab_size=vocab, **kwargs)
+    finally:
+        smollm2_packed.draft_vocab = saved
+    assert permuted.tokens == full.tokens
+    assert (permuted.stats.drafted, permuted.stats.accepted) == (full.stats.drafted, full.stats.accepted)
+    assert full.stats.accepted > 0
