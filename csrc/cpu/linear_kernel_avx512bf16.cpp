@@ -6,6 +6,7 @@
 #define LINEAR_ROWS_FN rows_avx512bf16
 #define LINEAR_ISA 512
 #define LINEAR_TOKENS 4
+#define LINEAR_ONE_PASS 8
 #define LINEAR_ACCUMULATORS 16
 #define LINEAR_BF16_DOT 1
 #include "cpu/linear_kernel_simd.inc"
