@@ -63,12 +63,14 @@ cpu::KernelSelector<linear_kernels::RowsKernel>& selector() {
   return s;
 }
 
-// Threads split N into contiguous blocks of at least 256 KiB of weights (a guess, not tuned: waking a second
-// thread costs microseconds, reading 256 KiB about 15).
+// Threads split N into contiguous blocks of at least 256 KiB of weights x input rows (a guess, not tuned:
+// waking a second thread costs microseconds, reading 256 KiB about 15; with T rows a block of 256 / T KiB takes
+// about as long once the multiply-adds dominate, so a batch splits weights that batch 1 keeps on one thread).
+// The split never changes a result: each output element is computed whole by one thread.
 void skinny_linear(linear_kernels::RowsKernel fn, int wtype, int64_t elem_bytes, const void* w, const float* x,
                    int64_t T, int64_t K, float* out, int64_t N) {
-  const int64_t bytes_per_row = std::max<int64_t>(K * elem_bytes, 1);
-  const int64_t grain = std::max<int64_t>((int64_t{256} << 10) / bytes_per_row, 8);
+  const int64_t work_per_row = std::max<int64_t>(K * elem_bytes * T, 1);
+  const int64_t grain = std::max<int64_t>((int64_t{256} << 10) / work_per_row, 8);
   cpu::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { fn(wtype, w, K, n0, n1, x, T, out, N); });
 }
 
