@@ -128,3 +128,25 @@ def test_tune_writes_csv_plot_and_best_settings(model_dir, tmp_path):
 def test_tune_cli_errors(model_dir):
     assert cli_main(["tune", "--model", model_dir, "--exit-layers", "9", "--backend", "reference"]) == 2
     assert cli_main(["tune", "--model", model_dir, "--num-speculations", "a,b", "--backend", "reference"]) == 2
+
+
+def test_tune_pairs_each_prompt_with_autoregressive_runs(monkeypatch):
+    """The speed-up is the median of per-prompt ratios of runs made back to back, in alternating order: a machine
+    whose speed halves over the sweep (a drifting load) does not change it."""
+    from layerskip_ext import tune as tune_mod
+    calls = []
+
+    def fake_rate(model, prompt, **kwargs):
+        kind = kwargs.get("strategy", "autoregressive")
+        calls.append((prompt[0], kind))
+        slow = 0.5 ** (len(calls) / 40)  # the machine slows down steadily
+        return (150.0 if kind == "self_speculative" else 100.0) * slow, 10, 7
+
+    monkeypatch.setattr(tune_mod, "_decode_rate", fake_rate)
+    speedup, ss, ar, acc = tune_mod._paired(None, [[1], [2], [3]], 2, {}, dict(strategy="self_speculative"))
+    assert len(calls) == 12 and acc == 0.7
+    firsts = [calls[i][1] for i in range(0, 12, 2)]  # who goes first alternates per pair
+    assert firsts == ["autoregressive", "self_speculative"] * 3
+    assert [calls[i][0] for i in range(0, 12, 2)] == [1, 2, 3, 1, 2, 3]
+    assert speedup == pytest.approx(1.5, rel=0.02)  # drift between two adjacent runs only
+    assert ss > ar

@@ -359,27 +359,27 @@ class Engine:
                     e.reset_profile()
                     e.set_profiling(True)
                 seen = [0] * len(ids)  # tokens passed to on_token, per row
-                kept: dict[int, int] = {}  # row index -> tokens kept, for rows whose on_token asked to stop
-                while e.has_unfinished() and any(i not in kept and not e.finish_reason(row)
-                                                 for i, row in enumerate(ids)):
+                stopped: dict[int, GenerationResult] = {}  # row index -> result, rows whose on_token ended them
+                while e.has_unfinished():  # one call into the engine per step besides step() itself
                     self._adapt_threads(e)
                     pairs = e.step()
                     if on_token is not None:
                         for row, token in pairs.tolist():
                             i = index[row]
-                            if i in kept:
+                            if i in stopped:
                                 continue
                             seen[i] += 1
                             if on_token(i, token):  # the caller stops this row here (a stop string)
-                                kept[i] = seen[i]
+                                r = self.result(row, args_list[i])
+                                r.tokens, r.finish_reason, r.stats.new_tokens = r.tokens[:seen[i]], "stop", seen[i]
+                                r.text = self.model.decode(r.tokens)  # the rest of its last round is dropped
+                                stopped[i] = r
+                                e.remove_row(row)  # its slot and compute are freed at once
                 if profile:
                     e.set_profiling(False)
                     self.last_profile = dict(e.profile())
-                results = [self.result(row, args) for row, args in zip(ids, args_list)]
-                for i, n in kept.items():  # the rest of the stopped rows' last rounds is dropped
-                    r = results[i]
-                    r.tokens, r.finish_reason, r.stats.new_tokens = r.tokens[:n], "stop", n
-                    r.text = self.model.decode(r.tokens)
+                results = [stopped[i] if i in stopped else self.result(row, args)
+                           for i, (row, args) in enumerate(zip(ids, args_list))]
                 for i, row in enumerate(ids):
                     if results[i].finish_reason == "error":
                         raise RuntimeError(f"generation of row {i} failed: {e.error(row)} (the model produced "
@@ -387,7 +387,7 @@ class Engine:
                 return results
             finally:
                 e.set_profiling(False)
-                for row in ids:
+                for row in e.row_ids():
                     e.remove_row(row)
 
 

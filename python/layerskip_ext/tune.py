@@ -1,8 +1,8 @@
 """`layerskip-ext tune`: sweep the self-speculative settings of a model on sample prompts and store the best.
 
 For every exit layer E, draft length d, draft threshold, adaptive mode and draft-head size K, greedy
-generations over the sample prompts give tokens/s; the speed-up is over autoregressive decoding of the same
-prompts measured in the same run. Writes a CSV (one row per setting), a PNG contour plot of the best speed-up
+generations over the sample prompts give tokens/s; the speed-up is the median over prompts of the ratio to
+autoregressive decoding of the same prompt, run right before or after it (alternately). Writes a CSV (one row per setting), a PNG contour plot of the best speed-up
 over E x d, and the best settings beside the model (settings.py), which generate() then uses by default.
 """
 from __future__ import annotations
@@ -47,45 +47,58 @@ def prompts_from_file(path: str) -> list[str]:
     return prompts
 
 
-def _tokens_per_s(model, prompts, repeats: int, **kwargs) -> tuple[float, float]:
-    """(median over repeats of decoded tokens / decode seconds summed over the prompts, acceptance rate)."""
+def _decode_rate(model, prompt, **kwargs) -> tuple[float, int, int]:
+    """(decoded tokens / decode seconds of one greedy generation, drafted, accepted)."""
     import layerskip_ext
-    speeds, drafted, accepted = [], 0, 0
-    for _ in range(repeats):
-        tokens, seconds = 0, 0.0
-        for p in prompts:
-            r = layerskip_ext.generate(model, p, stop_token_ids=[], **kwargs)
-            tokens += max(r.stats.new_tokens - 1, 0)
-            seconds += r.stats.decode_time_s
-            drafted += r.stats.drafted
-            accepted += r.stats.accepted
-        speeds.append(tokens / seconds if seconds > 0 else 0.0)
-    return statistics.median(speeds), (accepted / drafted if drafted else 0.0)
+    r = layerskip_ext.generate(model, prompt, stop_token_ids=[], **kwargs)
+    seconds = r.stats.decode_time_s
+    return (max(r.stats.new_tokens - 1, 0) / seconds if seconds > 0 else 0.0), r.stats.drafted, r.stats.accepted
+
+
+def _paired(model, prompts, repeats: int, common: dict, setting: dict) -> tuple[float, float, float, float]:
+    """Autoregressive and self-speculative decoding of each prompt back to back (which goes first alternates),
+    `repeats` times: (median over the pairs of the speed-up, median self-speculative tokens/s, median
+    autoregressive tokens/s, acceptance rate). Pairing keeps a shared machine's drifting load out of the ratio."""
+    ratios, ss_rates, ar_rates, drafted, accepted = [], [], [], 0, 0
+    for rep in range(repeats):
+        for i, p in enumerate(prompts):
+            runs = {}
+            for kind in (("ar", "ss") if (rep + i) % 2 == 0 else ("ss", "ar")):
+                kwargs = dict(common, **setting) if kind == "ss" else common
+                runs[kind] = _decode_rate(model, p, **kwargs)
+            (ar, _, _), (ss, dr, ac) = runs["ar"], runs["ss"]
+            ar_rates.append(ar)
+            ss_rates.append(ss)
+            ratios.append(ss / ar if ar > 0 else 0.0)
+            drafted += dr
+            accepted += ac
+    return (statistics.median(ratios), statistics.median(ss_rates), statistics.median(ar_rates),
+            accepted / drafted if drafted else 0.0)
 
 
 def sweep(model, prompts, exit_layers, draft_lengths, thresholds, adaptive_modes, max_new_tokens=64, repeats=1,
           backend="auto", log=print, draft_vocab_sizes=(0,)) -> tuple[float, list[Point]]:
-    """(median autoregressive tokens/s, one Point per setting). Autoregressive decoding of the same prompts runs
-    right before each setting and the speed-up is over that run (a shared machine's load drifts over a sweep)."""
+    """(median autoregressive tokens/s, one Point per setting). Every setting's speed-up is the median over
+    prompts (x repeats) of self-speculative over autoregressive decoding of the same prompt, run back to back."""
     common = dict(max_new_tokens=max_new_tokens, backend=backend)
-    _tokens_per_s(model, prompts, 1, **common)  # warm up: engine build, cache growth, first-touch of buffers
-    raw, bases = [], []
+    for p in prompts:  # warm up: engine build, cache growth, first-touch of buffers
+        _decode_rate(model, p, **common)
+    points, bases = [], []
     for E in exit_layers:
         for d in draft_lengths:
             for threshold in thresholds:
                 for adaptive in adaptive_modes:
                     for k in draft_vocab_sizes:
-                        before, _ = _tokens_per_s(model, prompts, repeats, **common)
-                        bases.append(before)
-                        tps, acc = _tokens_per_s(model, prompts, repeats, strategy="self_speculative", exit_layer=E,
-                                                 num_speculations=d, draft_threshold=threshold, adaptive=adaptive,
-                                                 draft_vocab_size=k, **common)
-                        raw.append((E, d, threshold, adaptive, k, acc, tps, before))
+                        setting = dict(strategy="self_speculative", exit_layer=E, num_speculations=d,
+                                       draft_threshold=threshold, adaptive=adaptive, draft_vocab_size=k)
+                        speedup, tps, ar, acc = _paired(model, prompts, repeats, common, setting)
+                        bases.append(ar)
+                        points.append(Point(E, d, threshold, adaptive, k, acc, tps, speedup))
                         log(f"E={E} d={d} threshold={threshold} adaptive={adaptive} K={k or 'all'}: {tps:.1f} "
-                            f"tokens/s ({tps / before:.2f}x), acceptance {acc:.1%}")
+                            f"tokens/s ({speedup:.2f}x), acceptance {acc:.1%}")
     base = statistics.median(bases)
     log(f"autoregressive: median {base:.1f} tokens/s over the sweep ({min(bases):.1f} .. {max(bases):.1f})")
-    return base, [Point(E, d, t, a, k, acc, tps, tps / ar if ar else 0.0) for E, d, t, a, k, acc, tps, ar in raw]
+    return base, points
 
 
 def write_csv(path: str, points: list[Point]) -> None:
@@ -160,6 +173,9 @@ def tune(model, prompts, out_dir: str, exit_layers, draft_lengths, thresholds, a
         f"adaptive={best.adaptive} K={best.draft_vocab_size or 'all'}: {best.speedup:.2f}x, "
         f"acceptance {best.acceptance:.1%} "
         f"(sweep took {time.perf_counter() - t0:.0f} s)")
+    if best.speedup < 1.0:
+        log(f"warning: no setting was faster than autoregressive decoding on these prompts (best {best.speedup:.2f}x):"
+            " self-speculation does not pay for this model on this machine")
     stored = None
     if save and model.path is not None:
         measured = dict(speedup=round(best.speedup, 4), acceptance=round(best.acceptance, 4),
