@@ -10,7 +10,6 @@ one model, re-entry from on_token, a failed add_row leaves nothing behind, non-f
 from __future__ import annotations
 
 import collections
-import math
 import threading
 
 import pytest
@@ -19,6 +18,7 @@ import torch
 import layerskip_ext
 from layerskip_ext import engine as engine_mod
 from layerskip_ext.generation import check_generation_args
+from chi_square import chi_square, chi_square_limit
 from conftest import make_hf_checkpoint
 
 pytestmark = pytest.mark.skipif(not engine_mod.is_available(), reason="C++ extension not built")
@@ -210,18 +210,9 @@ def test_batched_self_speculative_sampling_follows_full_model(tiny_model):
         full = torch.softmax(tiny_model.module(ids)[0, -1].double() / temp, -1)
         draft = torch.softmax(tiny_model.module(ids, exit_layer=E)[0, -1].double() / temp, -1)
 
-    def chi2(probs):  # bins with expected count >= 5, the rest merged into one
-        expected = probs * observed.sum()
-        big = expected >= 5
-        obs = torch.cat([observed[big], observed[~big].sum()[None]])
-        exp = torch.cat([expected[big], expected[~big].sum()[None]])
-        keep = exp > 0
-        return float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()), int(keep.sum()) - 1
-
-    stat_full, dof = chi2(full)
-    stat_draft, _ = chi2(draft)
-    z = 3.09  # 99.9% quantile of chi-square(dof), Wilson-Hilferty approximation
-    limit = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+    stat_full, dof = chi_square(observed, full)
+    stat_draft, _ = chi_square(observed, draft)
+    limit = chi_square_limit(dof)
     assert stat_full < limit, (stat_full, dof)
     assert stat_draft > limit, "the test cannot tell the draft from the full model: change the model"
 

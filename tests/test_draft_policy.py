@@ -8,7 +8,6 @@ full model's distribution (chi-square, as tests/test_engine.py does).
 from __future__ import annotations
 
 import collections
-import math
 import random
 
 import pytest
@@ -17,6 +16,7 @@ import torch
 import layerskip_ext
 from layerskip_ext import draft_policy as dp
 from layerskip_ext import engine as engine_mod
+from chi_square import chi_square_limit, two_sample_chi_square
 from conftest import make_hf_checkpoint
 
 ONE = dp.ONE
@@ -203,21 +203,10 @@ def test_sampling_with_every_option_follows_full_model(tiny_model):
     adaptive = histogram(10 ** 6, **spec)
     draft = histogram(2 * 10 ** 6, strategy="early_exit", exit_layer=1)
 
-    def two_sample_chi2(a, b):  # equal sample sizes; bins with fewer than 10 counts together merged into one
-        big = (a + b) >= 10
-        a = torch.cat([a[big], a[~big].sum()[None]])
-        b = torch.cat([b[big], b[~big].sum()[None]])
-        keep = (a + b) > 0
-        a, b = a[keep], b[keep]
-        return float(((a - b) ** 2 / (a + b)).sum()), int(keep.sum()) - 1
-
-    def limit(dof):  # 99.9% quantile of chi-square(dof), Wilson-Hilferty approximation
-        return dof * (1 - 2 / (9 * dof) + 3.09 * math.sqrt(2 / (9 * dof))) ** 3
-
-    stat, dof = two_sample_chi2(adaptive, full)
-    assert stat < limit(dof), (stat, dof)
-    stat_draft, dof_draft = two_sample_chi2(draft, full)
-    assert stat_draft > limit(dof_draft), "the test cannot tell the draft from the full model: change the model"
+    stat, dof = two_sample_chi_square(adaptive, full)
+    assert stat < chi_square_limit(dof), (stat, dof)
+    stat_draft, dof_draft = two_sample_chi_square(draft, full)
+    assert stat_draft > chi_square_limit(dof_draft), "the test cannot tell the draft from the full model: change the model"
 
 
 # ----------------------------------------------------------------------------------------------

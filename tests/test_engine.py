@@ -7,7 +7,6 @@ strategy; seeded sampling must equal the reference for the same seed.
 from __future__ import annotations
 
 import collections
-import math
 import os
 
 import pytest
@@ -18,6 +17,7 @@ from layerskip_ext import engine as engine_mod
 from layerskip_ext import ops
 from layerskip_ext.generation import check_generation_args
 from layerskip_ext.reference_generate import generate_reference
+from chi_square import chi_square, chi_square_limit
 from conftest import make_hf_checkpoint
 
 pytestmark = pytest.mark.skipif(not engine_mod.is_available(), reason="C++ extension not built")
@@ -160,19 +160,9 @@ def test_self_speculative_sampling_follows_full_model(tiny_model):
         full = torch.softmax(tiny_model.module(ids)[0, -1].double() / temp, -1)
         draft = torch.softmax(tiny_model.module(ids, exit_layer=E)[0, -1].double() / temp, -1)
 
-    def chi2(probs):  # bins with expected count >= 5, the rest merged into one
-        expected = probs * observed.sum()
-        big = expected >= 5
-        obs = torch.cat([observed[big], observed[~big].sum()[None]])
-        exp = torch.cat([expected[big], expected[~big].sum()[None]])
-        keep = exp > 0
-        return float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()), int(keep.sum()) - 1
-
-    stat_full, dof = chi2(full)
-    stat_draft, _ = chi2(draft)
-    # 99.9% quantile of chi-square(dof), Wilson-Hilferty approximation
-    z = 3.09
-    limit = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+    stat_full, dof = chi_square(observed, full)
+    stat_draft, _ = chi_square(observed, draft)
+    limit = chi_square_limit(dof)
     assert stat_full < limit, (stat_full, dof)
     assert stat_draft > limit, "the test cannot tell the draft from the full model: change the model"
 

@@ -4,7 +4,6 @@ in layerskip_ext.ops: shape/dtype grids, opcheck, argument errors, and statistic
 bfloat16 tolerance: the kernel's error against the float32 reference may be at most a small multiple
 of the error of the same computation done by plain PyTorch in bfloat16 (flash-attention's rule).
 """
-import math
 from collections import Counter
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 
 from layerskip_ext import ops
 
+from chi_square import chi_square_limit
 from devices import DEVICES  # cpu, and cuda (skipped without a GPU)
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -34,12 +34,6 @@ def assert_matches(out, ref32, baseline=None, rtol=1e-5, atol=1e-5, factor=2.0):
     err = (out.cpu().float() - ref32.cpu().float()).abs().max().item()
     base = (baseline.cpu().float() - ref32.cpu().float()).abs().max().item()
     assert err <= factor * base + 1e-6, f"bf16 error {err} vs baseline {base}"
-
-
-def chi2_threshold(df: int, z: float = 4.75) -> float:
-    """Upper quantile of chi-square(df) at normal score z (Wilson-Hilferty); z=4.75 is p ~ 1e-6."""
-    a = 2.0 / (9.0 * df)
-    return df * (1.0 - a + z * math.sqrt(a)) ** 3
 
 
 def chi2_statistic(observed: dict, expected_probs: dict, n: int) -> tuple[float, int]:
@@ -525,7 +519,7 @@ def test_sample_from_probs_frequencies():
         counts = Counter(ops.sample_from_probs(probs, seed, 0).tolist())
         expected = {i: float(p[i] / p.sum()) for i in range(8) if p[i] > 0}
         stat, df = chi2_statistic(counts, expected, n)
-        assert stat < chi2_threshold(df), (seed, stat, df)
+        assert stat < chi_square_limit(df, z=4.75), (seed, stat, df)
 
 
 def test_sample_from_probs_edges():
@@ -600,7 +594,7 @@ def test_sample_top_k_frequencies():
     expected = {i: float(p[i]) for i in range(6) if p[i] > 0}
     assert set(expected) == {0, 1, 5}
     stat, df = chi2_statistic(counts, expected, n)
-    assert stat < chi2_threshold(df)
+    assert stat < chi_square_limit(df, z=4.75)
 
 
 def test_sample_opcheck_and_errors():
@@ -749,7 +743,7 @@ def test_speculative_accept_empirical_distribution(V, d):
         counts[tuple(tokens[: int(num) + 1].tolist())] += 1
         assert (tokens[int(num) + 1 :] == -1).all()
     stat, df = chi2_statistic(counts, dist, n)
-    assert df >= 3 and stat < chi2_threshold(df), (stat, df)
+    assert df >= 3 and stat < chi_square_limit(df, z=4.75), (stat, df)
     first = torch.bincount(torch.tensor([key[0] for key in counts.elements()]), minlength=V).double() / n
     torch.testing.assert_close(first, p[0].double(), rtol=0, atol=0.02)  # tokens[0] ~ target row 0
 

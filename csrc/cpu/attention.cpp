@@ -11,6 +11,7 @@
 #include "cpu/dtype_dispatch.h"
 #include "cpu/op_checks.h"
 #include "cpu/reductions.h"
+#include "op_shapes.h"
 #include "ops.h"
 
 namespace layerskip {
@@ -62,30 +63,14 @@ void attention_cpu(torch::Tensor& out, const torch::Tensor& query, const torch::
   cpu::check_cpu(query, op, "query");
   cpu::check_cpu(k_cache, op, "k_cache");
   cpu::check_cpu(v_cache, op, "v_cache");
-  cpu::check_dim(query, 3, op, "query [T, Hq, D]");
-  cpu::check_dim(k_cache, 4, op, "k_cache [B, Hkv, S, D]");
-  cpu::check_dim(v_cache, 4, op, "v_cache [B, Hkv, S, D]");
+  cpu::check_cpu(rows, op, "rows");
+  cpu::check_cpu(positions, op, "positions");
+  const shapes::AttentionSizes s = shapes::check_attention(query, k_cache, v_cache, rows, positions, scale, op);
   cpu::check_float(query, true, op, "query");
   cpu::check_float(k_cache, true, op, "k_cache");
-  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), op, ": v_cache must have the dtype of k_cache (",
-              k_cache.scalar_type(), "), got ", v_cache.scalar_type());
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have the shape of k_cache ", k_cache.sizes(),
-              ", got ", v_cache.sizes());
-  const int64_t tokens = query.size(0), q_heads = query.size(1), head_dim = query.size(2);
-  const int64_t batch = k_cache.size(0), kv_heads = k_cache.size(1), capacity = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == head_dim, op, ": k_cache head_dim ", k_cache.size(3), " differs from query's ",
-              head_dim);
-  TORCH_CHECK(kv_heads > 0 && q_heads % kv_heads == 0, op, ": query heads (", q_heads,
-              ") must be a multiple of cache heads (", kv_heads, ")");
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
-  cpu::check_vector(rows, tokens, at::kLong, op, "rows");
-  cpu::check_vector(positions, tokens, at::kLong, op, "positions");
-  cpu::check_last_dim_dense(query, op, "query");
-  cpu::check_contiguous(k_cache, op, "k_cache");
-  cpu::check_contiguous(v_cache, op, "v_cache");
   cpu::check_out(out, query.sizes(), query.scalar_type(), op, "out");
-  cpu::check_indices(rows, batch, op, "rows", "B = k_cache.size(0)");
-  cpu::check_indices(positions, capacity, op, "positions", "S = k_cache.size(2)");
+  cpu::check_indices(rows, s.batch, op, "rows", "B = k_cache.size(0)");
+  cpu::check_indices(positions, s.capacity, op, "positions", "S = k_cache.size(2)");
   if (out.numel() == 0) return;
   const auto r = rows.contiguous();
   const auto p = positions.contiguous();
@@ -94,7 +79,7 @@ void attention_cpu(torch::Tensor& out, const torch::Tensor& query, const torch::
     using C = cpu::elem_t<decltype(c_tag)>;
     attention_kernel<Q, C>(query.data_ptr<Q>(), query.stride(0), query.stride(1), k_cache.data_ptr<C>(),
                            v_cache.data_ptr<C>(), out.data_ptr<Q>(), r.data_ptr<int64_t>(), p.data_ptr<int64_t>(),
-                           tokens, q_heads, kv_heads, capacity, head_dim, static_cast<float>(scale));
+                           s.tokens, s.q_heads, s.kv_heads, s.capacity, s.head_dim, static_cast<float>(scale));
   });
 }
 

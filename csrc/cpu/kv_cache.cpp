@@ -7,6 +7,7 @@
 #include "cpu/dtype_dispatch.h"
 #include "cpu/op_checks.h"
 #include "cpu/reductions.h"
+#include "op_shapes.h"
 #include "ops.h"
 
 namespace layerskip {
@@ -49,28 +50,15 @@ void kv_cache_write_cpu(torch::Tensor& k_cache, torch::Tensor& v_cache, const to
   cpu::check_cpu(v_cache, op, "v_cache");
   cpu::check_cpu(key, op, "key");
   cpu::check_cpu(value, op, "value");
-  cpu::check_dim(k_cache, 4, op, "k_cache [B, Hkv, S, D]");
-  cpu::check_dim(v_cache, 4, op, "v_cache [B, Hkv, S, D]");
-  cpu::check_dim(key, 3, op, "key [T, Hkv, D]");
-  cpu::check_dim(value, 3, op, "value [T, Hkv, D]");
+  cpu::check_cpu(rows, op, "rows");
+  cpu::check_cpu(positions, op, "positions");
+  shapes::check_kv_cache_write(k_cache, v_cache, key, value, rows, positions, op);
   cpu::check_float(k_cache, true, op, "k_cache");
   cpu::check_float(v_cache, true, op, "v_cache");
   cpu::check_float(key, true, op, "key");
   cpu::check_float(value, true, op, "value");
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have the shape of k_cache ", k_cache.sizes(),
-              ", got ", v_cache.sizes());
-  TORCH_CHECK(value.sizes() == key.sizes(), op, ": value must have the shape of key ", key.sizes(), ", got ",
-              value.sizes());
   const int64_t batch = k_cache.size(0), heads = k_cache.size(1), capacity = k_cache.size(2);
   const int64_t head_dim = k_cache.size(3), tokens = key.size(0);
-  TORCH_CHECK(key.size(1) == heads && key.size(2) == head_dim, op, ": key must have shape [T, ", heads, ", ", head_dim,
-              "] to match k_cache ", k_cache.sizes(), ", got ", key.sizes());
-  cpu::check_vector(rows, tokens, at::kLong, op, "rows");
-  cpu::check_vector(positions, tokens, at::kLong, op, "positions");
-  cpu::check_contiguous(k_cache, op, "k_cache");
-  cpu::check_contiguous(v_cache, op, "v_cache");
-  cpu::check_last_dim_dense(key, op, "key");
-  cpu::check_last_dim_dense(value, op, "value");
   cpu::check_indices(rows, batch, op, "rows", "B = k_cache.size(0)");
   cpu::check_indices(positions, capacity, op, "positions", "S = k_cache.size(2)");
   if (tokens == 0 || heads == 0 || head_dim == 0) return;

@@ -6,6 +6,7 @@
 #include "cpu/dtype_dispatch.h"
 #include "cpu/op_checks.h"
 #include "cpu/reductions.h"
+#include "op_shapes.h"
 #include "ops.h"
 
 namespace layerskip {
@@ -48,25 +49,9 @@ void rotary_embedding_cpu(torch::Tensor& query, torch::Tensor& key, const torch:
   cpu::check_cpu(key, op, "key");
   cpu::check_cpu(positions, op, "positions");
   cpu::check_cpu(cos_sin_cache, op, "cos_sin_cache");
-  cpu::check_dim(query, 3, op, "query [T, Hq, D]");
-  cpu::check_dim(key, 3, op, "key [T, Hkv, D]");
-  cpu::check_dim(positions, 1, op, "positions [T]");
-  cpu::check_dim(cos_sin_cache, 2, op, "cos_sin_cache [max_pos, D]");
+  shapes::check_rotary(query, key, positions, cos_sin_cache, op);
   cpu::check_float(query, true, op, "query");
-  TORCH_CHECK(key.scalar_type() == query.scalar_type(), op, ": key must have the dtype of query (",
-              query.scalar_type(), "), got ", key.scalar_type());
-  cpu::check_long(positions, op, "positions");
-  TORCH_CHECK(cos_sin_cache.scalar_type() == at::kFloat || cos_sin_cache.scalar_type() == query.scalar_type(), op,
-              ": cos_sin_cache must be float32 or the dtype of query, got ", cos_sin_cache.scalar_type());
   const int64_t tokens = query.size(0), head_dim = query.size(2);
-  TORCH_CHECK(key.size(0) == tokens && key.size(2) == head_dim, op, ": key must have shape [", tokens, ", Hkv, ",
-              head_dim, "] to match query ", query.sizes(), ", got ", key.sizes());
-  TORCH_CHECK(positions.size(0) == tokens, op, ": positions must have shape [", tokens, "], got ", positions.sizes());
-  TORCH_CHECK(head_dim % 2 == 0, op, ": head_dim must be even, got ", head_dim);
-  TORCH_CHECK(cos_sin_cache.size(1) == head_dim, op, ": cos_sin_cache must have shape [max_pos, ", head_dim,
-              "], got ", cos_sin_cache.sizes());
-  cpu::check_last_dim_dense(query, op, "query");
-  cpu::check_last_dim_dense(key, op, "key");
 
   const auto pos = positions.contiguous();
   const auto cache = cos_sin_cache.contiguous();

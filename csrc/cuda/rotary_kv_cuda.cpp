@@ -3,6 +3,7 @@
 // the GPU a position outside [0, max_pos) is clamped into it, and a token whose row is outside [0, B) or whose
 // position is outside [0, S) is not written to the cache.
 #include "cuda/glue.h"
+#include "op_shapes.h"
 
 namespace layerskip {
 namespace cuda {
@@ -15,26 +16,10 @@ void rotary_embedding_cuda(at::Tensor& query, at::Tensor& key, const at::Tensor&
   check_same_device(key, query, op, "key");
   check_same_device(positions, query, op, "positions");
   check_same_device(cos_sin_cache, query, op, "cos_sin_cache");
-  check_dim(query, 3, op, "query [T, Hq, D]");
-  check_dim(key, 3, op, "key [T, Hkv, D]");
-  check_dim(positions, 1, op, "positions [T]");
-  check_dim(cos_sin_cache, 2, op, "cos_sin_cache [max_pos, D]");
+  shapes::check_rotary(query, key, positions, cos_sin_cache, op);
   check_float(query, op, "query");
-  TORCH_CHECK(key.scalar_type() == query.scalar_type(), op, ": key must have the dtype of query (",
-              query.scalar_type(), "), got ", key.scalar_type());
-  check_long(positions, op, "positions");
-  TORCH_CHECK(cos_sin_cache.scalar_type() == at::kFloat || cos_sin_cache.scalar_type() == query.scalar_type(), op,
-              ": cos_sin_cache must be float32 or the dtype of query, got ", cos_sin_cache.scalar_type());
   const int64_t tokens = query.size(0), head_dim = query.size(2);
-  TORCH_CHECK(key.size(0) == tokens && key.size(2) == head_dim, op, ": key must have shape [", tokens, ", Hkv, ",
-              head_dim, "] to match query ", query.sizes(), ", got ", key.sizes());
-  TORCH_CHECK(positions.size(0) == tokens, op, ": positions must have shape [", tokens, "], got ", positions.sizes());
-  TORCH_CHECK(head_dim % 2 == 0, op, ": head_dim must be even, got ", head_dim);
-  TORCH_CHECK(cos_sin_cache.size(1) == head_dim, op, ": cos_sin_cache must have shape [max_pos, ", head_dim,
-              "], got ", cos_sin_cache.sizes());
   TORCH_CHECK(cos_sin_cache.size(0) > 0, op, ": cos_sin_cache must have at least one position");
-  check_last_dim_dense(query, op, "query");
-  check_last_dim_dense(key, op, "key");
   if (tokens == 0 || head_dim == 0) return;
   const c10::cuda::CUDAGuard guard(query.device());
   const auto pos = positions.contiguous();
@@ -57,29 +42,16 @@ void kv_cache_write_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Ten
   check_same_device(v_cache, k_cache, op, "v_cache");
   check_same_device(key, k_cache, op, "key");
   check_same_device(value, k_cache, op, "value");
-  check_dim(k_cache, 4, op, "k_cache [B, Hkv, S, D]");
-  check_dim(v_cache, 4, op, "v_cache [B, Hkv, S, D]");
-  check_dim(key, 3, op, "key [T, Hkv, D]");
-  check_dim(value, 3, op, "value [T, Hkv, D]");
+  check_same_device(rows, k_cache, op, "rows");
+  check_same_device(positions, k_cache, op, "positions");
+  shapes::check_kv_cache_write(k_cache, v_cache, key, value, rows, positions, op);
   check_float(k_cache, op, "k_cache");
   check_float(v_cache, op, "v_cache");
   check_float(key, op, "key");
   check_float(value, op, "value");
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have the shape of k_cache ", k_cache.sizes(),
-              ", got ", v_cache.sizes());
-  TORCH_CHECK(value.sizes() == key.sizes(), op, ": value must have the shape of key ", key.sizes(), ", got ",
-              value.sizes());
   const int64_t batch = k_cache.size(0), heads = k_cache.size(1), capacity = k_cache.size(2),
                 head_dim = k_cache.size(3);
   const int64_t tokens = key.size(0);
-  TORCH_CHECK(key.size(1) == heads && key.size(2) == head_dim, op, ": key must have shape [T, ", heads, ", ", head_dim,
-              "] to match k_cache ", k_cache.sizes(), ", got ", key.sizes());
-  check_vector(rows, k_cache, tokens, at::kLong, op, "rows");
-  check_vector(positions, k_cache, tokens, at::kLong, op, "positions");
-  check_contiguous(k_cache, op, "k_cache");
-  check_contiguous(v_cache, op, "v_cache");
-  check_last_dim_dense(key, op, "key");
-  check_last_dim_dense(value, op, "value");
   if (tokens == 0 || heads == 0 || head_dim == 0) return;
   const c10::cuda::CUDAGuard guard(k_cache.device());
   const auto r = rows.contiguous();
