@@ -105,7 +105,8 @@ def silu_and_mul(input: Tensor) -> Tensor:
 
 
 def linear(input: Tensor, weight: Tensor) -> Tensor:
-    """input [T, K] float32 @ weight [N, K] (float32, bfloat16 or float16).T -> [T, N] float32."""
+    """input [T, K] float32 @ weight [N, K] (float32, bfloat16 or float16).T -> [T, N] float32. With bfloat16
+    weights on a CPU with AVX512_BF16 the input is rounded to bfloat16 first (linear_rounds_bf16_inputs())."""
     rows = input.shape[0] if input.dim() == 2 else 0
     cols = weight.shape[0] if weight.dim() == 2 else 0
     # float32 on the CPU; the CUDA kernel also takes float16 / bfloat16 inputs and writes their dtype
