@@ -14,16 +14,18 @@ CPU the run got, while tokens per CPU-second measure the work a token costs. Eve
 """
 from __future__ import annotations
 
-import argparse
-import os
-import platform
-import statistics
-import sys
-import time
+import layerskip_ext  # before torch: it sets the OpenMP spin count before libgomp loads
 
-import torch
+import argparse  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
 
-import layerskip_ext
+import torch  # noqa: E402
+
+from layerskip_ext import ops  # noqa: E402
 from bench_common import cpu_name  # noqa: E402  (benchmarks/ is the script's directory)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +60,8 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batches", default="1,2,4,8,16")
-    p.add_argument("--models", default="smollm2-fp32,smollm2-bf16,demo")
+    p.add_argument("--models", default="smollm2-fp32,smollm2-bf16,demo",
+                   help="of smollm2-fp32, smollm2-bf16, smollm2-bf16-wide (float32-activation kernel), demo")
     p.add_argument("--out", help="also write the tables (markdown) to this file")
     a = p.parse_args(argv)
     batches = [int(b) for b in a.batches.split(",")]
@@ -67,14 +70,20 @@ def main(argv=None) -> int:
         batches, a.new_tokens, a.repeats, models = [1, 4], 8, 1, ["demo"]
 
     cpu = cpu_name() or platform.processor() or "unknown CPU"
-    lines = [f"CPU: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+    kernel = ops.linear_kernel()  # automatic, or LAYERSKIP_LINEAR_KERNEL's
+    lines = [f"CPU: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, linear kernel "
+             f"{kernel} (bf16 weights: activations rounded to bf16: {ops.linear_rounds_bf16_inputs()}); "
              f"{a.new_tokens} new tokens per row, greedy, median of {a.repeats}.", ""]
     cache = {}
     for name in models:
+        # smollm2-bf16-wide: bf16 weights on the float32-activation linear kernel (the default on CPUs with
+        # AVX512_BF16 rounds the activations to bf16: avx512bf16), for a side-by-side comparison
+        wide = name.endswith("-wide")
+        ops.set_linear_kernel(next(k for k in ops.linear_kernels() if k != "avx512bf16") if wide else kernel)
         if name.startswith("smollm2"):
             if "smollm2" not in cache:
                 cache["smollm2"] = layerskip_ext.load()
-            model, dtype = cache["smollm2"], torch.bfloat16 if name.endswith("bf16") else torch.float32
+            model, dtype = cache["smollm2"], torch.bfloat16 if "bf16" in name else torch.float32
             spec = dict(strategy="self_speculative", exit_layer=8, num_speculations=4)
         else:
             model, dtype = layerskip_ext.load(DEMO), torch.float32

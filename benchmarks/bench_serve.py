@@ -76,7 +76,8 @@ async def run_level(url, model_name, clients, requests, max_tokens, settings):
 
 def start_server(args, port):
     cmd = [sys.executable, "-m", "layerskip_ext.cli", "serve", "--port", str(port), "--model-name", "bench",
-           "--max-batch", str(args.max_batch), "--max-queue", "1024", "--log-level", "warning", "--dtype", args.dtype]
+           "--max-batch", str(args.max_batch), "--max-queue", "1024", "--log-level", "warning", "--dtype", args.dtype,
+           "--weights", args.weights]
     if args.model:
         cmd += ["--model", args.model]
     if args.threads:
@@ -102,6 +103,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF directory or .gguf (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--weights", default="auto", choices=["auto", "q8_0", "q4_0", "q4_1", "bf16", "fp32"],
+                   help="the server's --weights (auto: a GGUF's own blocks, e.g. the default model's Q4_1)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--clients", default="1,4,8,16")
     p.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
@@ -118,8 +121,8 @@ def main():
         port = s.getsockname()[1]
     proc, url = start_server(args, port)
     try:
-        print(f"model {args.model or 'SmolLM2-135M-Instruct'}, {args.requests} requests x {args.max_tokens} tokens "
-              f"per level, max batch {args.max_batch}, CPU: {cpu_name() or 'unknown'}")
+        print(f"model {args.model or 'SmolLM2-135M-Instruct'} (weights {args.weights}), {args.requests} requests x "
+              f"{args.max_tokens} tokens per level, max batch {args.max_batch}, CPU: {cpu_name() or 'unknown'}")
         for strategy in args.strategies.split(","):
             settings = {"strategy": strategy}
             if strategy != "autoregressive":

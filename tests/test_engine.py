@@ -14,6 +14,7 @@ import torch
 
 import layerskip_ext
 from layerskip_ext import engine as engine_mod
+from layerskip_ext import ops
 from layerskip_ext.generation import check_generation_args
 from layerskip_ext.reference_generate import generate_reference
 from chi_square import chi_square, chi_square_limit
@@ -85,7 +86,16 @@ def test_greedy_self_speculative(random_model):
 
 
 def test_greedy_bf16_weights_match_reference_on_rounded_weights(random_model):
-    """bf16 matmul weights with fp32 activations == the fp32 reference, on weights that bf16 holds exactly."""
+    """bf16 matmul weights with fp32 activations == the fp32 reference, on weights that bf16 holds exactly (the
+    float32-activation linear kernel forced: avx512bf16 rounds the activations, tests/test_linear_bf16dot.py)."""
+    ops.set_linear_kernel(next(k for k in ops.linear_kernels() if k != "avx512bf16"))
+    try:
+        _bf16_weights_match_reference(random_model)
+    finally:
+        ops.set_linear_kernel("auto")
+
+
+def _bf16_weights_match_reference(random_model):
     rounded = layerskip_ext.load(random_model.path)
     with torch.no_grad():
         for p in rounded.module.parameters():

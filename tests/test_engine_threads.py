@@ -82,6 +82,7 @@ def test_free_cores_reads_proc_stat(monkeypatch):
     cores = len(__import__("os").sched_getaffinity(0))
     real_open = open
     monkeypatch.setattr(engine_mod, "_own_running_threads", lambda: 2)
+    monkeypatch.setattr(engine_mod.os, "cpu_count", lambda: cores)  # the machine is ours alone
     for running, expected in ((1, cores), (2, cores), (3, cores - 1), (cores + 2, 0), (cores + 9, 0)):
         text = f"cpu  1 2 3\nprocs_running {running}\nprocs_blocked 0\n".encode()
         monkeypatch.setattr("builtins.open", lambda path, *a, **k: io.BytesIO(text) if path == "/proc/stat"
@@ -91,3 +92,16 @@ def test_free_cores_reads_proc_stat(monkeypatch):
 
 def test_own_running_threads_counts_the_caller():
     assert engine_mod._own_running_threads() >= 1
+
+
+def test_free_cores_counts_others_on_our_share_of_the_cpus(monkeypatch):
+    # pinned to 2 of 64 CPUs: 31 other runnable threads on the host are about one on our two cores
+    import io
+
+    monkeypatch.setattr(engine_mod, "_own_running_threads", lambda: 1)
+    monkeypatch.setattr(engine_mod.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(engine_mod.os, "cpu_count", lambda: 64)
+    for running, expected in ((1, 2), (32, 1), (64, 0), (200, 0)):
+        text = f"procs_running {running}\n".encode()
+        monkeypatch.setattr("builtins.open", lambda path, *a, **k: io.BytesIO(text))
+        assert engine_mod.free_cores() == expected, running

@@ -31,7 +31,10 @@ NS = [1, 5, 192, 576, 1000]
 
 
 def reference(x, w):
-    """x [T, K], w [N, K] (any float dtype) -> x @ w.T in float64, [T, N]."""
+    """x [T, K], w [N, K] (any float dtype) -> x @ w.T in float64, [T, N]; x rounded to bf16 first where the
+    kernel in use does so for bf16 weights (avx512bf16)."""
+    if w.dtype == torch.bfloat16 and ops.linear_rounds_bf16_inputs():
+        x = x.bfloat16()
     return x.double() @ w.double().T
 
 
@@ -114,6 +117,29 @@ def test_kernel_threads_and_wide_weights(kernel):
         check(full, x, w)
         for t in (0, 5, 23):
             assert torch.equal(linear(x[t:t + 1], w)[0], full[t])
+
+
+@pytest.mark.skipif("avx512bf16" not in ops.linear_kernels(), reason="CPU without AVX512_BF16")
+def test_bf16_dot_kernel_rounds_inputs_at_every_t():
+    """avx512bf16 with bf16 weights: the input rounded to bf16 (inputs that bf16 holds give the avx512 kernel's
+    float32-activation result within float32 rounding; others differ by about bf16's precision), prefill
+    (T > 64) included, each row the same bits as alone; float32 weights: the avx512 kernel's bits."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(150, 300, generator=gen)  # [T, K], T past the skinny limit
+    w = torch.randn(70, 300, generator=gen)  # [N, K]
+    wb = w.bfloat16()
+    ops.set_linear_kernel("avx512")
+    wide, wide_f32 = linear(x, wb), linear(x[:40], w)
+    wide_rounded = linear(x.bfloat16().float(), wb)
+    ops.set_linear_kernel("avx512bf16")
+    dot = linear(x, wb)
+    check(dot, x, wb)
+    scale = (x.double().abs() @ wb.double().abs().T).max().item()
+    assert (dot - wide).abs().max().item() > 1e-4 * scale  # the rounding shows
+    assert (dot - wide_rounded).abs().max().item() < 1e-5 * scale  # and is the only difference
+    for t in (0, 63, 64, 149):
+        assert torch.equal(linear(x[t:t + 1], wb)[0], dot[t])
+    assert torch.equal(linear(x[:40], w), wide_f32)
 
 
 def test_kernel_selection_errors():

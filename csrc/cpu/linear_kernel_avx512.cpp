@@ -11,6 +11,9 @@
 #ifndef LINEAR_TOKENS
 #define LINEAR_TOKENS 4
 #endif
+#ifndef LINEAR_ONE_PASS
+#define LINEAR_ONE_PASS 8  // up to 8 rows in one pass: weights stream while the FMAs run
+#endif
 #ifndef LINEAR_ACCUMULATORS
 #define LINEAR_ACCUMULATORS 16
 #endif

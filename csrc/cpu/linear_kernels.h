@@ -31,8 +31,15 @@ void rows_plain(int wtype, const void* w, int64_t K, int64_t n0, int64_t n1, con
                 float* out, int64_t ldo);
 void rows_avx2(int wtype, const void* w, int64_t K, int64_t n0, int64_t n1, const float* x, int64_t T,
                float* out, int64_t ldo);
+// avx512bf16: float32 / float16 weights as rows_avx512; bfloat16 weights against the input rows rounded to
+// bfloat16, in AVX512_BF16 dot products (the order is stated in linear_kernel_bf16dot.inc).
+void rows_avx512bf16(int wtype, const void* w, int64_t K, int64_t n0, int64_t n1, const float* x, int64_t T,
+                     float* out, int64_t ldo);
 void rows_avx512(int wtype, const void* w, int64_t K, int64_t n0, int64_t n1, const float* x, int64_t T,
                  float* out, int64_t ldo);
+
+// Whether kernel `fn` rounds the input rows to bfloat16 for bfloat16 weights (then linear uses it at every T).
+inline bool rounds_bf16_inputs(RowsKernel fn) { return fn == &rows_avx512bf16; }
 
 }  // namespace linear_kernels
 }  // namespace layerskip

@@ -67,6 +67,25 @@ struct Engine::GraphCache {
     g.out = at::empty({outs}, at::TensorOptions().dtype(at::kLong).device(device));
   }
 
+  // Stages the rows' inputs in g's pinned buffers, row j at offset j of each part: host_long [6n] last token |
+  // cache row | position | random counter | top_k | seed; host_double [2n] temperature | top_p.
+  static void stage_inputs(Decode& g, const std::map<int64_t, Row>& rows, const std::vector<int64_t>& ids) {
+    const int64_t n = static_cast<int64_t>(ids.size());
+    int64_t* hl = g.host_long.data_ptr<int64_t>();
+    double* hd = g.host_double.data_ptr<double>();
+    for (int64_t j = 0; j < n; ++j) {
+      const Row& r = rows.at(ids[j]);
+      hl[j] = r.state.tokens.back();
+      hl[n + j] = r.state.slot;
+      hl[2 * n + j] = r.state.position;
+      hl[3 * n + j] = r.state.counter;
+      hl[4 * n + j] = r.params.top_k;
+      hl[5 * n + j] = r.params.seed;
+      hd[j] = r.params.temperature;
+      hd[n + j] = r.params.top_p;
+    }
+  }
+
   // Captures body() into g.graph on a side stream (the legacy default stream cannot capture), with the
   // engine's scratch tensors routed to the graph's own workspace. On failure the capture is ended, graphs are
   // turned off and the error propagates.
@@ -112,20 +131,7 @@ bool Engine::decode_group_graph(const std::vector<int64_t>& ids, int64_t E) {
   if (!g.captured && g.steps_seen++ == 0) return false;  // the first step of this shape runs eagerly
   if (!g.captured) GraphCache::allocate_io(g, 6 * n, 2 * n, 2 * n, weights_.device());
 
-  // inputs, packed on the host: last tokens | cache rows | positions | counters | top_k | seeds; temperature | top_p
-  int64_t* hl = g.host_long.data_ptr<int64_t>();
-  double* hd = g.host_double.data_ptr<double>();
-  for (int64_t j = 0; j < n; ++j) {
-    const Row& r = rows_.at(ids[j]);
-    hl[j] = r.state.tokens.back();
-    hl[n + j] = r.state.slot;
-    hl[2 * n + j] = r.state.position;
-    hl[3 * n + j] = r.state.counter;
-    hl[4 * n + j] = r.params.top_k;
-    hl[5 * n + j] = r.params.seed;
-    hd[j] = r.params.temperature;
-    hd[n + j] = r.params.top_p;
-  }
+  GraphCache::stage_inputs(g, rows_, ids);
   if (!g.captured) {
     GraphCache::capture(g, buffers_, use_graphs_, [&]() {
       auto part = [&](const at::Tensor& t, int64_t k) { return t.narrow(0, k * n, n); };
@@ -178,19 +184,7 @@ bool Engine::speculative_group_graph(const std::vector<int64_t>& ids) {
   const at::Device device = weights_.device();
   if (!g.captured) GraphCache::allocate_io(g, 6 * n, 2 * n, n * W + n + n * W, device);
 
-  int64_t* hl = g.host_long.data_ptr<int64_t>();
-  double* hd = g.host_double.data_ptr<double>();
-  for (int64_t j = 0; j < n; ++j) {
-    const Row& r = rows_.at(ids[j]);
-    hl[j] = r.state.tokens.back();
-    hl[n + j] = r.state.slot;
-    hl[2 * n + j] = pos[j];
-    hl[3 * n + j] = c[j];
-    hl[4 * n + j] = r.params.top_k;
-    hl[5 * n + j] = r.params.seed;
-    hd[j] = r.params.temperature;
-    hd[n + j] = r.params.top_p;
-  }
+  GraphCache::stage_inputs(g, rows_, ids);  // positions pos[j], counters c[j]
   if (!g.captured) {
     GraphCache::capture(g, buffers_, use_graphs_, [&]() {
       auto part = [&](const at::Tensor& t, int64_t k) { return t.narrow(0, k * n, n); };

@@ -75,15 +75,18 @@ def _own_running_threads() -> int:
 
 def free_cores() -> int | None:
     """Cores this process may use (its affinity mask) that other processes' runnable threads do not occupy:
-    Linux /proc/stat's procs_running, the least of three reads, less this process's own runnable threads. None
-    when it cannot tell (not Linux)."""
+    Linux /proc/stat's procs_running, the least of three reads, less this process's own runnable threads, counted
+    on our share of the machine's CPUs (a container pinned to 2 of 64 CPUs sees the whole host's count). None when
+    it cannot tell (not Linux)."""
     try:
         others = []
         for _ in range(3):
             with open("/proc/stat", "rb") as f:
                 line = next(ln for ln in f if ln.startswith(b"procs_running"))
             others.append(int(line.split()[1]) - _own_running_threads())
-        return max(len(os.sched_getaffinity(0)) - max(min(others), 0), 0)
+        cores = len(os.sched_getaffinity(0))
+        share = cores / max(os.cpu_count() or cores, cores)
+        return max(cores - round(max(min(others), 0) * share), 0)
     except (OSError, StopIteration, ValueError, AttributeError):
         return None
 

@@ -105,7 +105,8 @@ def silu_and_mul(input: Tensor) -> Tensor:
 
 
 def linear(input: Tensor, weight: Tensor) -> Tensor:
-    """input [T, K] float32 @ weight [N, K] (float32, bfloat16 or float16).T -> [T, N] float32."""
+    """input [T, K] float32 @ weight [N, K] (float32, bfloat16 or float16).T -> [T, N] float32. With bfloat16
+    weights on a CPU with AVX512_BF16 the input is rounded to bfloat16 first (linear_rounds_bf16_inputs())."""
     rows = input.shape[0] if input.dim() == 2 else 0
     cols = weight.shape[0] if weight.dim() == 2 else 0
     # float32 on the CPU; the CUDA kernel also takes float16 / bfloat16 inputs and writes their dtype
@@ -157,13 +158,19 @@ def set_quant_kernel(name: str) -> None:
 
 
 def linear_kernels() -> list[str]:
-    """The kernels of `linear` (T <= 64 rows) this CPU can run, best first (of avx512, avx2, plain)."""
+    """The kernels of `linear` (T <= 64 rows) this CPU can run, best first (of avx512bf16, avx512, avx2, plain)."""
     return list(_ops.linear_kernels.default())
 
 
 def linear_kernel() -> str:
     """The `linear` kernel in use."""
     return _ops.linear_kernel.default()
+
+
+def linear_rounds_bf16_inputs() -> bool:
+    """Whether `linear` with bfloat16 weights rounds its input rows to bfloat16 (the avx512bf16 kernel, at every
+    T): then it computes bf16(input) @ weight.T with float32 sums; otherwise input @ weight.T in float32."""
+    return linear_kernel() == "avx512bf16"
 
 
 def set_linear_kernel(name: str) -> None:
@@ -373,6 +380,9 @@ def silu_and_mul_reference(input: Tensor) -> Tensor:
 
 
 def linear_reference(input: Tensor, weight: Tensor) -> Tensor:
+    """The CPU op's result in float32 arithmetic: the input rounded to bf16 first where the op does so."""
+    if weight.dtype == torch.bfloat16 and not input.is_cuda and linear_rounds_bf16_inputs():
+        input = input.bfloat16()
     return input.float() @ weight.float().T  # [T, N]
 
 

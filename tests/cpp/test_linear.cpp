@@ -1,7 +1,8 @@
 // ctest: layerskip::linear called through the dispatcher (as the C++ engine does) against at::matmul in
 // double precision, over token counts on both sides of the skinny-kernel limit (64), odd K (vector tail), N not
 // a multiple of the row block, fp32 and bf16 weights; batch invariance (each row of a skinny call equals that row
-// alone, bit for bit); plus the error checks. Exit code 0 = pass.
+// alone, bit for bit); plus the error checks. With bf16 weights on the avx512bf16 kernel the reference rounds
+// the input to bf16 as the kernel does. Exit code 0 = pass.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/torch.h>
 
@@ -26,11 +27,20 @@ at::Tensor run_linear(const at::Tensor& x, const at::Tensor& w) {
   return out;
 }
 
+// The avx512bf16 kernel (the default on CPUs with AVX512_BF16) rounds the input to bf16 for bf16 weights.
+bool rounds_bf16_inputs() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("layerskip::linear_kernel", "")
+                             .typed<std::string()>();
+  return op.call() == "avx512bf16";
+}
+
 void check_case(int64_t T, int64_t K, int64_t N, at::ScalarType wtype) {
   at::Tensor x = torch::randn({T, K});                  // [T, K]
   at::Tensor w = torch::randn({N, K}).to(wtype);        // [N, K]
   at::Tensor out = run_linear(x, w);                      // [T, N]
-  at::Tensor ref = at::matmul(x.to(at::kDouble), w.to(at::kDouble).t());  // [T, N]
+  const at::Tensor xr = wtype == at::kBFloat16 && rounds_bf16_inputs() ? x.to(at::kBFloat16) : x;
+  at::Tensor ref = at::matmul(xr.to(at::kDouble), w.to(at::kDouble).t());  // [T, N]
   const bool shape_ok = out.sizes() == ref.sizes() && out.scalar_type() == at::kFloat;
   // fp32 accumulation over K terms of size ~1: error grows like sqrt(K) * eps * |terms|
   const bool close = shape_ok && at::allclose(out.to(at::kDouble), ref, /*rtol=*/1e-4, /*atol=*/1e-4 * K);
