@@ -75,33 +75,62 @@ def test_bad_thread_counts_are_refused(model, bad):
         engine.threads = bad
 
 
-def test_free_cores_reads_proc_stat(monkeypatch):
-    # procs_running counts this process's own runnable threads (the caller at least): they are not "others"
+def test_free_cores_first_reading_counts_runnable_threads(monkeypatch):
+    # no earlier reading: procs_running less this process's own runnable threads (the caller at least)
     import io
 
-    cores = len(__import__("os").sched_getaffinity(0))
+    cores = len(engine_mod.os.sched_getaffinity(0))
     real_open = open
     monkeypatch.setattr(engine_mod, "_own_running_threads", lambda: 2)
     monkeypatch.setattr(engine_mod.os, "cpu_count", lambda: cores)  # the machine is ours alone
     for running, expected in ((1, cores), (2, cores), (3, cores - 1), (cores + 2, 0), (cores + 9, 0)):
-        text = f"cpu  1 2 3\nprocs_running {running}\nprocs_blocked 0\n".encode()
+        engine_mod._last_sample.clear()
+        text = f"cpu  1 2 3 4 5 6 7 8 9 10\nprocs_running {running}\nprocs_blocked 0\n".encode()
         monkeypatch.setattr("builtins.open", lambda path, *a, **k: io.BytesIO(text) if path == "/proc/stat"
                             else real_open(path, *a, **k))
         assert engine_mod.free_cores() == max(expected, 0)
+    engine_mod._last_sample.clear()
 
 
-def test_own_running_threads_counts_the_caller():
-    assert engine_mod._own_running_threads() >= 1
+def test_free_cores_averages_other_processes_cpu_time(monkeypatch):
+    """After a first reading: the CPU time other processes used since the previous one, in cores."""
+    monkeypatch.setattr(engine_mod.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(engine_mod.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(engine_mod, "_runnable_others", lambda: 0.0)
+    clock, busy, own = [100.0], [0.0], [0.0]
+    monkeypatch.setattr(engine_mod.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(engine_mod, "_cpu_seconds", lambda: (busy[0], own[0]))
+    engine_mod._last_sample.clear()
+    assert engine_mod.free_cores() == 2  # first reading: nothing runnable
+    seen = []
+    # per second: (machine busy, ours): we use 2 cores and others 0.4 / 1.0 / 1.8 / 0
+    for machine, ours in ((2.4, 2.0), (2.0, 1.0), (2.8, 1.0), (2.0, 2.0)):
+        clock[0] += 1.0
+        busy[0] += machine
+        own[0] += ours
+        seen.append(engine_mod.free_cores())
+    assert seen == [2, 1, 0, 2]
+    clock[0] += 0.1  # too soon after the last reading: its result again
+    busy[0] += 5.0
+    assert engine_mod.free_cores() == 2
+    clock[0] += 60.0  # a long pause: a fresh snapshot instead of a stale average
+    assert engine_mod.free_cores() == 2
+    engine_mod._last_sample.clear()
 
 
 def test_free_cores_counts_others_on_our_share_of_the_cpus(monkeypatch):
     # pinned to 2 of 64 CPUs: 31 other runnable threads on the host are about one on our two cores
-    import io
-
-    monkeypatch.setattr(engine_mod, "_own_running_threads", lambda: 1)
     monkeypatch.setattr(engine_mod.os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setattr(engine_mod.os, "cpu_count", lambda: 64)
-    for running, expected in ((1, 2), (32, 1), (64, 0), (200, 0)):
-        text = f"procs_running {running}\n".encode()
-        monkeypatch.setattr("builtins.open", lambda path, *a, **k: io.BytesIO(text))
-        assert engine_mod.free_cores() == expected, running
+    monkeypatch.setattr(engine_mod, "_cpu_seconds", lambda: (0.0, 0.0))
+    for others, expected in ((0, 2), (31, 1), (63, 0), (199, 0)):
+        engine_mod._last_sample.clear()
+        monkeypatch.setattr(engine_mod, "_runnable_others", lambda others=others: float(others))
+        assert engine_mod.free_cores() == expected, others
+    engine_mod._last_sample.clear()
+
+
+def test_cpu_seconds_and_own_threads_read_this_machine():
+    busy, own = engine_mod._cpu_seconds()
+    assert busy > 0 and own > 0
+    assert engine_mod._own_running_threads() >= 1

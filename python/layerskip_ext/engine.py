@@ -73,21 +73,55 @@ def _own_running_threads() -> int:
     return max(running, 1)
 
 
+def _runnable_others() -> float:
+    """Other processes' runnable threads now, machine-wide: /proc/stat procs_running (least of three reads) less
+    this process's own runnable threads."""
+    others = []
+    for _ in range(3):
+        with open("/proc/stat", "rb") as f:
+            line = next(ln for ln in f if ln.startswith(b"procs_running"))
+        others.append(int(line.split()[1]) - _own_running_threads())
+    return float(max(min(others), 0))
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds the machine has been busy, CPU seconds this process has used), since boot / its start."""
+    tick = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat", "rb") as f:
+        fields = f.readline().split()  # cpu user nice system idle iowait irq softirq steal ...
+    busy = sum(int(fields[i]) for i in (1, 2, 3, 6, 7, 8))  # all but idle and iowait
+    with open("/proc/self/stat", "rb") as f:
+        stat = f.read()
+    own = stat[stat.rindex(b")") + 2:].split()  # from field 3 (state): utime and stime are fields 14 and 15
+    return busy / tick, (int(own[11]) + int(own[12])) / tick
+
+
+_last_sample: dict = {}  # the previous free_cores reading: time, busy and own CPU seconds, result
+
+
 def free_cores() -> int | None:
-    """Cores this process may use (its affinity mask) that other processes' runnable threads do not occupy:
-    Linux /proc/stat's procs_running, the least of three reads, less this process's own runnable threads, counted
-    on our share of the machine's CPUs (a container pinned to 2 of 64 CPUs sees the whole host's count). None when
-    it cannot tell (not Linux)."""
+    """Cores of this process's affinity mask that other processes leave free: the CPU time the rest of the machine
+    used since the previous call (0.2-10 s earlier), in cores, or on a first call (and after a pause) its runnable
+    threads now; counted on our share of the machine's CPUs (a container pinned to 2 of 64 CPUs sees the whole
+    host). An average over the interval, not a snapshot: a process that is runnable now and then (a client
+    parsing streamed replies) does not take a core away. None when it cannot tell (not Linux)."""
     try:
-        others = []
-        for _ in range(3):
-            with open("/proc/stat", "rb") as f:
-                line = next(ln for ln in f if ln.startswith(b"procs_running"))
-            others.append(int(line.split()[1]) - _own_running_threads())
         cores = len(os.sched_getaffinity(0))
         share = cores / max(os.cpu_count() or cores, cores)
-        return max(cores - round(max(min(others), 0) * share), 0)
-    except (OSError, StopIteration, ValueError, AttributeError):
+        now = time.monotonic()
+        busy, own = _cpu_seconds()
+        last = dict(_last_sample)
+        elapsed = now - last["time"] if last else None
+        if elapsed is not None and elapsed < 0.2:
+            return last["free"]
+        if elapsed is not None and elapsed <= 10.0:
+            others = max((busy - last["busy"]) - (own - last["own"]), 0.0) / elapsed  # cores' worth
+        else:
+            others = _runnable_others()
+        free = max(cores - round(others * share), 0)
+        _last_sample.update(time=now, busy=busy, own=own, free=free)
+        return free
+    except (OSError, StopIteration, ValueError, AttributeError, IndexError):
         return None
 
 
