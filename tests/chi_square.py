@@ -33,3 +33,23 @@ def two_sample_chi_square(a: torch.Tensor, b: torch.Tensor, min_count: int = 10)
     keep = (a + b) > 0
     a, b = a[keep], b[keep]
     return float(((a - b) ** 2 / (a + b)).sum()), int(keep.sum()) - 1
+
+
+def chi2_statistic(observed: dict, expected_probs: dict, n: int) -> tuple[float, int]:
+    """Pearson statistic of counts per outcome (dicts) from n draws against their probabilities, outcomes expected
+    fewer than 5 times pooled into one; -> (stat, df)."""
+    stat, df = 0.0, -1
+    pool_obs, pool_exp = 0, 0.0
+    for key, p in expected_probs.items():
+        exp = p * n
+        if exp < 5:
+            pool_obs += observed.get(key, 0)
+            pool_exp += exp
+            continue
+        stat += (observed.get(key, 0) - exp) ** 2 / exp
+        df += 1
+    assert all(k in expected_probs for k in observed), "an outcome of probability 0 was drawn"
+    if pool_exp >= 5:
+        stat += (pool_obs - pool_exp) ** 2 / pool_exp
+        df += 1
+    return stat, df

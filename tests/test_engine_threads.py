@@ -1,4 +1,4 @@
-"""The engine's thread cap (csrc/cpu/parallel.h, engine.default_threads / oversubscribed): output is the same on
+"""The engine's thread cap (csrc/cpu/parallel.h, engine.default_threads / free_cores): output is the same on
 any number of threads, the default follows LAYERSKIP_THREADS and the machine's load, bad values are refused."""
 from __future__ import annotations
 

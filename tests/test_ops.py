@@ -11,7 +11,7 @@ import torch
 
 from layerskip_ext import ops
 
-from chi_square import chi_square_limit
+from chi_square import chi2_statistic, chi_square_limit
 from devices import DEVICES  # cpu, and cuda (skipped without a GPU)
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -34,25 +34,6 @@ def assert_matches(out, ref32, baseline=None, rtol=1e-5, atol=1e-5, factor=2.0):
     err = (out.cpu().float() - ref32.cpu().float()).abs().max().item()
     base = (baseline.cpu().float() - ref32.cpu().float()).abs().max().item()
     assert err <= factor * base + 1e-6, f"bf16 error {err} vs baseline {base}"
-
-
-def chi2_statistic(observed: dict, expected_probs: dict, n: int) -> tuple[float, int]:
-    """Pearson statistic over outcomes, pooling those expected fewer than 5 times; -> (stat, df)."""
-    stat, df = 0.0, -1
-    pool_obs, pool_exp = 0, 0.0
-    for key, p in expected_probs.items():
-        exp = p * n
-        if exp < 5:
-            pool_obs += observed.get(key, 0)
-            pool_exp += exp
-            continue
-        stat += (observed.get(key, 0) - exp) ** 2 / exp
-        df += 1
-    assert all(k in expected_probs for k in observed), "an outcome of probability 0 was drawn"
-    if pool_exp >= 5:
-        stat += (pool_obs - pool_exp) ** 2 / pool_exp
-        df += 1
-    return stat, df
 
 
 # ---------------------------------------------------------------------------------------------------
