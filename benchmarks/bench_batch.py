@@ -1,5 +1,5 @@
-"""Batched generation throughput: batch 1, 2, 4, 8, 16 on SmolLM2-135M (fp32 and bf16 weights) and on the
-LayerSkip demo checkpoint, autoregressive and self-speculative.
+"""Batched generation throughput: batch 1, 2, 4, 8, 16 on SmolLM2-135M (fp32 and bf16 weights, and the shipped
+Q4_1 blocks: --models smollm2-q4_1) and on the LayerSkip demo checkpoint, autoregressive and self-speculative.
 
 For each cell: total decode tokens/s of the batch (new tokens after the first, over the decode time the rows
 share), tokens/s per row, acceptance (self-speculative), and total new tokens per CPU-second of the process
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batches", default="1,2,4,8,16")
     p.add_argument("--models", default="smollm2-fp32,smollm2-bf16,demo",
-                   help="of smollm2-fp32, smollm2-bf16, smollm2-bf16-wide (float32-activation kernel), demo")
+                   help="of smollm2-fp32, smollm2-bf16, smollm2-bf16-wide (float32-activation kernel), smollm2-q4_1, demo")
     p.add_argument("--out", help="also write the tables (markdown) to this file")
     a = p.parse_args(argv)
     batches = [int(b) for b in a.batches.split(",")]
@@ -83,7 +83,8 @@ def main(argv=None) -> int:
         if name.startswith("smollm2"):
             if "smollm2" not in cache:
                 cache["smollm2"] = layerskip_ext.load()
-            model, dtype = cache["smollm2"], torch.bfloat16 if "bf16" in name else torch.float32
+            model = cache["smollm2"]  # the shipped Q4_1 GGUF: "packed" computes on its blocks
+            dtype = "packed" if "q4_1" in name else torch.bfloat16 if "bf16" in name else torch.float32
             spec = dict(strategy="self_speculative", exit_layer=8, num_speculations=4)
         else:
             model, dtype = layerskip_ext.load(DEMO), torch.float32

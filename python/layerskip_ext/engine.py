@@ -96,14 +96,16 @@ def _cpu_seconds() -> tuple[float, float]:
     return busy / tick, (int(own[11]) + int(own[12])) / tick
 
 
+_AVERAGE_WINDOW_MAX = 1.5  # seconds: an older previous reading is a pause, answered by a fresh snapshot
 _last_sample: dict = {}  # the previous free_cores reading: time, busy and own CPU seconds, result
 
 
 def free_cores() -> int | None:
     """Cores of this process's affinity mask that other processes leave free: the CPU time the rest of the machine
-    used since the previous call (0.2-10 s earlier), in cores, or on a first call (and after a pause) its runnable
-    threads now; counted on our share of the machine's CPUs (a container pinned to 2 of 64 CPUs sees the whole
-    host). An average over the interval, not a snapshot: a process that is runnable now and then (a client
+    used since the previous call (0.2-1.5 s earlier: a generation checks every 0.5 s), in cores, or on a first call
+    and after a pause its runnable threads now (an average over a pause would count what ran while we were idle: a
+    benchmark's other program between two of our generations took a core away from the next one); counted on our
+    share of the machine's CPUs (a container pinned to 2 of 64 CPUs sees the whole host). An average over the interval, not a snapshot: a process that is runnable now and then (a client
     parsing streamed replies) does not take a core away. None when it cannot tell (not Linux)."""
     try:
         cores = len(os.sched_getaffinity(0))
@@ -114,7 +116,7 @@ def free_cores() -> int | None:
         elapsed = now - last["time"] if last else None
         if elapsed is not None and elapsed < 0.2:
             return last["free"]
-        if elapsed is not None and elapsed <= 10.0:
+        if elapsed is not None and elapsed <= _AVERAGE_WINDOW_MAX:
             others = max((busy - last["busy"]) - (own - last["own"]), 0.0) / elapsed  # cores' worth
         else:
             others = _runnable_others()
