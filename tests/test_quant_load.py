@@ -123,6 +123,35 @@ def test_batch_on_packed_weights_equals_each_row_alone(gguf_files, fmt):
         assert batch[i].tokens == alone.tokens, i
 
 
+@pytest.mark.skipif(not engine_mod.is_available(), reason="C++ extension not built")
+def test_engine_releases_the_file_pages_it_copied(gguf_files, hf_model, monkeypatch):
+    """Building the packed engine (which interleaves its own copy of every packed matrix) releases the GGUF
+    file's mapped pages: every packed view of the file knows its map, the map is released once, and what reads the
+    released pages afterwards (the reference module, another generation) sees the file's bytes unchanged.
+    Matrices that own their memory (quantized on load) have no map: nothing of theirs is ever released."""
+    released = []
+    real = engine_mod.release_file_pages
+    monkeypatch.setattr(engine_mod, "release_file_pages", lambda m: released.append(real(m)) or released[-1])
+    path = gguf_files["q4_1"]
+    with pytest.warns(UserWarning, match="tokenizer"):
+        model = layerskip_ext.load(path)
+    copies = {name for name, w in model.weights.items() if isinstance(w, PackedWeight) and w.file_map is None}
+    assert copies == {f"model.layers.{i}.self_attn.{m}_proj.weight" for i in range(3) for m in "qk"}  # row-permuted
+    prompt = [5, 17, 99, 3, 42]
+    first = layerskip_ext.generate(model, prompt, max_new_tokens=12, stop_token_ids=[])
+    assert released == [1]  # one file, one map
+    with pytest.warns(UserWarning, match="tokenizer"):
+        fresh = layerskip_ext.load(path, weights="fp32")
+    for name, param in model.module.state_dict().items():  # dequantized from the re-read pages
+        torch.testing.assert_close(param, fresh.module.state_dict()[name], rtol=0, atol=0, msg=name)
+    again = layerskip_ext.generate(model, prompt, max_new_tokens=12, stop_token_ids=[])
+    assert again.tokens == first.tokens
+    quantized = layerskip_ext.load(hf_model[0], weights="q4_1")
+    assert all(w.file_map is None for w in quantized.weights.values() if isinstance(w, PackedWeight))
+    layerskip_ext.generate(quantized, prompt, max_new_tokens=4, stop_token_ids=[])
+    assert released[-1] == 0
+
+
 def test_engine_bytes_per_token_counts_packed_bytes(gguf_files):
     if not engine_mod.is_available():
         pytest.skip("C++ extension not built")

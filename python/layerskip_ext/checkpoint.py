@@ -215,6 +215,16 @@ def _dequantized(t, shape, path):
                               t.name) from None
 
 
+def _memory_map_of(array):
+    """The mmap.mmap a numpy array is a view of (following .base), or None."""
+    import mmap
+
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None) if not isinstance(base, memoryview) else base.obj
+    return base
+
+
 def _gguf_matrix(t, shape, weights: str, path: str):
     """A 2-D GGUF tensor [N, K] -> PackedWeight (the file's bytes, or quantized by us) or a float tensor.
 
@@ -230,7 +240,7 @@ def _gguf_matrix(t, shape, weights: str, path: str):
         with warnings.catch_warnings():  # a read-only memory map: torch warns that it is not writable
             warnings.simplefilter("ignore", UserWarning)
             data = torch.from_numpy(t.data)  # [N, row bytes] uint8, no copy
-        return PackedWeight(data, file_fmt, shape[0], shape[1])
+        return PackedWeight(data, file_fmt, shape[0], shape[1], file_map=_memory_map_of(t.data))
     tensor = torch.from_numpy(_dequantized(t, shape, path).copy())  # [N, K] float32
     if weights in _FLOAT_MODES:
         return tensor.to(_FLOAT_MODES[weights])

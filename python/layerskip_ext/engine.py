@@ -26,6 +26,7 @@ The engine copies the weights it fuses when it is built: after changing the mode
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import threading
 import time
@@ -127,6 +128,26 @@ def free_cores() -> int | None:
         return None
 
 
+def release_file_pages(model) -> int:
+    """Drops from this process the pages of the GGUF files whose blocks the engine has copied (interleaved, see
+    csrc/cpu/quant_interleave.h): after building an engine they are ~the file's size of resident memory that
+    nothing reads. madvise(MADV_DONTNEED) on a read-only file mapping is always safe: a later read (the
+    reference module, another engine) faults the pages back in from the page cache. Not done with
+    LAYERSKIP_QUANT_INTERLEAVE=0, where the engine computes on the mapped blocks. -> maps released."""
+    if os.environ.get("LAYERSKIP_QUANT_INTERLEAVE") == "0":
+        return 0
+    maps = {id(w.file_map): w.file_map for w in model.weights.values()
+            if isinstance(w, PackedWeight) and w.file_map is not None}
+    released = 0
+    for m in maps.values():
+        try:
+            m.madvise(mmap.MADV_DONTNEED)
+            released += 1
+        except (AttributeError, OSError, ValueError):  # no madvise on this platform, or a closed map
+            pass
+    return released
+
+
 _INITIAL_CAPACITY = 512  # KV positions per row allocated up front; the engine grows them when a row needs more
 
 
@@ -209,6 +230,8 @@ class Engine:
                 tensors, formats, dtype_name = weight_tensors(model.module), {}, WEIGHT_DTYPES[weight_dtype]
             self._engine = torch.classes.layerskip.Engine(config, float(c.rms_norm_eps), table, tensors, formats,
                                                           dtype_name)
+            if weight_dtype == PACKED:
+                release_file_pages(model)
         self._threads = default_threads()
         self._auto_threads = not os.environ.get("LAYERSKIP_THREADS", "").strip()  # adapt to contention
         self._threads_checked = 0.0  # time.monotonic() of the last contention check

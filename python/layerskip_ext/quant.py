@@ -11,7 +11,7 @@ The quantizers follow ggml's reference rounding, so they write the same bytes as
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,6 +36,9 @@ class PackedWeight:
     fmt: str
     out_features: int
     in_features: int
+    # the read-only memory map of the file that `data` is a view of (None: data owns its memory); the engine
+    # releases its pages once it holds its own interleaved copy (engine.release_file_pages)
+    file_map: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if self.fmt not in FORMATS:
