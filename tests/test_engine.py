@@ -203,6 +203,33 @@ def test_streaming_callback_gets_result_tokens(random_model, kw):
     assert len(streamed) == 20
 
 
+def test_run_steps_like_step_until_done(random_model):
+    """Engine.run (generate without a callback) steps in C++ until every row is done or its time is up: at least
+    one step per call, the same tokens as calling step() each time; a bad time limit is refused."""
+    eng = engine_mod.Engine(random_model, torch.float32, max_rows=2)
+    args = [check_generation_args(random_model.config, random_model.tokenizer, p, max_new_tokens=12,
+                                  strategy="self_speculative", exit_layer=1, num_speculations=2, temperature=t,
+                                  top_k=0, top_p=1.0, seed=3, stop_token_ids=[],
+                                  context_length=random_model.config.max_position_embeddings)
+            for p, t in ((PROMPT, 0.0), (PROMPT[:3], 0.8))]
+    raw = eng._engine
+    stepped = [eng.add_row(a) for a in args]
+    steps = 0
+    while raw.has_unfinished():
+        raw.step()
+        steps += 1
+    expected = [raw.tokens(r).tolist() for r in stepped]
+    for r in stepped:
+        eng.remove_row(r)
+    rows = [eng.add_row(a) for a in args]
+    assert raw.run(0.0) == 1  # one step (the prefills) however short the limit
+    assert raw.run(1e9) == steps - 1 and not raw.has_unfinished()
+    assert [raw.tokens(r).tolist() for r in rows] == expected
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(RuntimeError, match="max_seconds"):
+            raw.run(bad)
+
+
 # ----------------------------------------------------------------------------------------------
 # one engine, many calls
 

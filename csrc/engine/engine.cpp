@@ -179,6 +179,25 @@ void Engine::set_threads(int64_t threads) {
 
 at::Tensor Engine::step() {
   Busy busy(busy_);
+  step_rows();
+  const int64_t n = static_cast<int64_t>(step_output_.size()) / 2;
+  return at::tensor(step_output_, at::kLong).view({n, 2});
+}
+
+int64_t Engine::run(double max_seconds) {
+  Busy busy(busy_);
+  TORCH_CHECK(max_seconds >= 0.0 && max_seconds <= 1e9, "Engine: run: max_seconds must be in [0, 1e9], got ",
+              max_seconds);
+  const auto t0 = std::chrono::steady_clock::now();
+  int64_t steps = 0;
+  do {  // at least one step, so that a caller looping on has_unfinished() always makes progress
+    step_rows();
+    ++steps;
+  } while (has_unfinished() && seconds_since(t0) < max_seconds);
+  return steps;
+}
+
+void Engine::step_rows() {
   c10::InferenceMode guard;
   cpu::ThreadCapGuard cap(threads_);
   step_output_.clear();
@@ -219,8 +238,6 @@ at::Tensor Engine::step() {
     const double dt = seconds_since(t0);
     for (int64_t id : ids) rows_.at(id).state.decode_s += dt;
   }
-  const int64_t n = static_cast<int64_t>(step_output_.size()) / 2;
-  return at::tensor(step_output_, at::kLong).view({n, 2});
 }
 
 void Engine::remove_row(int64_t id) {

@@ -104,6 +104,9 @@ class Engine : public torch::CustomClassHolder {
                   at::Tensor stop_token_ids, int64_t context_length);
   // One step over every unfinished row (see the file comment): [n, 2] int64 CPU pairs (row id, new token).
   at::Tensor step();
+  // Steps until no row is unfinished or max_seconds have passed (at least one step), without returning to the
+  // caller in between (generate() without a per-token callback); the tokens stay in the rows. -> steps run.
+  int64_t run(double max_seconds);
   void remove_row(int64_t id);
   // The drafting policy of a self-speculative row not yet stepped (csrc/engine/draft_policy.h): stop a round
   // below `threshold` top probability (0: never); `adaptive`: adapt the length, switch drafting off when it
@@ -183,6 +186,7 @@ class Engine : public torch::CustomClassHolder {
   at::Tensor finite_rows(at::Tensor& logits);
 
   Row& row(int64_t id);
+  void step_rows();  // step() without its output tensor (step_output_ holds the pairs)
 
   EngineConfig config_;
   ModelWeights weights_;

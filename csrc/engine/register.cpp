@@ -11,6 +11,7 @@ TORCH_LIBRARY_FRAGMENT(layerskip, m) {
       }))
       .def("add_row", &Engine::add_row)
       .def("step", &Engine::step)
+      .def("run", &Engine::run)
       .def("remove_row", &Engine::remove_row)
       .def("set_row_policy", &Engine::set_row_policy)
       .def("set_draft_vocab", &Engine::set_draft_vocab)

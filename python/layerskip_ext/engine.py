@@ -148,6 +148,7 @@ def release_file_pages(model) -> int:
     return released
 
 
+_RUN_SLICE_S = 0.5  # seconds Engine.run steps before generate() looks at the machine's load again
 _INITIAL_CAPACITY = 512  # KV positions per row allocated up front; the engine grows them when a row needs more
 
 
@@ -422,21 +423,23 @@ class Engine:
                     e.set_profiling(True)
                 seen = [0] * len(ids)  # tokens passed to on_token, per row
                 stopped: dict[int, GenerationResult] = {}  # row index -> result, rows whose on_token ended them
-                while e.has_unfinished():  # one call into the engine per step besides step() itself
+                while e.has_unfinished():
                     self._adapt_threads(e)
-                    pairs = e.step()
-                    if on_token is not None:
-                        for row, token in pairs.tolist():
-                            i = index[row]
-                            if i in stopped:
-                                continue
-                            seen[i] += 1
-                            if on_token(i, token):  # the caller stops this row here (a stop string)
-                                r = self.result(row, args_list[i])
-                                r.tokens, r.finish_reason, r.stats.new_tokens = r.tokens[:seen[i]], "stop", seen[i]
-                                r.text = self.model.decode(r.tokens)  # the rest of its last round is dropped
-                                stopped[i] = r
-                                e.remove_row(row)  # its slot and compute are freed at once
+                    if on_token is None:  # the engine steps on its own, back here every 0.5 s to adapt threads
+                        e.run(_RUN_SLICE_S)
+                        continue
+                    pairs = e.step()  # a callback sees every step's tokens
+                    for row, token in pairs.tolist():
+                        i = index[row]
+                        if i in stopped:
+                            continue
+                        seen[i] += 1
+                        if on_token(i, token):  # the caller stops this row here (a stop string)
+                            r = self.result(row, args_list[i])
+                            r.tokens, r.finish_reason, r.stats.new_tokens = r.tokens[:seen[i]], "stop", seen[i]
+                            r.text = self.model.decode(r.tokens)  # the rest of its last round is dropped
+                            stopped[i] = r
+                            e.remove_row(row)  # its slot and compute are freed at once
                 if profile:
                     e.set_profiling(False)
                     self.last_profile = dict(e.profile())
