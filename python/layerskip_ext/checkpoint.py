@@ -248,6 +248,20 @@ def _undo_rope(w, n_heads: int):
     return w.permute_rows(undo_rope_permutation(rows, n_heads)[:, 0])
 
 
+def _gguf_rope_scaling(reader, path: str) -> dict | None:
+    """GGUF RoPE scaling metadata as a config rope_scaling dict (llama.cpp's reading: a factor without a type is
+    linear; `rope.scale_linear` is the older key of the linear factor); CheckpointError for yarn / longrope, which
+    are not computed here, rather than a model that silently runs without them."""
+    kind = _gguf_field(reader, "llama.rope.scaling.type")
+    factor = _gguf_field(reader, "llama.rope.scaling.factor", _gguf_field(reader, "llama.rope.scale_linear"))
+    if kind not in (None, "none", "linear"):
+        raise CheckpointError(f"{path}: GGUF llama.rope.scaling.type {kind!r} is not supported (supported: none, "
+                              "linear)", path, "llama.rope.scaling.type")
+    if kind == "none" or factor is None or factor in (0, 1):  # llama.cpp reads 0 as "no factor"
+        return None
+    return {"rope_type": "linear", "factor": factor}  # ModelConfig checks the factor
+
+
 def load_gguf(path: str, weights: str = "auto"):
     """A llama-architecture GGUF file -> (config, state dict in HF layout, tokenizer or None).
 
@@ -288,6 +302,7 @@ def load_gguf(path: str, weights: str = "auto"):
     if vocab is None and embd is not None and len(embd.shape) == 2:
         vocab = int(embd.shape[1])
     eos = _gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    rope_scaling = _gguf_rope_scaling(reader, path)
     default_head_dim = hidden // heads if as_int(hidden) and as_int(heads) else None  # ModelConfig checks both
     config = _checked_config(path, lambda: ModelConfig(
         num_layers=need("block_count"),
@@ -298,6 +313,7 @@ def load_gguf(path: str, weights: str = "auto"):
         intermediate_size=need("feed_forward_length"),
         vocab_size=vocab,
         rope_theta=_gguf_field(reader, "llama.rope.freq_base", 10000.0),
+        rope_scaling=rope_scaling,
         rms_norm_eps=_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5),
         tie_word_embeddings="output.weight" not in names,
         max_position_embeddings=_gguf_field(reader, "llama.context_length", 2048),
