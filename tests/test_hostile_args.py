@@ -59,7 +59,7 @@ def test_huge_max_new_tokens_runs_to_the_context(tiny, backend, huge):
     (dict(max_new_tokens=np.float64(3)), "max_new_tokens"),
     (dict(seed=True), "seed"),
     (dict(stop_token_ids=[True]), "stop token ids"),
-    (dict(stop_token_ids="ab"), "stop token ids"),
+    (dict(stop_token_ids="ab"), "stop_token_ids must be a list"),
     (dict(strategy="early_exit", exit_layer=True), "exit_layer"),
 ])
 def test_bad_arguments_raise_the_documented_error_and_leave_the_model_usable(tiny, backend, kwargs, match):
@@ -213,3 +213,116 @@ def test_openmp_spins_briefly_unless_the_user_chose(user_env, expected):
             "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.stdout.strip() == expected, out.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# found by the robustness audit: each failed before its fix (an unclear TypeError / RuntimeError, a backend
+# refusing what the other accepts, or an IndexError deep in the model)
+
+
+@pytest.mark.parametrize("top_k", [32, 33, 1000, 2**63, 2**70])
+def test_top_k_at_or_past_the_vocabulary_keeps_every_token(tiny, backend, top_k):
+    """top_k >= vocabulary filters nothing: the tokens of top_k = vocabulary size, on both backends (2**70 gave
+    the engine's 'Expected a value of type int' binding error)."""
+    kwargs = dict(max_new_tokens=8, temperature=0.9, seed=11, strategy="self_speculative", exit_layer=2)
+    assert gen(backend, tiny, top_k=top_k, **kwargs).tokens == gen("reference", tiny, top_k=32, **kwargs).tokens
+
+
+@pytest.mark.parametrize("d", [1025, 10**6, 2**63, 2**70])
+def test_num_speculations_past_the_limit_is_a_layerskip_error_on_both_backends(tiny, backend, d):
+    """The engine drafts at most 1024 tokens a round; the reference accepted any count, the engine raised a
+    RuntimeError (or a binding error past int64). Now both refuse with the range; 1024 itself runs."""
+    with pytest.raises(LayerSkipError, match=r"num_speculations must be an integer in \[1, 1024\]"):
+        gen(backend, tiny, max_new_tokens=4, strategy="self_speculative", exit_layer=2, num_speculations=d)
+    full = gen(backend, tiny, max_new_tokens=12)
+    assert gen(backend, tiny, max_new_tokens=12, strategy="self_speculative", exit_layer=2,
+               num_speculations=1024).tokens == full.tokens
+
+
+@pytest.mark.parametrize("stop", [5, np.int64(5), 2.0, "5", object()])
+def test_stop_token_ids_that_is_not_a_list_names_the_argument(tiny, backend, stop):
+    """A bare integer raised TypeError: 'int' object is not iterable."""
+    with pytest.raises(LayerSkipError, match="stop_token_ids must be a list of token ids"):
+        layerskip_ext.generate(tiny, PROMPT, max_new_tokens=3, stop_token_ids=stop, backend=backend)
+
+
+def test_numpy_and_tensor_floats_for_draft_threshold(tiny, backend):
+    """Every other float argument takes numpy / 0-d tensor scalars; draft_threshold refused them."""
+    kwargs = dict(max_new_tokens=8, strategy="self_speculative", exit_layer=2, num_speculations=3)
+    expected = gen(backend, tiny, draft_threshold=0.25, **kwargs)
+    for value in (np.float32(0.25), np.float64(0.25), torch.tensor(0.25)):
+        got = gen(backend, tiny, draft_threshold=value, **kwargs)
+        assert got.tokens == expected.tokens and got.stats.rounds == expected.stats.rounds
+    for bad in (True, "0.3", float("nan"), np.float64(1.5), torch.tensor([0.3])):
+        with pytest.raises(LayerSkipError, match="draft_threshold"):
+            gen(backend, tiny, draft_threshold=bad, **kwargs)
+
+
+@pytest.mark.parametrize("weight_dtype", ["int8", torch.float16, 3, "packed"])
+def test_bad_weight_dtype_is_refused_on_every_backend(tiny, backend, weight_dtype):
+    """The reference backend ignored weight_dtype entirely, so a typo passed unnoticed; 'packed' on a float model
+    raised a plain ValueError."""
+    with pytest.raises(LayerSkipError, match="weight_dtype"):
+        gen(backend, tiny, max_new_tokens=3, weight_dtype=weight_dtype)
+
+
+def test_seeds_of_any_size_and_sign_agree_between_backends(tiny):
+    """Seeds are taken modulo 2**64 (sampling.seed_as_int64) by both backends alike."""
+    for seed in (-1, -5, 2**63, 2**64 - 1, 2**200 + 3, np.uint64(2**64 - 1), np.int64(-7)):
+        kwargs = dict(max_new_tokens=10, temperature=1.0, seed=seed, strategy="self_speculative", exit_layer=2)
+        ref, eng = gen("reference", tiny, **kwargs), gen("engine", tiny, **kwargs)
+        assert ref.tokens == eng.tokens, seed
+        assert gen("engine", tiny, **kwargs).tokens == eng.tokens
+    assert gen("engine", tiny, max_new_tokens=10, temperature=1.0, seed=2**64 + 9).tokens == \
+        gen("engine", tiny, max_new_tokens=10, temperature=1.0, seed=9).tokens
+
+
+@pytest.fixture(scope="module")
+def oversized_tokenizer_model(tmp_path_factory):
+    """A 40-token model whose tokenizer.json has ~300 tokens (a tokenizer from another model)."""
+    import os
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    directory = make_hf_checkpoint(tmp_path_factory.mktemp("tok") / "m", num_hidden_layers=2, hidden_size=32,
+                                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                   vocab_size=40, max_position_embeddings=64)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainers.BpeTrainer(
+        vocab_size=300, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    return layerskip_ext.load(directory)
+
+
+def test_string_prompt_encoding_past_the_vocabulary_names_the_mismatch(oversized_tokenizer_model, backend):
+    """The reference raised IndexError from the embedding, the engine a RuntimeError; now both name the token
+    and the vocabulary, and the model stays usable."""
+    model = oversized_tokenizer_model
+    assert max(model.encode("the quick fox")) >= 40
+    with pytest.raises(LayerSkipError, match=r"prompt encodes to token id \d+, outside the model's vocabulary of "
+                                             r"40 \(is the tokenizer the model's\?\)"):
+        layerskip_ext.generate(model, "the quick fox", max_new_tokens=3, backend=backend)
+    with pytest.raises(LayerSkipError, match=r"prompts\[1\]: prompt encodes to token id"):
+        layerskip_ext.generate(model, [[1, 2], "the quick fox"], max_new_tokens=3, backend=backend)
+    assert len(layerskip_ext.generate(model, [1, 2, 3], max_new_tokens=3, stop_token_ids=[],
+                                      backend=backend).tokens) == 3
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit, GeneratorExit])
+def test_base_exceptions_from_on_token_propagate_and_leave_the_model_usable(tiny, backend, exc):
+    """Ctrl-C in a streaming callback: the exception itself comes out, and the next call gives correct tokens."""
+    kwargs = dict(max_new_tokens=10, strategy="self_speculative", exit_layer=2, num_speculations=3)
+    expected = gen(backend, tiny, **kwargs)
+    seen = []
+
+    def on_token(token):
+        seen.append(token)
+        if len(seen) == 2:
+            raise exc()
+
+    with pytest.raises(exc):
+        gen(backend, tiny, on_token=on_token, **kwargs)
+    assert seen == expected.tokens[:2]
+    if backend == "engine":
+        assert layerskip_ext.engine.get_engine(tiny)._engine.row_ids() == []
+    assert gen(backend, tiny, **kwargs).tokens == expected.tokens
+    assert gen(backend, tiny, [PROMPT, PROMPT[:3]], **kwargs)[0].tokens == expected.tokens

@@ -173,6 +173,17 @@ def packed_weight_tensors(model) -> tuple[dict[str, torch.Tensor], dict[str, int
     return tensors, formats, "bfloat16" if bf16 else "float32"
 
 
+def check_weight_dtype(model, weight_dtype) -> None:
+    """LayerSkipError unless weight_dtype is torch.float32, torch.bfloat16, or "packed" for a model with packed
+    weights (generate checks it whatever the backend, so a typo never passes unnoticed)."""
+    packed = isinstance(weight_dtype, str) and weight_dtype == PACKED
+    if not packed and not (isinstance(weight_dtype, torch.dtype) and weight_dtype in WEIGHT_DTYPES):
+        raise LayerSkipError(f"weight_dtype must be torch.float32, torch.bfloat16 or 'packed', got {weight_dtype!r}")
+    if packed and not model.packed_formats:
+        raise LayerSkipError("weight_dtype 'packed' needs a model with packed weights (a Q8_0 / Q4_0 / Q4_1 GGUF, "
+                             "or load(..., weights='q8_0'))")
+
+
 class Engine:
     """A model's weights and batched decoding state in the C++ engine (one call at a time, see the module doc)."""
 
@@ -182,11 +193,7 @@ class Engine:
         dequantized through the reference module), or "packed" (a model's packed blocks as they are)."""
         if _IMPORT_ERROR is not None:
             raise RuntimeError(f"the layerskip_ext C++ extension is not built: {_IMPORT_ERROR}")
-        if weight_dtype != PACKED and weight_dtype not in WEIGHT_DTYPES:
-            raise LayerSkipError(f"weight_dtype must be torch.float32, torch.bfloat16 or 'packed', got {weight_dtype}")
-        if weight_dtype == PACKED and not model.packed_formats:
-            raise ValueError("weight_dtype 'packed' needs a model with packed weights (a Q8_0 / Q4_0 / Q4_1 GGUF, "
-                             "or load(..., weights='q8_0'))")
+        check_weight_dtype(model, weight_dtype)
         c = model.config
         if capacity is None:
             capacity = min(_INITIAL_CAPACITY, c.max_position_embeddings)
