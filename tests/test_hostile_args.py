@@ -326,3 +326,40 @@ def test_base_exceptions_from_on_token_propagate_and_leave_the_model_usable(tiny
         assert layerskip_ext.engine.get_engine(tiny)._engine.row_ids() == []
     assert gen(backend, tiny, **kwargs).tokens == expected.tokens
     assert gen(backend, tiny, [PROMPT, PROMPT[:3]], **kwargs)[0].tokens == expected.tokens
+
+
+# ---------------------------------------------------------------------------------------------------
+# the Engine row interface (continuous batching) with bad sizes and ids
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_rows=0), "max_rows"), (dict(max_rows=True), "max_rows"), (dict(max_rows=2.5), "max_rows"),
+    (dict(max_rows=2**70), "max_rows"), (dict(max_rows=5000), "max_rows"),
+    (dict(capacity=0), "capacity"), (dict(capacity=-3), "capacity"), (dict(capacity=1.5), "capacity"),
+    (dict(capacity=65), "capacity"),  # past max_position_embeddings: 10**9 tried to allocate 32 GB
+    (dict(capacity=10**9), "capacity"), (dict(capacity=2**70), "capacity"),
+])
+def test_engine_sizes_are_checked_before_anything_is_allocated(tiny, kwargs, match):
+    """These raised binding errors ('Expected a value of type Dict[str, int]'), 'upper bound and lower bound
+    inconsistent with step sign', an allocation failure or OverflowError; bools passed as integers."""
+    with pytest.raises(LayerSkipError, match=f"{match} must be an integer in"):
+        layerskip_ext.engine.Engine(tiny, torch.float32, **kwargs)
+
+
+def test_engine_row_ids_and_arguments_are_checked(tiny):
+    from layerskip_ext.generation import check_generation_args
+    engine = layerskip_ext.engine.Engine(tiny, torch.float32, max_rows=2)
+    args = check_generation_args(tiny.config, None, PROMPT, max_new_tokens=5, strategy="autoregressive",
+                                 exit_layer=None, num_speculations=None, temperature=0.0, top_k=0, top_p=1.0, seed=0,
+                                 stop_token_ids=[], context_length=64)
+    with pytest.raises(TypeError, match="add_row needs the GenerationArgs of check_generation_args"):
+        engine.add_row("junk")
+    row = engine.add_row(args)
+    for bad in ("x", None, True, 2**70, 1.0):  # True removed row 1; the others were binding errors
+        for call in (engine.remove_row, engine.finish_reason, lambda r: engine.result(r, args)):
+            with pytest.raises(LayerSkipError, match="row must be a row id from add_row"):
+                call(bad)
+    while engine.finish_reason(row) is None:
+        engine.step()
+    assert engine.result(row, args).tokens == gen("engine", tiny, max_new_tokens=5).tokens
+    engine.remove_row(row)
