@@ -363,3 +363,13 @@ def test_engine_row_ids_and_arguments_are_checked(tiny):
         engine.step()
     assert engine.result(row, args).tokens == gen("engine", tiny, max_new_tokens=5).tokens
     engine.remove_row(row)
+
+
+def test_stream_refuses_a_batch_of_prompts(tiny):
+    """stream() of a list of prompts raised 'on_token() takes 1 positional argument but 2 were given' from its
+    worker thread; it takes one prompt, and says so at once."""
+    for batch in ([PROMPT, PROMPT[:3]], [np.array(PROMPT)]):
+        with pytest.raises(LayerSkipError, match="stream.. takes one prompt"):
+            layerskip_ext.stream(tiny, batch, max_new_tokens=3)
+    pieces = layerskip_ext.stream(tiny, PROMPT, max_new_tokens=3, stop_token_ids=[])
+    assert list(pieces) == [] and pieces.result.tokens == gen("engine", tiny, max_new_tokens=3).tokens
