@@ -159,3 +159,53 @@ def test_writing_llama3_rope_scaling_to_gguf_is_refused(tmp_path):
     with pytest.raises(LayerSkipError, match="llama3"):
         write_gguf(str(tmp_path / "m.gguf"), model.config, model.weights, "f32")
     assert not os.path.exists(tmp_path / "m.gguf")
+
+
+def _gguf_with_head_keys(tmp_path, directory, key_length, rope_dims):
+    """Our writer's GGUF of `directory` with llama.attention.key_length / llama.rope.dimension_count replaced
+    (None: left out)."""
+    import gguf
+    model = layerskip_ext.load(directory)
+    path = str(tmp_path / "m.gguf")
+    original_dims, original_freq = gguf.GGUFWriter.add_rope_dimension_count, gguf.GGUFWriter.add_rope_freq_base
+
+    def add_rope_dimension_count(self, count):
+        if rope_dims is not None:
+            original_dims(self, rope_dims)
+
+    def add_rope_freq_base(self, value):
+        original_freq(self, value)
+        if key_length is not None:
+            self.add_key_length(key_length)
+            self.add_value_length(key_length)
+
+    gguf.GGUFWriter.add_rope_dimension_count = add_rope_dimension_count
+    gguf.GGUFWriter.add_rope_freq_base = add_rope_freq_base
+    try:
+        write_gguf(path, model.config, model.weights, "f32")
+    finally:
+        gguf.GGUFWriter.add_rope_dimension_count = original_dims
+        gguf.GGUFWriter.add_rope_freq_base = original_freq
+    return path
+
+
+@torch.no_grad()
+def test_gguf_head_dim_from_key_length(tmp_path):
+    """head_dim != hidden / heads: llama.cpp's converter writes llama.attention.key_length; a file with it and
+    no rope.dimension_count loaded with head_dim = hidden / heads (a shape error on a valid file)."""
+    from transformers import LlamaForCausalLM
+    directory = make_hf_checkpoint(tmp_path / "hf", **dict(TINY, head_dim=24))
+    hf = LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 9, 1, 40, 77, 3, 12, 60]])
+    for rope_dims in (24, None):
+        loaded = layerskip_ext.load(_gguf_with_head_keys(tmp_path, directory, 24, rope_dims))
+        assert loaded.config.head_dim == 24
+        torch.testing.assert_close(loaded.module(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_gguf_partial_rotary_is_refused(tmp_path, hf_dir):
+    """rope.dimension_count below the head size rotates only part of each head: refused by name, where it was
+    read as the head size (and failed on a tensor's shape)."""
+    with pytest.raises(CheckpointError, match="rotates 4 of the 8 dimensions") as info:
+        layerskip_ext.load(_gguf_with_head_keys(tmp_path, hf_dir, 8, 4))
+    assert info.value.field == "llama.rope.dimension_count"

@@ -304,12 +304,20 @@ def load_gguf(path: str, weights: str = "auto"):
     eos = _gguf_field(reader, "tokenizer.ggml.eos_token_id")
     rope_scaling = _gguf_rope_scaling(reader, path)
     default_head_dim = hidden // heads if as_int(hidden) and as_int(heads) else None  # ModelConfig checks both
+    # the head size: attention.key_length (written when it is not hidden / heads), else rope.dimension_count
+    rope_dims = _gguf_field(reader, "llama.rope.dimension_count")
+    head_dim = _gguf_field(reader, "llama.attention.key_length",
+                           rope_dims if rope_dims is not None else default_head_dim)
+    if rope_dims is not None and head_dim is not None and rope_dims != head_dim:
+        raise CheckpointError(f"{path}: GGUF llama.rope.dimension_count {rope_dims!r} rotates {rope_dims} of the "
+                              f"{head_dim} dimensions of each head; partial rotary embeddings are not supported",
+                              path, "llama.rope.dimension_count")
     config = _checked_config(path, lambda: ModelConfig(
         num_layers=need("block_count"),
         hidden_size=hidden,
         num_heads=heads,
         num_kv_heads=_gguf_field(reader, "llama.attention.head_count_kv", heads),
-        head_dim=_gguf_field(reader, "llama.rope.dimension_count", default_head_dim),
+        head_dim=head_dim,
         intermediate_size=need("feed_forward_length"),
         vocab_size=vocab,
         rope_theta=_gguf_field(reader, "llama.rope.freq_base", 10000.0),
