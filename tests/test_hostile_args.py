@@ -128,6 +128,23 @@ def test_nan_weights_give_a_clear_error_not_garbage_tokens(tmp_path):
             layerskip_ext.generate(model, PROMPT, max_new_tokens=4, backend="engine", **kwargs)
 
 
+def test_nan_weights_are_an_error_on_the_reference_backend_too(tmp_path):
+    """The reference returned greedy tokens [0, 0, 0, 0] from NaN logits (argmax of NaN) and failed with
+    'max(): Expected reduction dim to be specified' when sampling; now it raises as the engine does, naming
+    the row."""
+    directory = make_hf_checkpoint(tmp_path / "m", num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=64, vocab_size=32,
+                                   max_position_embeddings=64)
+    model = layerskip_ext.load(directory)
+    with torch.no_grad():
+        model.module.model.norm.weight[3] = float("nan")
+    for kwargs in (dict(), dict(temperature=0.7, seed=1), dict(strategy="self_speculative", exit_layer=1),
+                   dict(strategy="self_speculative", exit_layer=1, temperature=0.7, seed=1),
+                   dict(strategy="early_exit", exit_layer=1)):
+        with pytest.raises(RuntimeError, match=r"generation of row 0 failed: .*NaN or infinite logits"):
+            layerskip_ext.generate(model, [PROMPT, PROMPT[:3]], max_new_tokens=4, backend="reference", **kwargs)
+
+
 # ---------------------------------------------------------------------------------------------------
 # the ops
 
