@@ -390,3 +390,54 @@ def test_stream_refuses_a_batch_of_prompts(tiny):
             layerskip_ext.stream(tiny, batch, max_new_tokens=3)
     pieces = layerskip_ext.stream(tiny, PROMPT, max_new_tokens=3, stop_token_ids=[])
     assert list(pieces) == [] and pieces.result.tokens == gen("engine", tiny, max_new_tokens=3).tokens
+
+
+def test_very_long_stop_strings_hold_nothing_back_wrongly(oversized_tokenizer_model, backend):
+    """A stop string far longer than any output (100k characters, 1000 of them) never matches: the text is the
+    plain generation's, and the stream's pieces still concatenate to it."""
+    model = oversized_tokenizer_model
+    kwargs = dict(max_new_tokens=12, stop_token_ids=[], backend=backend)
+    plain = layerskip_ext.generate(model, [1, 2, 3], **kwargs)
+    for stop in ("x" * 100_000, ["\u00e9" * 5000 + str(i) for i in range(1000)]):
+        result = layerskip_ext.generate(model, [1, 2, 3], stop=stop, **kwargs)
+        assert (result.tokens, result.text, result.finish_reason) == (plain.tokens, plain.text, "length")
+        assert "".join(layerskip_ext.stream(model, [1, 2, 3], stop=stop, **kwargs)) == plain.text
+
+
+def test_threads_with_raising_callbacks_do_not_disturb_each_other(tiny):
+    """Six threads on one model, every other call cancelled by its on_token raising: every completed call gives
+    the tokens it gives alone, and the engine holds no rows afterwards."""
+    import threading
+    jobs = [dict(max_new_tokens=12, temperature=0.8, seed=i, strategy=s, exit_layer=E)
+            for i, (s, E) in enumerate([("autoregressive", None), ("self_speculative", 1), ("early_exit", 2)] * 2)]
+    expected = [gen("engine", tiny, **j).tokens for j in jobs]
+    problems = []
+
+    class Cancel(Exception):
+        pass
+
+    def cancel_at_3(seen=[]):  # noqa: B006 (a fresh list is passed per call)
+        def on_token(token):
+            seen.append(token)
+            if len(seen) == 3:
+                raise Cancel
+        return on_token
+
+    def worker(i):
+        for rep in range(4):
+            try:
+                if rep % 2:
+                    with pytest.raises(Cancel):
+                        gen("engine", tiny, on_token=cancel_at_3([]), **jobs[i])
+                elif gen("engine", tiny, **jobs[i]).tokens != expected[i]:
+                    problems.append((i, rep))
+            except BaseException as e:  # noqa: BLE001  (reported below)
+                problems.append((i, rep, repr(e)))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert problems == []
+    assert layerskip_ext.engine.get_engine(tiny)._engine.row_ids() == []
