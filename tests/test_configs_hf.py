@@ -10,6 +10,7 @@ an error naming the field, never load and compute something else.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -146,3 +147,29 @@ def test_unsupported_configs_are_refused_at_load(tmp_path, edit, field):
             json.dump(config, f)
         with pytest.raises(CheckpointError, match="rope"):
             layerskip_ext.load(directory)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("same", [False, True])
+def test_tied_config_with_its_own_lm_head_tensor_follows_transformers(tmp_path, same):
+    """tie_word_embeddings true, but the file also holds an lm_head.weight: transformers uses that head when it
+    differs from the embedding (and warns); we ignored it and ran the embedding as the head (logits off by
+    ~10). An identical copy stays tied."""
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaForCausalLM
+    directory = make_hf_checkpoint(tmp_path / "m", **dict(BASE, tie_word_embeddings=True))
+    path = os.path.join(directory, "model.safetensors")
+    state = load_file(path)
+    embed = state["model.embed_tokens.weight"]
+    state["lm_head.weight"] = embed.clone() if same else torch.randn_like(embed) * 0.1
+    save_file(state, path, metadata={"format": "pt"})
+    hf = LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    with pytest.warns(UserWarning, match="lm_head.weight") if not same else contextlib.nullcontext():
+        ours = layerskip_ext.load(directory)
+    assert ours.config.tie_word_embeddings == same
+    ids = torch.tensor([prompt_for(ours)])
+    torch.testing.assert_close(ours.module(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
+    if engine_mod.is_available():
+        expected = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert layerskip_ext.generate(ours, ids[0].tolist(), max_new_tokens=8, stop_token_ids=[],
+                                      backend="engine").tokens == expected[0, ids.shape[1]:].tolist()

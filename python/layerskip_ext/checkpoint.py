@@ -132,6 +132,12 @@ def load_hf_directory(path: str):
             state.update(_load_safetensors(shard_path))
     else:
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    head, embed = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
+    if config.tie_word_embeddings and head is not None and embed is not None and not torch.equal(head, embed):
+        # transformers (>= 5) then keeps the file's head rather than tying it to the embedding: so do we
+        warnings.warn(f"{path}: tie_word_embeddings is true but the checkpoint holds an lm_head.weight that differs "
+                      "from model.embed_tokens.weight; using it as an untied head (as transformers does)")
+        config = config.replace(tie_word_embeddings=False)
     check_state_dict(config, state, path)
 
     tokenizer = None
