@@ -41,7 +41,7 @@ CONFIGS = {
     "max_positions_24": dict(max_position_embeddings=24),
     "rope_linear": dict(rope_scaling={"rope_type": "linear", "factor": 4.0}),
     "rope_linear_old_key": dict(rope_scaling={"type": "linear", "factor": 2.5}),
-    "rope_dynamic": dict(rope_scaling={"rope_type": "dynamic", "factor": 4.0}),
+    "rope_dynamic_24_positions": dict(max_position_embeddings=24, rope_scaling={"rope_type": "dynamic", "factor": 4.0}),
     "rope_llama3_gqa4": dict(num_attention_heads=8, num_key_value_heads=2,
                              rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
