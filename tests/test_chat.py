@@ -103,6 +103,20 @@ def test_sandbox_blocks_attribute_escapes():
         evil.render(CONVERSATIONS["single"])
 
 
+@pytest.mark.parametrize("template,error", [
+    ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    ("{{ 1 + 'a' }}", "TypeError"),
+    ("{% for i in range(10**9) %}x{% endfor %}", "OverflowError"),  # the sandbox's range limit
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError"),
+    ("{{ 'abc'.index('z') }}", "ValueError"),
+])
+def test_template_runtime_errors_are_layerskip_errors(template, error):
+    """A template that fails while rendering raised the bare Python exception (ZeroDivisionError, TypeError,
+    the sandbox's OverflowError, RecursionError); the documented error is LayerSkipError naming the cause."""
+    with pytest.raises(layerskip_ext.LayerSkipError, match=f"the chat template failed to render: {error}"):
+        ChatTemplate(template).render(CONVERSATIONS["single"])
+
+
 @pytest.mark.parametrize("messages,match", [
     ([], "non-empty"), ("hi", "non-empty"), ([{"content": "x"}], "role"), ([{"role": "user"}], "content"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], "text parts"),

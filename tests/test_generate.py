@@ -201,7 +201,7 @@ def test_stats(tiny, backend):
     (dict(strategy="self_speculative", exit_layer=6), r"exit_layer must be in \[1, 5\]"),
     (dict(strategy="early_exit", exit_layer=7), r"exit_layer must be in \[1, 6\]"),
     (dict(strategy="early_exit"), "needs exit_layer"),
-    (dict(strategy="self_speculative", exit_layer=2, num_speculations=0), "num_speculations must be an integer >= 1"),
+    (dict(strategy="self_speculative", exit_layer=2, num_speculations=0), "num_speculations must be an integer in \\[1, 1024\\]"),
     (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
     (dict(max_new_tokens=2.5), "max_new_tokens must be an integer >= 0"),
     (dict(temperature=-0.1), "temperature"),

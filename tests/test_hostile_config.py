@@ -211,3 +211,18 @@ def test_nothing_in_the_package_unpickles():
                 source = f.read()
             for forbidden in ("torch.load(", "pickle", "weights_only=False", "numpy.load(", "np.load("):
                 assert forbidden not in source, f"{name} uses {forbidden}"
+
+
+@pytest.mark.parametrize("device", ["tpu", 5, "cuda:x", "meta", object()])
+def test_load_refuses_bad_devices_with_a_layerskip_error(tiny_dir, device):
+    """torch's own errors came through ('Expected one of cpu, cuda, ...', 'Cannot access accelerator device
+    when none is available'); README: a bad device is a LayerSkipError."""
+    with pytest.raises(LayerSkipError, match="device"):
+        layerskip_ext.load(tiny_dir, device=device)
+
+
+@pytest.mark.parametrize("path", [123, b"/tmp", 1.5, ["a"]])
+def test_load_refuses_paths_of_the_wrong_type(path):
+    """'expected str, bytes or os.PathLike object, not int' / "Can't mix strings and bytes" named no argument."""
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+        layerskip_ext.load(path)

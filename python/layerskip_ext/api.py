@@ -112,6 +112,8 @@ def generate(model: LayerSkipModel, prompt, max_new_tokens=64, strategy="autoreg
         raise LayerSkipError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if on_token is not None and not callable(on_token):
         raise TypeError("on_token must be callable")
+    if weight_dtype is not None:
+        _engine.check_weight_dtype(model, weight_dtype)
     batched = _is_prompt_list(prompt)
     prompts = list(prompt) if batched else [prompt]
     if batched and len(prompts) == 0:

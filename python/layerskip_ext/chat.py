@@ -41,6 +41,8 @@ class ChatTemplate:
                                                 **context)
         except jinja2.TemplateError as e:
             raise LayerSkipError(f"the chat template failed to render: {e}") from None
+        except Exception as e:  # the template's own expressions: 1/0, 'a' + 1, the sandbox's range limit, recursion
+            raise LayerSkipError(f"the chat template failed to render: {type(e).__name__}: {e}") from None
 
 
 def check_messages(messages) -> list[dict]:

@@ -132,6 +132,12 @@ def load_hf_directory(path: str):
             state.update(_load_safetensors(shard_path))
     else:
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    head, embed = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
+    if config.tie_word_embeddings and head is not None and embed is not None and not torch.equal(head, embed):
+        # transformers (>= 5) then keeps the file's head rather than tying it to the embedding: so do we
+        warnings.warn(f"{path}: tie_word_embeddings is true but the checkpoint holds an lm_head.weight that differs "
+                      "from model.embed_tokens.weight; using it as an untied head (as transformers does)")
+        config = config.replace(tie_word_embeddings=False)
     check_state_dict(config, state, path)
 
     tokenizer = None
@@ -258,6 +264,20 @@ def _undo_rope(w, n_heads: int):
     return w.permute_rows(undo_rope_permutation(rows, n_heads)[:, 0])
 
 
+def _gguf_rope_scaling(reader, path: str) -> dict | None:
+    """GGUF RoPE scaling metadata as a config rope_scaling dict (llama.cpp's reading: a factor without a type is
+    linear; `rope.scale_linear` is the older key of the linear factor); CheckpointError for yarn / longrope, which
+    are not computed here, rather than a model that silently runs without them."""
+    kind = _gguf_field(reader, "llama.rope.scaling.type")
+    factor = _gguf_field(reader, "llama.rope.scaling.factor", _gguf_field(reader, "llama.rope.scale_linear"))
+    if kind not in (None, "none", "linear"):
+        raise CheckpointError(f"{path}: GGUF llama.rope.scaling.type {kind!r} is not supported (supported: none, "
+                              "linear)", path, "llama.rope.scaling.type")
+    if kind == "none" or factor is None or factor in (0, 1):  # llama.cpp reads 0 as "no factor"
+        return None
+    return {"rope_type": "linear", "factor": factor}  # ModelConfig checks the factor
+
+
 def load_gguf(path: str, weights: str = "auto"):
     """A llama-architecture GGUF file -> (config, state dict in HF layout, tokenizer or None).
 
@@ -298,16 +318,26 @@ def load_gguf(path: str, weights: str = "auto"):
     if vocab is None and embd is not None and len(embd.shape) == 2:
         vocab = int(embd.shape[1])
     eos = _gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    rope_scaling = _gguf_rope_scaling(reader, path)
     default_head_dim = hidden // heads if as_int(hidden) and as_int(heads) else None  # ModelConfig checks both
+    # the head size: attention.key_length (written when it is not hidden / heads), else rope.dimension_count
+    rope_dims = _gguf_field(reader, "llama.rope.dimension_count")
+    head_dim = _gguf_field(reader, "llama.attention.key_length",
+                           rope_dims if rope_dims is not None else default_head_dim)
+    if rope_dims is not None and head_dim is not None and rope_dims != head_dim:
+        raise CheckpointError(f"{path}: GGUF llama.rope.dimension_count {rope_dims!r} rotates {rope_dims} of the "
+                              f"{head_dim} dimensions of each head; partial rotary embeddings are not supported",
+                              path, "llama.rope.dimension_count")
     config = _checked_config(path, lambda: ModelConfig(
         num_layers=need("block_count"),
         hidden_size=hidden,
         num_heads=heads,
         num_kv_heads=_gguf_field(reader, "llama.attention.head_count_kv", heads),
-        head_dim=_gguf_field(reader, "llama.rope.dimension_count", default_head_dim),
+        head_dim=head_dim,
         intermediate_size=need("feed_forward_length"),
         vocab_size=vocab,
         rope_theta=_gguf_field(reader, "llama.rope.freq_base", 10000.0),
+        rope_scaling=rope_scaling,
         rms_norm_eps=_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5),
         tie_word_embeddings="output.weight" not in names,
         max_position_embeddings=_gguf_field(reader, "llama.context_length", 2048),

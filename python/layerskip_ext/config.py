@@ -50,19 +50,34 @@ def _float_field(name: str, value, low: float, high: float = math.inf, low_open:
     return v
 
 
+# RoPE scalings computed exactly: "linear" divides every frequency by `factor`; "dynamic" (NTK) changes the base
+# only for sequences longer than max_position_embeddings (transformers' rule), which no context here reaches, so
+# within our contexts it is the plain RoPE; "llama3" rescales frequencies by wavelength. Others are refused.
+ROPE_SCALINGS = ("linear", "dynamic", "llama3")
+
+
 def _check_rope_scaling(scaling) -> dict | None:
-    """None, or a llama3 rope_scaling dict with every value in range (the formulas divide by them)."""
+    """None, or a linear / dynamic / llama3 rope_scaling dict with every value in range (the formulas divide by
+    them); ConfigError naming the key for anything else (an unknown type is never silently ignored)."""
     if scaling is None:
         return None
     if not isinstance(scaling, dict):
         raise ConfigError(f"config: rope_scaling must be an object or null, got {scaling!r}", "rope_scaling")
     kind = scaling.get("rope_type", scaling.get("type"))
-    if kind not in ("llama3", "default"):
-        raise ConfigError(f"config: unsupported rope_scaling type {kind!r} (supported: llama3)", "rope_scaling")
+    if kind not in ROPE_SCALINGS + ("default",):
+        raise ConfigError(f"config: unsupported rope_scaling type {kind!r} (supported: {', '.join(ROPE_SCALINGS)})",
+                          "rope_scaling")
+    partial = scaling.get("partial_rotary_factor", 1.0)
+    if partial != 1.0:  # transformers' Llama rotates every dimension in plain RoPE but not in its scalings
+        raise ConfigError(f"config: rope_scaling.partial_rotary_factor {partial!r} is not supported (only 1.0: "
+                          "every head dimension rotated)", "rope_scaling")
     if kind == "default":
         return dict(scaling)
     if "factor" not in scaling:
-        raise ConfigError("config: rope_scaling of type llama3 needs 'factor'", "rope_scaling.factor")
+        raise ConfigError(f"config: rope_scaling of type {kind} needs 'factor'", "rope_scaling.factor")
+    if kind in ("linear", "dynamic"):
+        factor = _float_field("rope_scaling.factor", scaling["factor"], 0.0, 1e6)
+        return dict(scaling, factor=factor)
     factor = _float_field("rope_scaling.factor", scaling["factor"], 1.0, 1e6, low_open=False)
     low = _float_field("rope_scaling.low_freq_factor", scaling.get("low_freq_factor", 1.0), 0.0, 1e6)
     high = _float_field("rope_scaling.high_freq_factor", scaling.get("high_freq_factor", 4.0), 0.0, 1e6)
@@ -73,6 +88,19 @@ def _check_rope_scaling(scaling) -> dict | None:
                      scaling.get("original_max_position_embeddings", 8192))
     return dict(scaling, factor=factor, low_freq_factor=low, high_freq_factor=high,
                 original_max_position_embeddings=old)
+
+
+def _check_architecture(d: dict) -> None:
+    """Refuses config.json settings that would make a Llama compute something other than what we run: another
+    activation than SiLU, biases in the attention or MLP projections (ConfigError naming the key)."""
+    act = d.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):  # transformers' ACT2FN: both are x * sigmoid(x)
+        raise ConfigError(f"config: hidden_act {act!r} is not supported (layerskip_ext runs SwiGLU: 'silu')",
+                          "hidden_act")
+    for key in ("attention_bias", "mlp_bias"):
+        if d.get(key, False) not in (False, None):
+            raise ConfigError(f"config: {key} {d[key]!r} is not supported (layerskip_ext runs Llama projections "
+                              "without biases)", key)
 
 
 @dataclass(frozen=True)
@@ -138,6 +166,7 @@ class ModelConfig:
         if model_type != "llama":
             raise ConfigError(f"unsupported model_type {model_type!r}: layerskip_ext loads Llama models "
                               "(model_type 'llama')", "model_type")
+        _check_architecture(d)
         for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
             if key not in d:
                 raise ConfigError(f"config.json is missing the required key {key!r}", key)

@@ -38,6 +38,7 @@ from .generation import GenerationArgs, GenerationResult, GenerationStats
 from .quant import PackedWeight
 from .reference import rope_cos_sin_cache
 from .sampling import seed_as_int64
+from .validation import as_int, check_int
 
 try:
     from . import _C  # noqa: F401  (registers the ops and the Engine class)
@@ -195,6 +196,17 @@ def packed_weight_tensors(model) -> tuple[dict[str, torch.Tensor], dict[str, int
     return tensors, formats, "bfloat16" if bf16 else "float32"
 
 
+def check_weight_dtype(model, weight_dtype) -> None:
+    """LayerSkipError unless weight_dtype is torch.float32, torch.bfloat16, or "packed" for a model with packed
+    weights (generate checks it whatever the backend, so a typo never passes unnoticed)."""
+    packed = isinstance(weight_dtype, str) and weight_dtype == PACKED
+    if not packed and not (isinstance(weight_dtype, torch.dtype) and weight_dtype in WEIGHT_DTYPES):
+        raise LayerSkipError(f"weight_dtype must be torch.float32, torch.bfloat16 or 'packed', got {weight_dtype!r}")
+    if packed and not model.packed_formats:
+        raise LayerSkipError("weight_dtype 'packed' needs a model with packed weights (a Q8_0 / Q4_0 / Q4_1 GGUF, "
+                             "or load(..., weights='q8_0'))")
+
+
 class Engine:
     """A model's weights and batched decoding state in the C++ engine (one call at a time, see the module doc)."""
 
@@ -204,14 +216,12 @@ class Engine:
         dequantized through the reference module), or "packed" (a model's packed blocks as they are)."""
         if _IMPORT_ERROR is not None:
             raise RuntimeError(f"the layerskip_ext C++ extension is not built: {_IMPORT_ERROR}")
-        if weight_dtype != PACKED and weight_dtype not in WEIGHT_DTYPES:
-            raise LayerSkipError(f"weight_dtype must be torch.float32, torch.bfloat16 or 'packed', got {weight_dtype}")
-        if weight_dtype == PACKED and not model.packed_formats:
-            raise ValueError("weight_dtype 'packed' needs a model with packed weights (a Q8_0 / Q4_0 / Q4_1 GGUF, "
-                             "or load(..., weights='q8_0'))")
+        check_weight_dtype(model, weight_dtype)
         c = model.config
+        max_rows = check_int("max_rows", max_rows, 1, 4096)
         if capacity is None:
             capacity = min(_INITIAL_CAPACITY, c.max_position_embeddings)
+        capacity = check_int("capacity", capacity, 1, c.max_position_embeddings)  # positions per row
         # [P, D] float32 cos | sin for the first P >= capacity positions, not max_position_embeddings of them:
         # _add grows it when a row's context reaches further
         table = rope_cos_sin_cache(c, capacity)
@@ -313,6 +323,8 @@ class Engine:
     def add_row(self, args: GenerationArgs) -> int:
         """Adds a row with validated arguments (generation.check_generation_args); returns its id.
         Prefilled by the next step(). Raises without changing the engine if an argument is invalid."""
+        if not isinstance(args, GenerationArgs):
+            raise TypeError(f"add_row needs the GenerationArgs of check_generation_args, got {type(args).__name__}")
         with self._exclusive() as e:
             self._use_draft_vocab(e, args)
             return self._add(e, args)
@@ -364,15 +376,17 @@ class Engine:
 
     def remove_row(self, row: int) -> None:
         """Releases a row (finished or not) and its cache slot."""
+        row = _row_id(row)
         with self._exclusive() as e:
             e.remove_row(row)
 
     def finish_reason(self, row: int) -> str | None:
         """None while the row runs, else "stop" | "length" | "context" | "error"."""
-        return self._engine.finish_reason(row) or None
+        return self._engine.finish_reason(_row_id(row)) or None
 
     def result(self, row: int, args: GenerationArgs) -> GenerationResult:
         """The row's tokens, text, statistics and finish reason so far."""
+        row = _row_id(row)
         e = self._engine
         tokens = e.tokens(row).tolist()
         s = e.stats(row)
@@ -454,6 +468,14 @@ class Engine:
                 e.set_profiling(False)
                 for row in e.row_ids():
                     e.remove_row(row)
+
+
+def _row_id(row) -> int:
+    """A row id as an int (ids come from add_row: integers in int64), or LayerSkipError; bools are refused."""
+    value = as_int(row)
+    if value is None or not -(1 << 63) <= value < (1 << 63):
+        raise LayerSkipError(f"row must be a row id from add_row, got {row!r}")
+    return value
 
 
 def _positions_reached(args: GenerationArgs, max_new_tokens: int) -> int:

@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 
 from .errors import LayerSkipError
 from .sampling import check_sampling_args
-from .validation import as_int, check_token_ids
+from .validation import as_float, as_int, check_token_ids
 
 STRATEGIES = ("autoregressive", "early_exit", "self_speculative")
+MAX_SPECULATIONS = 1024  # draft tokens per round at most (the engine's limit, csrc/engine/engine.cpp add_row)
 
 
 @dataclass
@@ -98,6 +99,10 @@ def check_generation_args(config, tokenizer, prompt, *, max_new_tokens, strategy
         if tokenizer is None:
             raise LayerSkipError("prompt is a string but the model has no tokenizer: pass a list of token ids")
         prompt_ids = tokenizer.encode(prompt).ids
+        bad = [t for t in prompt_ids if not 0 <= t < V]
+        if bad:  # a tokenizer.json larger than the model's embedding (another model's tokenizer)
+            raise LayerSkipError(f"prompt encodes to token id {bad[0]}, outside the model's vocabulary of {V} "
+                                 "(is the tokenizer the model's?)")
     elif isinstance(prompt, (list, tuple)) or (hasattr(prompt, "tolist") and hasattr(prompt, "ndim")):
         prompt_ids = check_token_ids("prompt token ids", prompt, V)
     else:
@@ -125,9 +130,11 @@ def check_generation_args(config, tokenizer, prompt, *, max_new_tokens, strategy
                          f"layers, got {exit_layer}")
     if num_speculations is None:
         num_speculations = 4 if strategy == "self_speculative" else 1
-    if not _is_int(num_speculations) or num_speculations < 1:
-        raise LayerSkipError(f"num_speculations must be an integer >= 1, got {num_speculations!r}")
+    if not _is_int(num_speculations) or not 1 <= num_speculations <= MAX_SPECULATIONS:
+        raise LayerSkipError(f"num_speculations must be an integer in [1, {MAX_SPECULATIONS}], got "
+                             f"{num_speculations!r}")
     temperature, top_k, top_p = check_sampling_args(temperature, top_k, top_p)
+    top_k = min(top_k, V)  # keeping V or more tokens keeps them all (and fits the engine's int64)
     if seed is None:
         seed = random.getrandbits(63)  # no seed: a fresh draw each call
     if not _is_int(seed):
@@ -135,9 +142,13 @@ def check_generation_args(config, tokenizer, prompt, *, max_new_tokens, strategy
     if stop_token_ids is None:
         stop_token_ids = tuple(config.eos_token_ids)
     else:
+        if isinstance(stop_token_ids, (str, bytes, dict)) or not hasattr(stop_token_ids, "__iter__") or \
+                getattr(stop_token_ids, "ndim", 1) != 1:
+            raise LayerSkipError(f"stop_token_ids must be a list of token ids (None: the model's EOS ids; [] never "
+                                 f"stops early), got {stop_token_ids!r}")
         stop_token_ids = tuple(check_token_ids("stop token ids", list(stop_token_ids), V))
-    if isinstance(draft_threshold, bool) or not isinstance(draft_threshold, (int, float)) or \
-            not 0.0 <= draft_threshold <= 1.0:
+    threshold = as_float(draft_threshold)
+    if threshold is None or not 0.0 <= threshold <= 1.0:  # NaN fails the comparison
         raise LayerSkipError(f"draft_threshold must be a number in [0, 1], got {draft_threshold!r}")
     if not isinstance(adaptive, bool):
         raise LayerSkipError(f"adaptive must be True or False, got {adaptive!r}")
@@ -149,4 +160,4 @@ def check_generation_args(config, tokenizer, prompt, *, max_new_tokens, strategy
             raise LayerSkipError(f"draft_vocab must be non-empty ascending token ids below {V}")
     return GenerationArgs(prompt_ids, max_new_tokens, strategy, as_int(exit_layer), as_int(num_speculations),
                           temperature, top_k, top_p, as_int(seed), stop_token_ids, context_length,
-                          float(draft_threshold), adaptive, as_int(probe_interval), draft_vocab)
+                          threshold, adaptive, as_int(probe_interval), draft_vocab)

@@ -3,7 +3,7 @@
 gguf.GGUFReader builds a numpy view per metadata item (30 s for the 49152 tokens and merges of SmolLM2 on a
 busy machine); this reads the same file format (GGUF v2 / v3, little endian) with `struct` in well under a
 second, and checks each tensor against the file: its type, that its rows are whole blocks, and that its
-data lies inside the file, naming the tensor when one is not.
+data starts on the file's alignment and lies inside the file, naming the tensor when one is not.
 
     f = GGUFFile(path)
     f.fields["llama.block_count"]           # 30
@@ -87,6 +87,9 @@ class GGUFFile:
                                       f"block size {block}", name)
             n_elements = math.prod(int(d) for d in dims)  # Python ints: no overflow on hostile dims
             nbytes = n_elements // block * type_size
+            if offset % alignment:  # as llama.cpp: data must start on the file's alignment
+                raise GGUFTensorError(f"tensor {name!r} has data offset {offset}, not a multiple of the alignment "
+                                      f"{alignment}", name)
             begin = start + offset
             if begin + nbytes > len(buf):
                 raise GGUFTensorError(f"tensor {name!r} is truncated: its data ends at byte {begin + nbytes}, the "

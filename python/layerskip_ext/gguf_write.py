@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
+from .errors import LayerSkipError
 from .quant import FORMATS, PackedWeight, quantize
 
 _LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
@@ -42,8 +43,11 @@ def write_gguf(path: str, config: ModelConfig, weights: dict, fmt: str = "q8_0",
     metadata (tokenizer, names, chat template) is copied."""
     import gguf
 
-    writer = gguf.GGUFWriter(path, "llama")
     c = config
+    kind = None if c.rope_scaling is None else c.rope_scaling.get("rope_type", c.rope_scaling.get("type"))
+    if kind == "llama3":  # llama.cpp stores it as a rope_freqs tensor, which load_gguf refuses
+        raise LayerSkipError("write_gguf: llama3 rope_scaling cannot be written to GGUF here (keep the HF checkpoint)")
+    writer = gguf.GGUFWriter(path, "llama")
     writer.add_block_count(c.num_layers)
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
@@ -52,6 +56,10 @@ def write_gguf(path: str, config: ModelConfig, weights: dict, fmt: str = "q8_0",
     writer.add_head_count_kv(c.num_kv_heads)
     writer.add_rope_dimension_count(c.head_dim)
     writer.add_rope_freq_base(c.rope_theta)
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(c.rope_scaling["factor"]))
+    # "dynamic" needs nothing: within max_position_embeddings it is the plain RoPE (config.ROPE_SCALINGS)
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_vocab_size(c.vocab_size)
     if metadata_from is not None:

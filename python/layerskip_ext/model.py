@@ -1,6 +1,8 @@
 """LayerSkipModel: a loaded checkpoint (config, tokenizer, weights, reference module built on demand) and `load()`."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .checkpoint import WEIGHT_MODES, read_checkpoint
@@ -124,7 +126,14 @@ def load(path=None, dtype: torch.dtype = torch.float32, device="cpu", weights: s
         raise LayerSkipError(f"dtype must be one of torch.float32, torch.bfloat16, torch.float16, got {dtype}")
     if weights not in WEIGHT_MODES:
         raise LayerSkipError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise LayerSkipError(f"device must be 'cpu' or 'cuda[:N]', got {device!r} ({e})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise LayerSkipError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike (or None: the default model), got {type(path).__name__}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LayerSkipError("device 'cuda' requested but CUDA is not available")
     config, state, tokenizer = read_checkpoint(path, weights)

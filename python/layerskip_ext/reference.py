@@ -24,11 +24,16 @@ from .errors import LayerSkipError
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies [D/2] in float64, with llama3 scaling applied when configured."""
+    """Inverse frequencies [D/2] in float64, with the configured scaling (config.ROPE_SCALINGS): linear divides
+    them by its factor; dynamic NTK leaves them as they are (transformers rescales only past
+    max_position_embeddings, which no context reaches); llama3 rescales them by wavelength."""
     d = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))  # [D/2]
     scaling = config.rope_scaling
-    if scaling is None or scaling.get("rope_type", scaling.get("type")) != "llama3":
+    kind = None if scaling is None else scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind != "llama3":
         return inv_freq
     factor = float(scaling["factor"])
     low_freq_factor = float(scaling.get("low_freq_factor", 1.0))

@@ -79,7 +79,7 @@ def generate_reference(model: ReferenceLlama, args: GenerationArgs, decode=None,
         ids = torch.tensor([prompt], device=param.device)
         prefill_layers = E if args.strategy == "early_exit" else L
         x = model.run_layers(model.embed(ids), 0, prefill_layers, 0, cache)  # [1, P, H]
-        out.push(pick(model.exit_logits(x[0, -1:])))
+        out.push(pick(_finite(model.exit_logits(x[0, -1:]), "the prefill")))
     t1 = time.perf_counter()
     stats.prefill_time_s = t1 - t0
 
@@ -94,7 +94,7 @@ def generate_reference(model: ReferenceLlama, args: GenerationArgs, decode=None,
             layers = L if args.strategy == "self_speculative" else E
             ids = torch.tensor([[out.tokens[-1]]], device=param.device)
             x = model.run_layers(model.embed(ids), 0, layers, position, cache)  # [1, 1, H]
-            out.push(pick(model.exit_logits(x[0])))
+            out.push(pick(_finite(model.exit_logits(x[0]), "a decode step")))
             position += 1
             draft_policy.after_plain_token(policy_state)
     stats.decode_time_s = time.perf_counter() - t1
@@ -109,8 +109,23 @@ def generate_reference_batch(model: ReferenceLlama, args_list: list[GenerationAr
     results = []
     for row, args in enumerate(args_list):
         callback = None if on_token is None else (lambda token, row=row: on_token(row, token))
-        results.append(generate_reference(model, args, decode=decode, on_token=callback))
+        try:
+            results.append(generate_reference(model, args, decode=decode, on_token=callback))
+        except NonFiniteLogits as e:  # as the engine reports a row whose logits went bad
+            raise RuntimeError(f"generation of row {row} failed: {e} (the model produced NaN or infinite logits)") \
+                from None
     return results
+
+
+class NonFiniteLogits(RuntimeError):
+    """Logits with a NaN or without a finite maximum: a broken model (what the engine's ops refuse)."""
+
+
+def _finite(logits: torch.Tensor, where: str) -> torch.Tensor:
+    """logits [T, V] unchanged, or NonFiniteLogits: greedy decoding would pick the argmax of NaN as a token."""
+    if torch.isnan(logits).any() or not torch.isfinite(logits.amax(-1)).all():
+        raise NonFiniteLogits(f"non-finite logits in {where}")
+    return logits
 
 
 def policy_params(config, args: GenerationArgs) -> draft_policy.Params:
@@ -146,7 +161,7 @@ def _speculative_round(model, args, cache, position, out, stats, counter, policy
         exit_states.append(x)
         if i == d:
             break
-        logits = model.exit_logits(x[0])  # [1, V]
+        logits = _finite(model.exit_logits(x[0]), "a draft step")  # [1, V]
         if vocab is not None:  # a reduced draft head: only the draft vocabulary's rows
             logits = logits[:, vocab]  # [1, K]
         if greedy:
@@ -170,7 +185,7 @@ def _speculative_round(model, args, cache, position, out, stats, counter, policy
 
     # 2. verify: layers [E, L) over the d + 1 cached exit states in one pass
     h = model.run_layers(torch.cat(exit_states, dim=1), E, L, position, cache)  # [1, d + 1, H]
-    target_logits = model.exit_logits(h[0])  # [d + 1, V]
+    target_logits = _finite(model.exit_logits(h[0]), "a verify step")  # [d + 1, V]
 
     # 3. accept
     drafts = torch.tensor(draft_tokens, dtype=torch.int64)

@@ -26,6 +26,10 @@ class TextIterator:
         from .api import generate
         if "on_token" in generate_kwargs:
             raise LayerSkipError("stream() does its own on_token; use generate() for a token callback")
+        from .api import _is_prompt_list
+        if _is_prompt_list(prompt) and len(prompt) > 0:
+            raise LayerSkipError("stream() takes one prompt (a string or a list of token ids), got a list of "
+                                 f"{len(prompt)} prompts; stream each, or use generate() for a batch")
         self._text = TextStream(model.decode, check_stop(stop))
         self._queue: queue.Queue = queue.Queue()
         self._cancel = threading.Event()
