@@ -10,6 +10,8 @@
 //                                  decode step with T = rows of the group, or a speculative round drafting d
 //                                  tokens for every row and verifying all of them in one pass). Returns the new
 //                                  tokens as (row id, token) pairs in order; finished rows cost nothing.
+//   run(max_seconds)               steps until no row is unfinished (or the time is up): a whole generation
+//                                  without returning to the caller per token (generate() without a callback).
 //   remove_row(id)                 releases the row's cache slot at once (finished or not).
 // Rows may differ in everything: prompt, strategy, exit layer, draft length, sampling parameters, seed, stop
 // ids, max_new_tokens and context length. Row i yields exactly the tokens of a batch of one (every kernel on

@@ -4,6 +4,9 @@
     result = engine.generate(args)                              # args: generation.GenerationArgs
     results = engine.generate_batch([args0, args1, ...])        # one result per row, batched steps
 
+Without an on_token callback a generation runs in the C++ loop (Engine.run), back in Python every 0.5 s only
+to adapt the thread count to the machine's load; with one, each step returns its tokens to Python.
+
 Continuous batching (a server) drives the row interface of its own Engine instance:
 
     engine = Engine(model, max_rows=8)
