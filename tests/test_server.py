@@ -190,6 +190,10 @@ def test_bad_requests_get_openai_errors(live):
         (dict(content=b"{not json", headers={"content-type": "application/json"}), 400, "JSON"),
         (dict(json={"model": NAME}), 400, "prompt"),
         (dict(json={**good, "max_tokens": "many"}), 400, "max_tokens"),
+        (dict(json={**good, "max_tokens": "4"}), 400, "max_tokens"),  # strict types: no coercion
+        (dict(json={**good, "max_tokens": 4.0}), 400, "max_tokens"),
+        (dict(json={**good, "strategy": "early_exit", "exit_layer": True}), 400, "exit_layer"),
+        (dict(json={**good, "temperature": "0.5"}), 400, "temperature"),
         (dict(json={**good, "model": "gpt-4"}), 404, "does not exist"),
         (dict(json={**good, "strategy": "self_speculative", "exit_layer": 99}), 400, "exit_layer"),
         (dict(json={**good, "n": 2}), 400, "unsupported"),
@@ -211,6 +215,8 @@ def test_bad_requests_get_openai_errors(live):
         live.client().completions.create(model=NAME, prompt="x", max_tokens=4, extra_body={"exit_layer": 0,
                                                                                           "strategy": "early_exit"})
     assert live.client().completions.create(model=NAME, prompt="It was", max_tokens=2).usage.completion_tokens == 2
+    # an integer for a float field stays valid JSON usage
+    assert post("/v1/completions", json={**good, "temperature": 1, "top_p": 1, "seed": 3}).status_code == 200
 
 
 def test_stored_settings_are_the_self_speculative_default(tmp_path, offline):

@@ -33,8 +33,9 @@ class StreamOptions(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    """What completions and chat completions share."""
-    model_config = ConfigDict(extra="ignore")
+    """What completions and chat completions share. Strict types, as OpenAI's API checks them: `true` or `2.0`
+    for an integer field, or "5" for a number, is a 400 naming the field, not silently 1, 2 or 5."""
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
     max_tokens: Optional[int] = Field(default=None, ge=0)
