@@ -441,3 +441,17 @@ def test_threads_with_raising_callbacks_do_not_disturb_each_other(tiny):
         t.join()
     assert problems == []
     assert layerskip_ext.engine.get_engine(tiny)._engine.row_ids() == []
+
+
+def test_on_token_with_the_wrong_arity_is_refused_before_generating(tiny, backend):
+    """A batch calls on_token(row, token), a single prompt on_token(token): the wrong one is a TypeError naming
+    the expected arguments before any work, not Python's own error from inside the loop."""
+    seen = []
+    with pytest.raises(TypeError, match=r"\(row, token\)"):
+        gen(backend, tiny, [PROMPT, PROMPT], max_new_tokens=3, on_token=seen.append)
+    with pytest.raises(TypeError, match="one argument"):
+        gen(backend, tiny, PROMPT, max_new_tokens=3, on_token=lambda row, token: None)
+    assert seen == []
+    gen(backend, tiny, [PROMPT, PROMPT], max_new_tokens=3, on_token=lambda row, token: seen.append(row))
+    gen(backend, tiny, PROMPT, max_new_tokens=3, on_token=lambda *a: seen.append(a))  # varargs fit either
+    assert sorted(seen[:6]) == [0, 0, 0, 1, 1, 1] and len(seen) == 9

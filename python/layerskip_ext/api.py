@@ -67,6 +67,18 @@ def _apply_settings(model: LayerSkipModel, row: dict) -> None:
         row["adaptive"] = False
 
 
+def _takes_args(fn, n: int) -> bool:
+    """Whether fn can be called with n positional arguments (True when its signature cannot be read)."""
+    import inspect
+    try:
+        inspect.signature(fn).bind(*range(n))
+    except TypeError:
+        return False
+    except ValueError:  # a builtin without a readable signature
+        return True
+    return True
+
+
 def generate(model: LayerSkipModel, prompt, max_new_tokens=64, strategy="autoregressive", exit_layer=None,
              num_speculations=None, temperature=0.0, top_k=0, top_p=1.0, seed=None, stop_token_ids=None,
              on_token=None, backend: str = "auto", context_length=None,
@@ -115,6 +127,9 @@ def generate(model: LayerSkipModel, prompt, max_new_tokens=64, strategy="autoreg
     if weight_dtype is not None:
         _engine.check_weight_dtype(model, weight_dtype)
     batched = _is_prompt_list(prompt)
+    if on_token is not None and not _takes_args(on_token, 2 if batched else 1):
+        raise TypeError("on_token must take (row, token) for a batch of prompts" if batched else
+                        "on_token must take one argument, the token id (a batch of prompts passes (row, token))")
     prompts = list(prompt) if batched else [prompt]
     if batched and len(prompts) == 0:
         raise LayerSkipError("prompt is empty: an empty list is neither a prompt nor a batch of prompts")
