@@ -114,24 +114,11 @@ def test_raising_in_on_token_cancels_and_leaves_the_model_usable(tiny, backend):
         assert again.tokens == expected.tokens
 
 
-def test_nan_weights_give_a_clear_error_not_garbage_tokens(tmp_path):
-    """A broken model (NaN in the final norm: every logit NaN) is an error on the engine, every strategy."""
-    directory = make_hf_checkpoint(tmp_path / "m", num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
-                                   num_key_value_heads=2, intermediate_size=64, vocab_size=32,
-                                   max_position_embeddings=64)
-    model = layerskip_ext.load(directory)
-    with torch.no_grad():
-        model.module.model.norm.weight[3] = float("nan")
-    for kwargs in (dict(), dict(temperature=0.7, seed=1), dict(strategy="self_speculative", exit_layer=1),
-                   dict(strategy="self_speculative", exit_layer=1, temperature=0.7, seed=1)):
-        with pytest.raises(RuntimeError, match="finite"):
-            layerskip_ext.generate(model, PROMPT, max_new_tokens=4, backend="engine", **kwargs)
-
-
-def test_nan_weights_are_an_error_on_the_reference_backend_too(tmp_path):
-    """The reference returned greedy tokens [0, 0, 0, 0] from NaN logits (argmax of NaN) and failed with
-    'max(): Expected reduction dim to be specified' when sampling; now it raises as the engine does, naming
-    the row."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_weights_give_a_clear_error_not_garbage_tokens(tmp_path, backend):
+    """A broken model (NaN in the final norm: every logit NaN) is an error naming the row on both backends, every
+    strategy (the reference returned greedy tokens [0, 0, 0, 0], the argmax of NaN, and failed with 'max():
+    Expected reduction dim to be specified' when sampling)."""
     directory = make_hf_checkpoint(tmp_path / "m", num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
                                    num_key_value_heads=2, intermediate_size=64, vocab_size=32,
                                    max_position_embeddings=64)
@@ -142,7 +129,9 @@ def test_nan_weights_are_an_error_on_the_reference_backend_too(tmp_path):
                    dict(strategy="self_speculative", exit_layer=1, temperature=0.7, seed=1),
                    dict(strategy="early_exit", exit_layer=1)):
         with pytest.raises(RuntimeError, match=r"generation of row 0 failed: .*NaN or infinite logits"):
-            layerskip_ext.generate(model, [PROMPT, PROMPT[:3]], max_new_tokens=4, backend="reference", **kwargs)
+            layerskip_ext.generate(model, [PROMPT, PROMPT[:3]], max_new_tokens=4, backend=backend, **kwargs)
+        with pytest.raises(RuntimeError, match="finite"):
+            layerskip_ext.generate(model, PROMPT, max_new_tokens=4, backend=backend, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------
