@@ -4,7 +4,8 @@
 //
 // The call is cut into runs: consecutive tokens of the same cache row, at most kMaxRunTokens (8) of them (a
 // batched decode step: one token per run; a self-speculative verify block or a prefill: runs of up to 8
-// tokens of one row). One task per (run, kv head), split across threads; a task computes every query head of
+// tokens of one row; shorter where that gives the threads too few tasks). One task per (run, kv head), split
+// across threads; a task computes every query head of
 // the kv head's group for every token of the run, so the avx512 kernel (attention_kernel_avx512.cpp) loads each
 // key and value row once for the whole group and run instead of once per (token, head).
 //
@@ -22,6 +23,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -98,18 +100,36 @@ cpu::KernelSelector<attention_kernels::RunKernel>& selector() {
   return s;
 }
 
-// Runs: [starts[i], starts[i + 1]) are consecutive tokens of one row, at most kMaxRunTokens.
-std::vector<int64_t> run_starts(const int64_t* rows, int64_t tokens) {
-  std::vector<int64_t> starts{0};
-  for (int64_t t = 1; t < tokens; ++t)
-    if (rows[t] != rows[t - 1] || t - starts.back() == attention_kernels::kMaxRunTokens) starts.push_back(t);
+// Runs: [starts[i], starts[i + 1]) are consecutive tokens of one row; a stretch of L such tokens is cut into
+// ceil(L / cap) runs of nearly equal length.
+std::vector<int64_t> run_starts(const int64_t* rows, int64_t tokens, int64_t cap) {
+  std::vector<int64_t> starts;
+  for (int64_t begin = 0, end; begin < tokens; begin = end) {
+    for (end = begin + 1; end < tokens && rows[end] == rows[begin];) ++end;
+    const int64_t pieces = (end - begin + cap - 1) / cap;
+    for (int64_t i = 0; i < pieces; ++i) starts.push_back(begin + (end - begin) * i / pieces);
+  }
   starts.push_back(tokens);
   return starts;
 }
 
+// The threads a parallel loop of this calling thread may use.
+int64_t available_threads() {
+  const int64_t threads = at::get_num_threads(), cap = cpu::tls_thread_cap;
+  return cap > 0 ? std::min(cap, threads) : threads;
+}
+
 void attention_kernel(attention_kernels::RunKernel fn, const attention_kernels::Problem& p, const int64_t* rows,
                       int64_t tokens) {
-  const std::vector<int64_t> starts = run_starts(rows, tokens);
+  // Runs of up to kMaxRunTokens tokens; shorter ones while that leaves fewer than two tasks per thread (a
+  // verify block of 5 tokens with 3 kv heads: 6 tasks, not 3, for 2 threads). Never changes a result.
+  const int64_t threads = available_threads();
+  int64_t cap = attention_kernels::kMaxRunTokens;
+  std::vector<int64_t> starts = run_starts(rows, tokens, cap);
+  while (cap > 1 && (static_cast<int64_t>(starts.size()) - 1) * p.kv_heads < 2 * threads) {
+    cap = (cap + 1) / 2;
+    starts = run_starts(rows, tokens, cap);
+  }
   const int64_t runs = static_cast<int64_t>(starts.size()) - 1, group = p.q_heads / p.kv_heads;
   int64_t longest = 1, scratch = 0, work = 0;  // keys of the longest token; floats of the largest scratch
   for (int64_t i = 0; i < runs; ++i) {
@@ -121,7 +141,9 @@ void attention_kernel(attention_kernels::RunKernel fn, const attention_kernels::
     work += keys * (starts[i + 1] - starts[i]);
   }
   scratch = std::max(scratch, 2 * p.head_dim + longest + 16);  // the plain kernel's
-  // Tasks (run, kv head), run-major. A chunk of tasks gets about 2^17 multiply-adds (a few microseconds) or more.
+  // Tasks (kv head, run), kv-head-major (consecutive tasks of a thread mostly share a kv head, and the runs of a
+  // cut verify block land on both threads). A chunk of tasks gets about 2^17 multiply-adds (a few
+  // microseconds) or more.
   const int64_t tasks = runs * p.kv_heads;
   const int64_t per_task = std::max<int64_t>(1, work * group * p.head_dim * 2 / runs);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / per_task);
@@ -129,7 +151,7 @@ void attention_kernel(attention_kernels::RunKernel fn, const attention_kernels::
     std::vector<float> buffer(scratch + 16);
     float* aligned = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t{63});
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t run = task / p.kv_heads, kvh = task % p.kv_heads;
+      const int64_t kvh = task / runs, run = task % runs;
       fn(p, rows[starts[run]], starts[run], starts[run + 1], kvh, aligned);
     }
   });
