@@ -25,7 +25,6 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
-#include <algorithm>
 #include <cstdint>
 
 #include "cpu/attention_kernels.h"
@@ -36,6 +35,11 @@ namespace {
 
 constexpr int64_t kLanes = 16;
 constexpr int kMaxQueriesPerPass = 8;  // query rows of one score pass (the partial sums stay in L1)
+
+// Own min / max: std::min and std::max instantiated here would carry this file's target flags into weak symbols
+// that the linker may pick for other translation units (a debug build does not inline them).
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t max64(int64_t a, int64_t b) { return a < b ? b : a; }
 
 inline int64_t round_up16(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
@@ -177,7 +181,7 @@ void run_typed(const Problem& p, int64_t row, int64_t t0, int64_t t1, int64_t kv
   const int64_t D = p.head_dim, G = p.q_heads / p.kv_heads, tokens = t1 - t0, R = tokens * G;
   const int64_t dp = round_up16(D);
   int64_t n_max = 0;
-  for (int64_t t = t0; t < t1; ++t) n_max = std::max(n_max, p.positions[t] + 1);
+  for (int64_t t = t0; t < t1; ++t) n_max = max64(n_max, p.positions[t] + 1);
   const int64_t np = round_up16(n_max);
   float* qbuf = scratch;                                         // [R, dp]
   float* scores = qbuf + R * dp;                                 // [R, np]
@@ -202,9 +206,9 @@ void run_typed(const Problem& p, int64_t row, int64_t t0, int64_t t1, int64_t kv
 
   // 1. scores [R, n_max]
   for (int64_t j0 = 0; j0 < n_max; j0 += kLanes) {
-    const int64_t nb = std::min(kLanes, n_max - j0);
+    const int64_t nb = min64(kLanes, n_max - j0);
     for (int64_t r0 = 0; r0 < R; r0 += kMaxQueriesPerPass) {
-      const int rq = static_cast<int>(std::min<int64_t>(kMaxQueriesPerPass, R - r0));
+      const int rq = static_cast<int>(min64(kMaxQueriesPerPass, R - r0));
       for (int r = 0; r < rq; ++r)
         for (int64_t jj = nb; jj < kLanes; ++jj) part[r * kLanes + jj] = _mm512_setzero_ps();
       for (int64_t c0 = 0, nc; c0 < chunks; c0 += nc) {
@@ -247,7 +251,7 @@ void run_typed(const Problem& p, int64_t row, int64_t t0, int64_t t1, int64_t kv
     const C* v = vc + c0 * kLanes;
     const __mmask16 last = slice_mask(c0, static_cast<int>(nc));
     for (int64_t r0 = 0; r0 < R; r0 += rows_per_pass) {
-      const int rv = static_cast<int>(std::min<int64_t>(rows_per_pass, R - r0));
+      const int rv = static_cast<int>(min64(rows_per_pass, R - r0));
       const float* w[8];
       int64_t n[8];
       float inv[8];
@@ -259,8 +263,8 @@ void run_typed(const Problem& p, int64_t row, int64_t t0, int64_t t1, int64_t kv
         n[i] = n_of(r);
         inv[i] = sums[r * kLanes];
         o[i] = out + ((t0 + r / G) * p.q_heads + kvh * G + r % G) * D + c0 * kLanes;
-        n_lo = std::min(n_lo, n[i]);
-        n_hi = std::max(n_hi, n[i]);
+        n_lo = min64(n_lo, n[i]);
+        n_hi = max64(n_hi, n[i]);
       }
       switch (nc) {
         case 8: value_dispatch<8, max_rows(8)>(rv, w, n, n_lo, n_hi, inv, o, v, D, last); break;
