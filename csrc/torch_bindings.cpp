@@ -40,7 +40,7 @@ TORCH_LIBRARY(layerskip, m) {
   m.def(
       "attention(Tensor(a!) out, Tensor query, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor positions, "
       "float scale) -> ()");
-  // The CPU kernels of attention this CPU can run, best first ("avx512", "plain"), the one in use, and forcing
+  // The CPU kernels of attention this CPU can run, best first ("avx512", "avx2", "plain"), the one in use, and forcing
   // one ("auto": the best; also LAYERSKIP_ATTENTION_KERNEL, read once).
   m.def("attention_kernels() -> str[]");
   m.def("attention_kernel() -> str");

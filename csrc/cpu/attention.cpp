@@ -5,16 +5,17 @@
 // The call is cut into runs: consecutive tokens of the same cache row, at most kMaxRunTokens (8) of them (a
 // batched decode step: one token per run; a self-speculative verify block or a prefill: runs of up to 8
 // tokens of one row; shorter where that gives the threads too few tasks). One task per (run, kv head), split
-// across threads; a task computes every query head of
-// the kv head's group for every token of the run, so the avx512 kernel (attention_kernel_avx512.cpp) loads each
-// key and value row once for the whole group and run instead of once per (token, head).
+// across threads; a task computes every query head of the kv head's group for every token of the run, so the
+// SIMD kernels (attention_kernel_avx512.cpp, attention_kernel_avx2.cpp) load each key and value row once for
+// the whole group and run instead of once per (token, head).
 //
 // Batch invariance: within one kernel a (token, head) output is computed by the same arithmetic whatever run
 // it falls in, whatever else the call holds and however threads split the tasks (attention_kernels.h), so a
 // token's output is the same bit for bit alone or in any call.
 //
-// The kernel is chosen at run time from cpuid: avx512 (AVX-512 F/BW/VL) > plain (one (token, head) at a time:
-// a dot product per key, then an axpy per key, in loops the compiler vectorizes for the build's -march).
+// The kernel is chosen at run time from cpuid: avx512 (AVX-512 F/BW/VL) > avx2 (AVX2 + FMA, the same structure
+// on 8 lanes: attention_kernel_avx2.cpp) > plain (the kernel before them: one (token, head) at a time, a dot
+// product per key, then an axpy per key, in loops the compiler vectorizes for the build's -march).
 // LAYERSKIP_ATTENTION_KERNEL (read once) or layerskip::set_attention_kernel forces one the CPU supports, so
 // tests run every path the machine has. Switching kernels changes the low bits of results: do it between
 // generations, not during one.
@@ -91,7 +92,10 @@ std::vector<cpu::KernelChoice<attention_kernels::RunKernel>> all_kernels() {
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") &&
                       __builtin_cpu_supports("fma");
-  return {{"avx512", &attention_kernels::run_avx512, avx512}, {"plain", &run_plain, true}};
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return {{"avx512", &attention_kernels::run_avx512, avx512},
+          {"avx2", &attention_kernels::run_avx2, avx2},
+          {"plain", &run_plain, true}};
 }
 
 cpu::KernelSelector<attention_kernels::RunKernel>& selector() {

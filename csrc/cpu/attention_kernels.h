@@ -2,9 +2,9 @@
 // and the signature of a kernel, which computes one "run" (consecutive tokens of the call that read the same
 // cache row) against one kv head, for every query head of that kv head's group.
 //
-// No torch headers here, for the same reason as linear_kernels.h: attention_kernel_avx512.cpp compiles this with
-// its own target flags and must not instantiate inline functions that other translation units instantiate
-// without them.
+// No torch headers here, for the same reason as linear_kernels.h: attention_kernel_avx512.cpp and
+// attention_kernel_avx2.cpp compile this with their own target flags and must not instantiate inline functions
+// that other translation units instantiate without them.
 //
 // The arithmetic contract (batch invariance): within one kernel, the output of (token t, query head h) is
 // always computed the same way whatever T is, whichever other tokens share its run or its call and however
@@ -51,6 +51,7 @@ static inline int64_t run_scratch_floats(int64_t tokens, int64_t group, int64_t 
 }
 
 void run_avx512(const Problem& p, int64_t row, int64_t t0, int64_t t1, int64_t kvh, float* scratch);
+void run_avx2(const Problem& p, int64_t row, int64_t t0, int64_t t1, int64_t kvh, float* scratch);
 
 }  // namespace attention_kernels
 }  // namespace layerskip

@@ -158,7 +158,7 @@ def set_quant_kernel(name: str) -> None:
 
 
 def attention_kernels() -> list[str]:
-    """The CPU kernels of `attention` this CPU can run, best first (of avx512, plain)."""
+    """The CPU kernels of `attention` this CPU can run, best first (of avx512, avx2, plain)."""
     return list(_ops.attention_kernels.default())
 
 
