@@ -112,14 +112,16 @@ inline __m256 exp8(__m256 x) {
 
 // Phase 1 on one slice of NC chunks of 8 dims: part[r * 8 + jj] (r < rq, jj < nb) += the lane products of query
 // row r (q + r * dp) and key row jj (k + jj * D) over the slice; `first`: the slice starts at dim 0. last_n: the
-// valid dims of the slice's last chunk.
-template <int NC, typename C>
+// valid dims of the slice's last chunk, read apart only where kTail (head_dim not a multiple of 8: the partial
+// load goes through the stack, which would otherwise keep the whole key row there too).
+template <int NC, bool kTail, typename C>
 void score_slice(const float* q, int64_t dp, int rq, const C* k, int64_t D, int64_t nb, int64_t last_n, bool first,
                  __m256* part) {
   for (int64_t jj = 0; jj < nb; ++jj) {
     const C* kr = k + jj * D;
     __m256 kv[NC];
-    for (int c = 0; c < NC; ++c) kv[c] = c + 1 < NC ? load8(kr + c * kLanes) : load8(kr + c * kLanes, last_n);
+    for (int c = 0; c < NC; ++c)
+      kv[c] = !kTail || c + 1 < NC ? load8(kr + c * kLanes) : load8(kr + c * kLanes, last_n);
     for (int r = 0; r < rq; ++r) {
       const float* qr = q + r * dp;
       __m256 a = first ? _mm256_mul_ps(_mm256_load_ps(qr), kv[0])
@@ -131,7 +133,7 @@ void score_slice(const float* q, int64_t dp, int rq, const C* k, int64_t D, int6
 }
 
 // Phase 3 on one slice of NC chunks for RV query rows: out_r[slice] = (sum_{j < n[r]} w_r[j] v_j[slice]) * inv[r].
-template <int NC, int RV, typename C, typename O>
+template <int NC, int RV, bool kTail, typename C, typename O>
 void value_slice(const float* const* w, const int64_t* n, int64_t n_lo, int64_t n_hi, const float* inv,
                  O* const* out, const C* v, int64_t D, int64_t last_n) {
   __m256 acc[RV][NC];
@@ -140,14 +142,14 @@ void value_slice(const float* const* w, const int64_t* n, int64_t n_lo, int64_t 
   for (int64_t j = 0; j < n_lo; ++j) {
     const C* vr = v + j * D;
     for (int c = 0; c < NC; ++c) {
-      const __m256 vv = c + 1 < NC ? load8(vr + c * kLanes) : load8(vr + c * kLanes, last_n);
+      const __m256 vv = !kTail || c + 1 < NC ? load8(vr + c * kLanes) : load8(vr + c * kLanes, last_n);
       for (int r = 0; r < RV; ++r) acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(w[r][j]), vv, acc[r][c]);
     }
   }
   for (int64_t j = n_lo; j < n_hi; ++j) {
     const C* vr = v + j * D;
     for (int c = 0; c < NC; ++c) {
-      const __m256 vv = c + 1 < NC ? load8(vr + c * kLanes) : load8(vr + c * kLanes, last_n);
+      const __m256 vv = !kTail || c + 1 < NC ? load8(vr + c * kLanes) : load8(vr + c * kLanes, last_n);
       for (int r = 0; r < RV; ++r)
         if (j < n[r]) acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(w[r][j]), vv, acc[r][c]);
     }
@@ -166,9 +168,17 @@ template <int NC, int RV, typename C, typename O>
 void value_dispatch(int rv, const float* const* w, const int64_t* n, int64_t n_lo, int64_t n_hi, const float* inv,
                     O* const* out, const C* v, int64_t D, int64_t last_n) {
   if constexpr (RV >= 1) {
-    if (rv == RV) return value_slice<NC, RV, C, O>(w, n, n_lo, n_hi, inv, out, v, D, last_n);
-    value_dispatch<NC, RV - 1, C, O>(rv, w, n, n_lo, n_hi, inv, out, v, D, last_n);
+    if (rv != RV) return value_dispatch<NC, RV - 1, C, O>(rv, w, n, n_lo, n_hi, inv, out, v, D, last_n);
+    if (last_n < kLanes) return value_slice<NC, RV, true, C, O>(w, n, n_lo, n_hi, inv, out, v, D, last_n);
+    value_slice<NC, RV, false, C, O>(w, n, n_lo, n_hi, inv, out, v, D, last_n);
   }
+}
+
+template <int NC, typename C>
+void score_dispatch(const float* q, int64_t dp, int rq, const C* k, int64_t D, int64_t nb, int64_t last_n,
+                    bool first, __m256* part) {
+  if (last_n < kLanes) return score_slice<NC, true>(q, dp, rq, k, D, nb, last_n, first, part);
+  score_slice<NC, false>(q, dp, rq, k, D, nb, last_n, first, part);
 }
 
 // Slices of a head's chunks of 8 dims: up to 8 chunks for the scores, up to 4 for the values.
@@ -215,10 +225,10 @@ void run_typed(const Problem& p, int64_t row, int64_t t0, int64_t t1, int64_t kv
         const C* k = kc + j0 * D + c0 * kLanes;
         const int64_t last_n = last_dims(c0, nc);
         switch (nc) {
-          case 8: score_slice<8>(q, dp, rq, k, D, nb, last_n, c0 == 0, part); break;
-          case 4: score_slice<4>(q, dp, rq, k, D, nb, last_n, c0 == 0, part); break;
-          case 2: score_slice<2>(q, dp, rq, k, D, nb, last_n, c0 == 0, part); break;
-          default: score_slice<1>(q, dp, rq, k, D, nb, last_n, c0 == 0, part); break;
+          case 8: score_dispatch<8>(q, dp, rq, k, D, nb, last_n, c0 == 0, part); break;
+          case 4: score_dispatch<4>(q, dp, rq, k, D, nb, last_n, c0 == 0, part); break;
+          case 2: score_dispatch<2>(q, dp, rq, k, D, nb, last_n, c0 == 0, part); break;
+          default: score_dispatch<1>(q, dp, rq, k, D, nb, last_n, c0 == 0, part); break;
         }
       }
       for (int r = 0; r < rq; ++r) _mm256_store_ps(scores + (r0 + r) * np + j0, sum8(part + r * kLanes));
