@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -152,8 +153,8 @@ void attention_kernel(attention_kernels::RunKernel fn, const attention_kernels::
   const int64_t per_task = std::max<int64_t>(1, work * group * p.head_dim * 2 / runs);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / per_task);
   cpu::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer(scratch + 16);
-    float* aligned = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t{63});
+    std::unique_ptr<float[]> buffer(new float[scratch + 16]);  // uninitialized: the kernels write before reading
+    float* aligned = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buffer.get()) + 63) & ~uintptr_t{63});
     for (int64_t task = begin; task < end; ++task) {
       const int64_t kvh = task / runs, run = task % runs;
       fn(p, rows[starts[run]], starts[run], starts[run + 1], kvh, aligned);
