@@ -11,7 +11,9 @@
 //   m = max_j score_j; e_j = exp(score_j - m) (exp8: the polynomial of cpu::exp_fast in fused multiply-adds);
 //   sum = 8 lanes over j = l, l + 8, ... ascending, then the lanes summed by hsum8's fixed tree.
 //   out[d] = (sum_j e_j v_j[d], fused multiply-adds in ascending j from 0) * (1 / sum).
-#pragma GCC target("avx2,fma,tune=generic")
+// no-avx512f: the build's -march=native would otherwise let GCC use AVX-512 here too (the pragma adds to it), and
+// forcing this kernel on an AVX-512 machine would not test the code an AVX2-only CPU runs.
+#pragma GCC target("avx2,fma,no-avx512f,tune=generic")
 #include <immintrin.h>
 
 #include <cstdint>
