@@ -47,6 +47,9 @@ torch::Tensor dequantize_rows_cpu(const torch::Tensor& packed, int64_t format, i
                                   int64_t in_features, const torch::Tensor& ids);
 torch::Tensor interleave_quantized_cpu(const torch::Tensor& packed, int64_t format, int64_t out_features,
                                       int64_t in_features);
+std::vector<std::string> attention_kernels_cpu();
+std::string attention_kernel_cpu();
+void set_attention_kernel_cpu(const std::string& name);
 std::vector<std::string> quant_kernels_cpu();
 std::string quant_kernel_cpu();
 void set_quant_kernel_cpu(const std::string& name);

@@ -40,6 +40,11 @@ TORCH_LIBRARY(layerskip, m) {
   m.def(
       "attention(Tensor(a!) out, Tensor query, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor positions, "
       "float scale) -> ()");
+  // The CPU kernels of attention this CPU can run, best first ("avx512", "avx2", "plain"), the one in use, and forcing
+  // one ("auto": the best; also LAYERSKIP_ATTENTION_KERNEL, read once).
+  m.def("attention_kernels() -> str[]");
+  m.def("attention_kernel() -> str");
+  m.def("set_attention_kernel(str name) -> ()");
   // out [..., I] = silu(gate) * up of input [..., 2I] = gate | up.
   m.def("silu_and_mul(Tensor(a!) out, Tensor input) -> ()");
   // out [T, N] float32 = input [T, K] float32 @ weight [N, K].T, weight float32, bfloat16 or float16.

@@ -157,6 +157,21 @@ def set_quant_kernel(name: str) -> None:
     _ops.set_quant_kernel.default(name)
 
 
+def attention_kernels() -> list[str]:
+    """The CPU kernels of `attention` this CPU can run, best first (of avx512, avx2, plain)."""
+    return list(_ops.attention_kernels.default())
+
+
+def attention_kernel() -> str:
+    """The CPU `attention` kernel in use."""
+    return _ops.attention_kernel.default()
+
+
+def set_attention_kernel(name: str) -> None:
+    """Forces a CPU `attention` kernel ("auto": the best this CPU supports)."""
+    _ops.set_attention_kernel.default(name)
+
+
 def linear_kernels() -> list[str]:
     """The kernels of `linear` (T <= 64 rows) this CPU can run, best first (of avx512bf16, avx512, avx2, plain)."""
     return list(_ops.linear_kernels.default())
