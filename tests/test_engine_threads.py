@@ -7,6 +7,7 @@ import torch
 
 import layerskip_ext
 from layerskip_ext import engine as engine_mod
+from layerskip_ext.generation import check_generation_args
 from conftest import make_hf_checkpoint
 
 pytestmark = pytest.mark.skipif(not engine_mod.is_available(), reason="C++ extension not built")
@@ -135,3 +136,27 @@ def test_cpu_seconds_and_own_threads_read_this_machine():
     busy, own = engine_mod._cpu_seconds()
     assert busy > 0 and own > 0
     assert engine_mod._own_running_threads() >= 1
+
+
+@pytest.mark.parametrize("cores, torch_threads, expected", [(2, 2, 1), (1, 1, 1), (8, 8, 7), (16, 4, 3)])
+def test_a_server_engine_leaves_a_core_to_its_event_loop(model, monkeypatch, cores, torch_threads, expected):
+    """leave_cores(1) (the server's engine): at most min(cores, torch's threads) - 1 threads, at least one, and
+    still adapting to other processes; an explicit thread count is kept."""
+    monkeypatch.delenv("LAYERSKIP_THREADS", raising=False)
+    monkeypatch.setattr(engine_mod.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: torch_threads)
+    eng = engine_mod.Engine(model, torch.float32, max_rows=2)
+    eng.leave_cores(1)
+    assert eng.threads == expected and eng._auto_threads
+    fixed = engine_mod.Engine(model, torch.float32, max_rows=2)
+    fixed.threads = 2
+    fixed.leave_cores(1)
+    assert fixed.threads == 2
+    tokens = layerskip_ext.generate(model, [3, 5, 7], max_new_tokens=6, stop_token_ids=[]).tokens
+    row = eng.add_row(check_generation_args(
+        model.config, model.tokenizer, [3, 5, 7], max_new_tokens=6, strategy="autoregressive",
+        exit_layer=None, num_speculations=None, temperature=0.0, top_k=0, top_p=1.0, seed=None,
+        stop_token_ids=[], context_length=model.config.max_position_embeddings))
+    while eng._engine.has_unfinished():
+        eng.step()
+    assert eng._engine.tokens(row).tolist() == tokens  # same tokens on the capped engine

@@ -265,6 +265,23 @@ class Engine:
             self._threads, self._auto_threads = value, False
             e.set_threads(value)
 
+    def leave_cores(self, n: int) -> None:
+        """In the automatic mode, use at most this machine's cores less n (at least one thread): a server leaves a
+        core to its HTTP event loop, which wakes at every step; an OpenMP team that shares the cores with it waits
+        for a descheduled worker in every parallel region (benchmarks/results_serve.md: SmolLM2 Q4_1 on 2 cores,
+        one client, 10.2 ms/token with 2 threads, 5.9 with 1; 8 clients the same). A fixed thread count
+        (LAYERSKIP_THREADS, --threads, the `threads` setter) is left as it is."""
+        if not self._auto_threads:
+            return
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = os.cpu_count() or 1
+        most = max(1, min(cores, torch.get_num_threads()) - n)
+        with self._exclusive() as e:
+            self._threads = most
+            e.set_threads(most)
+
     def _adapt_threads(self, e) -> None:
         """In the default (automatic) mode, at most every 0.5 s: as many threads as there are free cores (at least
         one, at most the default cap). A worker on a core that another process keeps busy gets a slice of it and

@@ -64,6 +64,7 @@ class BatchedCore:
         self.max_rows = max_rows
         # its own engine, not the model's cached one: offline generate() on the same model stays usable
         self._engine = Engine(model, weight_dtype or default_weight_dtype(model), max_rows=max_rows)
+        self._engine.leave_cores(1)  # one core for the HTTP event loop (unless the threads were set explicitly)
         self._rows: dict = {}  # key -> (engine row id, args)
 
     def add(self, key, args: GenerationArgs) -> None:
