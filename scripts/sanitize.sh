@@ -57,7 +57,8 @@ fi
 # an address-space limit, which ASan's shadow memory cannot live with; it exercises the Python parsers), and
 # the training, CLI, server and chat tests (Python above the same engine calls).
 SANITIZE_TESTS=${SANITIZE_TESTS:-"tests/test_ops.py tests/test_quant_linear.py tests/test_hostile_args.py \
-tests/test_hostile_config.py tests/test_engine.py tests/test_batch.py tests/test_fuzz_generate.py"}
+tests/test_hostile_config.py tests/test_engine.py tests/test_batch.py tests/test_fuzz_generate.py \
+tests/test_attention_kernels.py"}
 if [ $# -gt 0 ]; then
   args=("$@")
 else
