@@ -30,6 +30,13 @@ void decode_block(int64_t format, const uint8_t* blk, int32_t* codes, float* d, 
   }
 }
 
+// The exact int32 dot product of a block's 32 codes with 32 activation codes.
+int32_t block_dot(const int32_t* codes, const int8_t* xq) {
+  int32_t dot = 0;
+  for (int i = 0; i < kBlock; ++i) dot += codes[i] * xq[i];
+  return dot;
+}
+
 // Interleaved formats (quant_interleave.h): each row read back in the GGUF layout, then the order of operations
 // of the interleaved SIMD kernels (quant_kernel_simd.inc, group_pass), so that they agree to the last bit: per
 // block, the exact int32 dot products, then acc = fma(dot, d * scale(x), acc), the same for the residual codes,
@@ -48,12 +55,9 @@ void rows_interleaved(int64_t format, const uint8_t* w, int64_t row_bytes, int64
       for (int64_t b = 0; b < nb; ++b) {
         float d, m;
         decode_block(F, row.data() + b * bb, codes, &d, &m);
-        int32_t dot = 0, dot2 = 0;
-        for (int i = 0; i < kBlock; ++i) dot += codes[i] * xq[b * kBlock + i];
-        acc = std::fma(static_cast<float>(dot), d * x.scale[t * nb + b], acc);
+        acc = std::fma(static_cast<float>(block_dot(codes, xq + b * kBlock)), d * x.scale[t * nb + b], acc);
         if (xq2 != nullptr) {
-          for (int i = 0; i < kBlock; ++i) dot2 += codes[i] * xq2[b * kBlock + i];
-          acc = std::fma(static_cast<float>(dot2), d * x.scale2[t * nb + b], acc);
+          acc = std::fma(static_cast<float>(block_dot(codes, xq2 + b * kBlock)), d * x.scale2[t * nb + b], acc);
         }
         if (F == kQ4_1) acc = std::fma(m, x.sum[t * nb + b], acc);
       }
@@ -81,13 +85,8 @@ void rows_plain(int64_t format, const uint8_t* w, int64_t row_bytes, int64_t n0,
       for (int64_t b = 0; b < nb; ++b) {
         float d, m;
         decode_block(format, row + b * bb, codes, &d, &m);
-        int32_t dot = 0, dot2 = 0;
-        for (int i = 0; i < kBlock; ++i) dot += codes[i] * xq[b * kBlock + i];
-        float xw = x.scale[t * nb + b] * static_cast<float>(dot);
-        if (xq2 != nullptr) {
-          for (int i = 0; i < kBlock; ++i) dot2 += codes[i] * xq2[b * kBlock + i];
-          xw += x.scale2[t * nb + b] * static_cast<float>(dot2);
-        }
+        float xw = x.scale[t * nb + b] * static_cast<float>(block_dot(codes, xq + b * kBlock));
+        if (xq2 != nullptr) xw += x.scale2[t * nb + b] * static_cast<float>(block_dot(codes, xq2 + b * kBlock));
         acc += d * xw + m * x.sum[t * nb + b];
       }
       out[t * ldo + n] = acc;
