@@ -221,22 +221,13 @@ def _dequantized(t, shape, path):
                               t.name) from None
 
 
-def _memory_map_of(array):
-    """The mmap.mmap a numpy array is a view of (following .base), or None."""
-    import mmap
-
-    base = array
-    while base is not None and not isinstance(base, mmap.mmap):
-        base = getattr(base, "base", None) if not isinstance(base, memoryview) else base.obj
-    return base
-
-
-def _gguf_matrix(t, shape, weights: str, path: str):
+def _gguf_matrix(t, shape, weights: str, path: str, file_map=None):
     """A 2-D GGUF tensor [N, K] -> PackedWeight (the file's bytes, or quantized by us) or a float tensor.
 
     "auto" keeps Q8_0 / Q4_0 / Q4_1 blocks as they are (a view of the memory map: nothing is read until used),
     turns other block types (K-quants, Q5_*) into bfloat16 and keeps F32 / F16 as float32; "q8_0" / "q4_0" /
-    "q4_1" pack every matrix in that format; "bf16" / "fp32" dequantize."""
+    "q4_1" pack every matrix in that format; "bf16" / "fp32" dequantize. file_map: the file's memory map, which a
+    packed view keeps (PackedWeight.file_map)."""
     import gguf
 
     from .quant import FORMAT_NAMES, PackedWeight, quantize
@@ -246,7 +237,7 @@ def _gguf_matrix(t, shape, weights: str, path: str):
         with warnings.catch_warnings():  # a read-only memory map: torch warns that it is not writable
             warnings.simplefilter("ignore", UserWarning)
             data = torch.from_numpy(t.data)  # [N, row bytes] uint8, no copy
-        return PackedWeight(data, file_fmt, shape[0], shape[1], file_map=_memory_map_of(t.data))
+        return PackedWeight(data, file_fmt, shape[0], shape[1], file_map=file_map)
     tensor = torch.from_numpy(_dequantized(t, shape, path).copy())  # [N, K] float32
     if weights in _FLOAT_MODES:
         return tensor.to(_FLOAT_MODES[weights])
@@ -365,7 +356,7 @@ def load_gguf(path: str, weights: str = "auto"):
             raise CheckpointError(f"{path}: tensor {t.name!r} has shape {shape}, expected {expected[name]}", path,
                                   t.name)
         if len(shape) == 2:
-            tensor = _gguf_matrix(t, shape, weights, path)
+            tensor = _gguf_matrix(t, shape, weights, path, reader.memory_map)
         else:
             tensor = torch.from_numpy(_dequantized(t, shape, path).copy())
         if name.endswith("self_attn.q_proj.weight"):

@@ -103,6 +103,11 @@ class GGUFFile:
                 data = data.reshape(*np_shape[:-1], row // block * type_size)
             self.tensors.append(GGUFTensor(name, qtype, tuple(int(d) for d in dims), begin, data))
 
+    @property
+    def memory_map(self) -> mmap.mmap:
+        """The read-only map of the file that every tensor's data is a view of."""
+        return self._map
+
     def _read(self, fmt: str) -> tuple:
         values = struct.unpack_from(fmt, self._map, self._pos)
         self._pos += struct.calcsize(fmt)
