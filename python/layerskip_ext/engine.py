@@ -110,8 +110,9 @@ def free_cores() -> int | None:
     used since the previous call (0.2-1.5 s earlier: a generation checks every 0.5 s), in cores, or on a first call
     and after a pause its runnable threads now (an average over a pause would count what ran while we were idle: a
     benchmark's other program between two of our generations took a core away from the next one); counted on our
-    share of the machine's CPUs (a container pinned to 2 of 64 CPUs sees the whole host). An average over the interval, not a snapshot: a process that is runnable now and then (a client
-    parsing streamed replies) does not take a core away. None when it cannot tell (not Linux)."""
+    share of the machine's CPUs (a container pinned to 2 of 64 CPUs sees the whole host). An average over the
+    interval, not a snapshot: a process that is runnable now and then (a client parsing streamed replies) does not
+    take a core away. None when it cannot tell (not Linux)."""
     try:
         cores = len(os.sched_getaffinity(0))
         share = cores / max(os.cpu_count() or cores, cores)
