@@ -1,5 +1,6 @@
 // Engine construction, the add_row / step / remove_row interface and the per-row results.
 #include "engine/engine.h"
+#include "engine/huge_pages.h"
 
 #include "cpu/parallel.h"
 
@@ -79,6 +80,7 @@ Engine::Engine(EngineConfig config, at::Tensor cos_sin_cache, const c10::Dict<st
               ") must cover the rotary table's ", cos_sin_cache.size(0), " positions");
   TORCH_CHECK(config.max_rows >= 1 && config.max_rows <= 4096, "Engine: max_rows must be in [1, 4096], got ",
               config.max_rows);
+  huge_page_bytes_ = place_in_huge_pages(weights_);
   cos_sin_cache_ = cos_sin_cache.to(weights_.device(), at::kFloat).contiguous();
   buffers_.reserve(config.max_rows, config.capacity);
   slot_used_.assign(buffers_.rows(), false);

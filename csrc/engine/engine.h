@@ -135,6 +135,9 @@ class Engine : public torch::CustomClassHolder {
   int64_t capacity() { return buffers_.capacity(); }
   int64_t max_rows() { return buffers_.rows(); }
   int64_t weight_bytes_per_token() { return weights_.bytes_per_token(); }
+  // Bytes of weight matrices the engine copied into memory advised for huge pages (engine/huge_pages.h); 0
+  // on CUDA or with LAYERSKIP_HUGE_PAGES=0.
+  int64_t huge_page_bytes() { return huge_page_bytes_; }
   // Threads the engine's own CPU ops may use (cpu/parallel.h); 0: torch's thread count. Applies to this engine's
   // calls only: torch's global setting is left alone.
   void set_threads(int64_t threads);
@@ -192,6 +195,7 @@ class Engine : public torch::CustomClassHolder {
 
   EngineConfig config_;
   ModelWeights weights_;
+  int64_t huge_page_bytes_ = 0;
   Ops ops_;
   at::Tensor cos_sin_cache_;  // [P, D], P <= max_positions: the positions rows may reach so far
   double attn_scale_;
