@@ -1,6 +1,8 @@
 // Allocation and growth of the engine's resident buffers.
 #include "engine/buffers.h"
 
+#include "engine/huge_pages.h"
+
 #include <algorithm>
 
 namespace layerskip {
@@ -14,7 +16,7 @@ void Buffers::reserve(int64_t rows, int64_t capacity) {
   const auto& s = shape_;
   for (int64_t i = 0; i < s.num_layers; ++i) {
     for (auto* cache : {&k_cache, &v_cache}) {
-      at::Tensor grown = at::zeros({new_rows, s.num_kv_heads, new_capacity, s.head_dim}, options_);  // [B, Hkv, S, D]
+      at::Tensor grown = huge_page_zeros({new_rows, s.num_kv_heads, new_capacity, s.head_dim}, options_);  // [B, Hkv, S, D]
       if (static_cast<int64_t>(cache->size()) > i) {
         grown.narrow(0, 0, rows_).narrow(2, 0, capacity_).copy_((*cache)[i]);
         (*cache)[i] = grown;

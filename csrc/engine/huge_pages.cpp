@@ -29,6 +29,19 @@ bool enabled() {
 
 int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
 
+// `bytes` of zeros starting on a 2 MiB boundary in a new mapping advised MADV_HUGEPAGE, owned by the returned
+// pointer (unmapped when its last copy goes); null if the mapping fails.
+std::shared_ptr<char> map_huge(int64_t bytes) {
+  // map one huge page more than needed, to start on a 2 MiB boundary
+  const size_t mapped = static_cast<size_t>(bytes + kHugePage);
+  void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (base == MAP_FAILED) return nullptr;
+  std::shared_ptr<void> mapping(base, [mapped](void* p) { munmap(p, mapped); });
+  char* start = reinterpret_cast<char*>(round_up(reinterpret_cast<int64_t>(base), kHugePage));
+  madvise(start, static_cast<size_t>(bytes), MADV_HUGEPAGE);  // advice only: 4 KiB pages if refused
+  return std::shared_ptr<char>(mapping, start);  // shares the mapping's ownership, points at the aligned start
+}
+
 }  // namespace
 
 int64_t place_in_huge_pages(ModelWeights& weights) {
@@ -46,13 +59,9 @@ int64_t place_in_huge_pages(ModelWeights& weights) {
     total += round_up(m->bytes(), kAlign);
   }
   if (total == 0) return 0;
-  // map one huge page more than needed, to start the arena on a 2 MiB boundary
-  const size_t mapped = static_cast<size_t>(total + kHugePage);
-  void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (base == MAP_FAILED) return 0;
-  std::shared_ptr<void> arena(base, [mapped](void* p) { munmap(p, mapped); });
-  char* start = reinterpret_cast<char*>(round_up(reinterpret_cast<int64_t>(base), kHugePage));
-  madvise(start, static_cast<size_t>(total), MADV_HUGEPAGE);  // advice only: 4 KiB pages if refused
+  const std::shared_ptr<char> arena = map_huge(total);
+  if (!arena) return 0;
+  char* start = arena.get();
 
   std::map<const void*, at::Tensor> copies;  // by the original storage address
   for (Matrix* m : matrices) {
@@ -71,6 +80,18 @@ int64_t place_in_huge_pages(ModelWeights& weights) {
   // free), where they would stay resident: hand those pages back to the system (~40 MiB for SmolLM2's Q4_1).
   malloc_trim(0);
   return total;
+}
+
+at::Tensor huge_page_zeros(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  int64_t numel = 1;
+  for (int64_t n : sizes) numel *= n;
+  const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
+  if (!enabled() || options.device().type() != c10::DeviceType::CPU || bytes < kHugePage) {
+    return at::zeros(sizes, options);
+  }
+  const std::shared_ptr<char> memory = map_huge(bytes);  // a fresh anonymous mapping reads as zeros
+  if (!memory) return at::zeros(sizes, options);
+  return at::from_blob(memory.get(), sizes, [memory](void*) {}, options);
 }
 
 }  // namespace engine

@@ -1,4 +1,5 @@
-// The engine's weight matrices moved into one anonymous mapping advised for transparent huge pages (2 MiB).
+// The engine's weight matrices (and its KV caches) in anonymous mappings advised for transparent huge pages
+// (2 MiB).
 //
 // Why: a decode step streams every weight once. With 4 KiB pages, SmolLM2's 270 MB of bf16 weights span 66,000
 // pages per token: the TLB misses and the hardware prefetchers, which stop at 4 KiB page boundaries, cost
@@ -17,6 +18,12 @@ namespace engine {
 // nothing on other devices, when the mapping fails, or when LAYERSKIP_HUGE_PAGES=0 (read once; for
 // comparisons). Returns the bytes placed.
 int64_t place_in_huge_pages(ModelWeights& weights);
+
+// A zero-filled tensor; on the CPU, of 2 MiB or more and unless LAYERSKIP_HUGE_PAGES=0, in its own anonymous
+// mapping advised MADV_HUGEPAGE, whose pages become resident only when first written (the KV caches: a row's
+// cache is read in runs of positions that 4 KiB pages cut into many TLB entries, and its unused capacity
+// costs no memory). Otherwise at::zeros.
+at::Tensor huge_page_zeros(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 }  // namespace engine
 }  // namespace layerskip
