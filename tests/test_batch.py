@@ -174,6 +174,20 @@ def _kwargs(args) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("weights", ["fp32", "bf16", "q8_0", "q4_0"])
+def test_rows_prefilled_in_shared_passes_equal_batch1(tmp_path, weights):
+    """New rows prefill together (Engine::prefill_passes): float rows while a pass stays within the skinny
+    kernel's 64 tokens, packed rows up to 512; prompts of 1-130 tokens, so that passes hold one row, several,
+    or a row too long to share, in every strategy and with sampling."""
+    model = layerskip_ext.load(make_hf_checkpoint(tmp_path, seed=5, num_hidden_layers=4, hidden_size=64,
+                                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                                                  vocab_size=300, max_position_embeddings=512), weights=weights)
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 300, (n,), generator=gen).tolist() for n in (70, 5, 30, 40, 64, 1, 130, 12)]
+    for kw in strategies(model.num_layers) + [dict(temperature=0.9, top_k=50, seed=4)]:
+        assert_rows_match(model, prompts, reference=False, max_new_tokens=6, **kw)
+
+
 def test_smollm2_batched_rows_equal_batch1(smollm2):
     prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):"]
     for kw in (dict(), dict(strategy="self_speculative", exit_layer=8, num_speculations=3),

@@ -1,6 +1,7 @@
 // Engine construction, the add_row / step / remove_row interface and the per-row results.
 #include "engine/engine.h"
 #include "engine/huge_pages.h"
+#include "ops.h"
 
 #include "cpu/parallel.h"
 
@@ -199,6 +200,36 @@ int64_t Engine::run(double max_seconds) {
   return steps;
 }
 
+// Rows prefill together when they use the same layers and sharing a pass cannot change their numbers: packed
+// matmuls are batch invariant at any T (quant_kernel_simd.inc), float ones while the pass has at most
+// kLinearSkinnyMaxTokens tokens (the skinny kernel, CPU and CUDA alike, as in each row's own prefill of at
+// most that many tokens; longer float passes go to the GEMM, whose order depends on T). Other rows prefill
+// alone; a pass holds at most kPrefillPassTokens tokens. Norms, rotary and attention work per token or row.
+std::vector<Engine::PrefillPass> Engine::prefill_passes(const std::vector<int64_t>& ids) const {
+  const bool packed = weights_.layers.empty() || weights_.layers[0].qkv.packed();
+  const int64_t most = packed ? kPrefillPassTokens : kLinearSkinnyMaxTokens;
+  std::vector<PrefillPass> passes;
+  std::map<int64_t, size_t> open;  // layers -> index of the pass still taking rows
+  for (int64_t id : ids) {
+    const Row& r = rows_.at(id);
+    const int64_t layers = r.params.strategy == Strategy::early_exit ? r.params.exit_layer : config_.shape.num_layers;
+    const int64_t P = r.state.prompt_length;
+    auto it = open.find(layers);
+    if (P <= most && it != open.end() && passes[it->second].tokens + P <= most) {
+      passes[it->second].ids.push_back(id);
+      passes[it->second].tokens += P;
+      continue;
+    }
+    passes.push_back(PrefillPass{{id}, layers, P});
+    if (P <= most) {
+      open[layers] = passes.size() - 1;
+    } else {
+      open.erase(layers);
+    }
+  }
+  return passes;
+}
+
 void Engine::step_rows() {
   c10::InferenceMode guard;
   cpu::ThreadCapGuard cap(threads_);
@@ -223,12 +254,11 @@ void Engine::step_rows() {
           .push_back(id);
     }
   }
-  for (int64_t id : to_prefill) {
-    Row& r = rows_.at(id);
+  for (const PrefillPass& pass : prefill_passes(to_prefill)) {
     const auto t0 = std::chrono::steady_clock::now();
-    prefill(id, r);
-    r.state.prefilled = true;
-    r.state.prefill_s += seconds_since(t0);
+    prefill(pass.ids, pass.layers);
+    const double dt = seconds_since(t0);
+    for (int64_t id : pass.ids) rows_.at(id).state.prefill_s += dt;
   }
   for (auto& [key, ids] : groups) {
     const auto t0 = std::chrono::steady_clock::now();

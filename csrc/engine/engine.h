@@ -4,7 +4,8 @@
 // continuous batching needs:
 //   id = add_row(prompt, params)   validates everything first (a failed call changes nothing), reserves a cache
 //                                  row; the row is prefilled by the next step().
-//   step()                         prefills the rows added since the last step (one at a time, P tokens each),
+//   step()                         prefills the rows added since the last step (together, in passes of rows
+//                                  that use the same layers: prefill_passes),
 //                                  then runs one round for every other unfinished row: rows are grouped by
 //                                  (strategy, exit_layer, num_speculations) and each group runs batched (a
 //                                  decode step with T = rows of the group, or a speculative round drafting d
@@ -15,11 +16,11 @@
 //   remove_row(id)                 releases the row's cache slot at once (finished or not).
 // Rows may differ in everything: prompt, strategy, exit layer, draft length, sampling parameters, seed, stop
 // ids, max_new_tokens and context length. Row i yields exactly the tokens of a batch of one (every kernel on
-// the step path is batch invariant; the prefill runs per row).
+// the step path is batch invariant; rows share a prefill pass only where that changes none of their numbers).
 //
 // Random draws follow reference_generate.py, per row: one counter per sampled token; a speculative round with
 // d drafts at counter c draws c .. c+d-1 for the drafts, the acceptance from c+d, then c += 3d + 1.
-// Host syncs: one per prefilled row and one per group and step (marked "host sync" in strategies.cpp).
+// Host syncs: one per prefill pass and one per group and step (marked "host sync" in strategies.cpp).
 // Not thread safe: one call at a time (a second concurrent call raises); engine.py serializes callers.
 #pragma once
 #include <torch/all.h>
@@ -165,7 +166,14 @@ class Engine : public torch::CustomClassHolder {
 
   // strategies.cpp
   bool push(Row& row, int64_t id, int64_t token);  // appends a token; true when the row must stop
-  void prefill(int64_t id, Row& row);
+  // Rows whose prompts go through the same layers in one pass (see prefill_passes), with their token count.
+  struct PrefillPass {
+    std::vector<int64_t> ids;
+    int64_t layers, tokens;
+  };
+  static constexpr int64_t kPrefillPassTokens = 512;  // the most prompt tokens one packed prefill pass takes
+  std::vector<PrefillPass> prefill_passes(const std::vector<int64_t>& ids) const;  // in the order of ids
+  void prefill(const std::vector<int64_t>& ids, int64_t layers);
   void decode_group(const std::vector<int64_t>& ids, int64_t layers);  // one token through layers [0, layers)
   // Updates the rows of a decode step from its host outputs out [2n]: tokens, then finite flags.
   void finish_decode(const std::vector<int64_t>& ids, const int64_t* out);

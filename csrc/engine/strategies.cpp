@@ -1,4 +1,4 @@
-// The decoding strategies over a group of rows: prefill (per row), one autoregressive / early-exit step, one
+// The decoding strategies over a group of rows: prefill, one autoregressive / early-exit step, one
 // self-speculative round. Same semantics, stop rules and random counters per row as
 // python/layerskip_ext/reference_generate.py. Host syncs are marked "host sync".
 #include <algorithm>
@@ -60,33 +60,53 @@ at::Tensor Engine::finite_rows(at::Tensor& logits) {
   return finite.to(at::kLong);
 }
 
-// The prompt through the layers the strategy uses (all of them, except early exit: [0, E)); the first new
-// token from the last position's logits.
-void Engine::prefill(int64_t id, Row& r) {
-  RowState& s = r.state;
-  const RowParams& p = r.params;
-  const int64_t P = s.prompt_length;
-  const int64_t layers = p.strategy == Strategy::early_exit ? p.exit_layer : config_.shape.num_layers;
+// The prompts of `ids` (rows that use the same layers: all of them, or [0, E) for early exit) through those
+// layers in one pass, T = the sum of their lengths, each token at its own (cache row, position); every row's
+// first new token from its last position's logits. Each row's numbers are those of a prefill of its own
+// (prefill_groups says when rows may share a pass).
+void Engine::prefill(const std::vector<int64_t>& ids, int64_t layers) {
+  const int64_t n = static_cast<int64_t>(ids.size());
+  std::vector<int64_t> slots, positions, last(n), counters(n);
+  std::vector<at::Tensor> prompts;
+  int64_t T = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const RowState& s = rows_.at(ids[j]).state;
+    for (int64_t i = 0; i < s.prompt_length; ++i) {
+      slots.push_back(s.slot);
+      positions.push_back(i);
+    }
+    prompts.push_back(s.prompt);
+    T += s.prompt_length;
+    last[j] = T - 1;
+    counters[j] = s.counter;
+  }
   const at::Device device = weights_.device();
-  at::Tensor x = buffers_.scratch("prefill_x", {P, config_.shape.hidden});  // [P, H]
-  embed(x, s.prompt);
-  const at::Tensor rows = at::full({P}, s.slot, at::TensorOptions().dtype(at::kLong).device(device));  // [P]
-  const at::Tensor positions = at::arange(P, at::TensorOptions().dtype(at::kLong).device(device));    // [P]
-  run_layers(x, 0, layers, rows, positions, /*batch_invariant=*/false);
-  at::Tensor logits = exit_logits(x.narrow(0, P - 1, 1), "logits", true);  // [1, V]
-  const at::Tensor finite = finite_rows(logits);
-  const SamplingParams sp = sampling_params({id}, {s.counter});
-  at::Tensor token = buffers_.scratch("tokens", {1}, at::kLong);
+  at::Tensor x = buffers_.scratch("prefill_x", {T, config_.shape.hidden});  // [T, H]
+  embed(x, n == 1 ? prompts[0] : at::cat(prompts));
+  run_layers(x, 0, layers, longs(slots, device), longs(positions, device), /*batch_invariant=*/false);
+  at::Tensor logits = exit_logits(x.index_select(0, longs(last, device)), "logits", true);  // [n, V]
+  const at::Tensor finite = finite_rows(logits);                                            // [n]
+  const SamplingParams sp = sampling_params(ids, counters);
+  at::Tensor tokens = buffers_.scratch("tokens", {n}, at::kLong);
   {
     Profiler::Scope scope(profiler_, Cat::sampling);
-    ops_.sample.call(token, logits, sp.temperature, sp.top_k, sp.top_p, sp.seeds, sp.counters);
+    ops_.sample.call(tokens, logits, sp.temperature, sp.top_k, sp.top_p, sp.seeds, sp.counters);
   }
-  // host sync: the first token and whether its logits were finite
-  const at::Tensor host = at::cat({token, finite}).to(at::kCPU);
-  s.counter += 1;
-  s.position = P;
-  if (host[1].item<int64_t>() == 0) return fail(s, "non-finite logits in the prefill");
-  push(r, id, host[0].item<int64_t>());
+  // host sync: the first tokens and whether their logits were finite, once per pass
+  const at::Tensor host = at::cat({tokens, finite}).to(at::kCPU);  // [2n]
+  const int64_t* out = host.data_ptr<int64_t>();
+  for (int64_t j = 0; j < n; ++j) {
+    Row& r = rows_.at(ids[j]);
+    RowState& s = r.state;
+    s.counter += 1;
+    s.position = s.prompt_length;
+    s.prefilled = true;
+    if (out[n + j] == 0) {
+      fail(s, "non-finite logits in the prefill");
+      continue;
+    }
+    push(r, ids[j], out[j]);
+  }
 }
 
 // One token per row through layers [0, E) (E = L for autoregressive and for self-speculative rows whose
