@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -64,7 +65,10 @@ class BatchedCore:
         self.max_rows = max_rows
         # its own engine, not the model's cached one: offline generate() on the same model stays usable
         self._engine = Engine(model, weight_dtype or default_weight_dtype(model), max_rows=max_rows)
-        self._engine.leave_cores(1)  # one core for the HTTP event loop (unless the threads were set explicitly)
+        if os.environ.get("LAYERSKIP_WORK_POOL", "").strip() == "0":
+            # OpenMP teams (the work pool switched off) wait at every parallel region for a worker that the event
+            # loop has descheduled: leave that loop a core (the work pool's caller never waits for such a worker)
+            self._engine.leave_cores(1)
         self._rows: dict = {}  # key -> (engine row id, args)
 
     def add(self, key, args: GenerationArgs) -> None:

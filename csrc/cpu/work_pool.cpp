@@ -1,0 +1,114 @@
+// The work-claiming thread pool of the CPU ops (see work_pool.h).
+#include "cpu/work_pool.h"
+
+#include <pthread.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define LAYERSKIP_PAUSE() _mm_pause()
+#else
+#define LAYERSKIP_PAUSE() std::this_thread::yield()
+#endif
+
+namespace layerskip {
+namespace cpu {
+
+namespace {
+
+constexpr int kWorkerSpins = 1000;   // pauses (~40 us on Zen 4) a worker waits for the next region before sleeping
+constexpr int kCallerSpins = 20000;  // pauses the caller waits for chunks held by others before yielding its core
+
+thread_local bool tls_in_region = false;  // this thread is running a region's chunk (or is its caller)
+
+}  // namespace
+
+WorkPool& WorkPool::instance() {
+  static WorkPool* pool = [] {
+    auto* p = new WorkPool();  // never destroyed: its detached workers may outlive static destructors
+    pthread_atfork(nullptr, nullptr, [] { instance().forget_workers(); });
+    return p;
+  }();
+  return *pool;
+}
+
+void WorkPool::forget_workers() { workers_ = 0; }
+
+void WorkPool::ensure_workers(int n) {
+  std::lock_guard<std::mutex> lock(start_mutex_);
+  for (; workers_ < n; ++workers_) std::thread([this] { worker_loop(); }).detach();
+}
+
+void WorkPool::work_on(uint32_t region) {
+  uint64_t c = claim_.load(std::memory_order_acquire);
+  while (static_cast<uint32_t>(c >> 32) == region) {
+    const int64_t chunk = static_cast<int64_t>(c & 0xFFFFFFFFu);
+    if (chunk >= chunks_.load(std::memory_order_relaxed)) return;
+    if (claim_.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel)) {
+      // the region cannot end (nor fn_ change) before this chunk is counted done
+      try {
+        (*fn_.load(std::memory_order_relaxed))(chunk);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex_);
+        if (!error_) error_ = std::current_exception();
+      }
+      done_.fetch_add(1, std::memory_order_release);
+      c = claim_.load(std::memory_order_acquire);
+    }
+  }
+}
+
+void WorkPool::worker_loop() {
+  uint32_t seen = wake_.load(std::memory_order_acquire);
+  for (;;) {
+    uint32_t now = wake_.load(std::memory_order_acquire);
+    for (int i = 0; now == seen && i < kWorkerSpins; ++i) {
+      LAYERSKIP_PAUSE();
+      now = wake_.load(std::memory_order_acquire);
+    }
+    if (now == seen) {
+      wake_.wait(seen, std::memory_order_acquire);
+      now = wake_.load(std::memory_order_acquire);
+    }
+    seen = now;
+    // a region takes at most `helpers` workers (the caller's thread cap); the others go back to waiting
+    if (joined_.fetch_add(1, std::memory_order_acq_rel) >= helpers_.load(std::memory_order_acquire)) continue;
+    tls_in_region = true;
+    work_on(now);
+    tls_in_region = false;
+  }
+}
+
+void WorkPool::run(int64_t chunks, int helpers, const std::function<void(int64_t)>& f) {
+  if (chunks <= 0) return;
+  std::unique_lock<std::mutex> lock(region_mutex_, std::defer_lock);
+  if (helpers <= 0 || chunks == 1 || tls_in_region || !lock.try_lock()) {
+    for (int64_t c = 0; c < chunks; ++c) f(c);  // inline: no helpers, nested, or another region is running
+    return;
+  }
+  ensure_workers(helpers);
+  fn_.store(&f, std::memory_order_relaxed);
+  chunks_.store(chunks, std::memory_order_relaxed);
+  error_ = nullptr;
+  done_.store(0, std::memory_order_relaxed);
+  joined_.store(0, std::memory_order_relaxed);
+  helpers_.store(helpers, std::memory_order_relaxed);
+  const uint32_t region = ++region_;
+  claim_.store(static_cast<uint64_t>(region) << 32, std::memory_order_release);
+  wake_.store(region, std::memory_order_release);
+  wake_.notify_all();
+  tls_in_region = true;
+  work_on(region);
+  tls_in_region = false;
+  // chunks other threads claimed: wait for them, spinning first, then giving the core to whoever holds one
+  for (int i = 0; done_.load(std::memory_order_acquire) < chunks; ++i) {
+    if (i < kCallerSpins) {
+      LAYERSKIP_PAUSE();
+    } else {
+      std::this_thread::yield();
+    }
+  }
+  if (error_) std::rethrow_exception(error_);
+}
+
+}  // namespace cpu
+}  // namespace layerskip
