@@ -96,3 +96,17 @@ def test_switched_off_gives_the_same_tokens(tmp_path, strategy):
         runs[setting] = json.loads(out.stdout.strip().splitlines()[-1])
     assert runs["0"][1] == 0 and runs["1"][1] > 0
     assert runs["0"][0] == runs["1"][0]
+
+
+def test_weight_read_bandwidth(tmp_path):
+    """The roofline read of the engine's own weight pages (bench_llamacpp's denominator): a plausible speed,
+    and bad repetition counts refused by name."""
+    model = layerskip_ext.load(make_hf_checkpoint(tmp_path, num_hidden_layers=2, hidden_size=64,
+                                                  num_attention_heads=4, num_key_value_heads=2,
+                                                  intermediate_size=96, vocab_size=300))
+    engine = engine_mod.get_engine(model)
+    bandwidth = engine.weight_read_bandwidth(reps=3)
+    assert 0.05 < bandwidth < 10_000  # GB/s: cache-resident here, so well above DRAM speed, but finite
+    for reps in (0, -1, 1001):
+        with pytest.raises(RuntimeError, match="reps must be in"):
+            engine.weight_read_bandwidth(reps=reps)

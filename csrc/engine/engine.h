@@ -139,6 +139,9 @@ class Engine : public torch::CustomClassHolder {
   // Bytes of weight matrices the engine copied into memory advised for huge pages (engine/huge_pages.h); 0
   // on CUDA or with LAYERSKIP_HUGE_PAGES=0.
   int64_t huge_page_bytes() { return huge_page_bytes_; }
+  // Median seconds of `reps` plain reads of the weight_bytes_per_token() bytes a decode step reads, from the
+  // engine's own pages on its threads (weight_read.cpp): the denominator of a fair memory roofline. CPU only.
+  double weight_read_seconds(int64_t reps);
   // Threads the engine's own CPU ops may use (cpu/parallel.h); 0: torch's thread count. Applies to this engine's
   // calls only: torch's global setting is left alone.
   void set_threads(int64_t threads);

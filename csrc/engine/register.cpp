@@ -28,6 +28,7 @@ TORCH_LIBRARY_FRAGMENT(layerskip, m) {
       .def("max_rows", &Engine::max_rows)
       .def("weight_bytes_per_token", &Engine::weight_bytes_per_token)
       .def("huge_page_bytes", &Engine::huge_page_bytes)
+      .def("weight_read_seconds", &Engine::weight_read_seconds)
       .def("set_threads", &Engine::set_threads)
       .def("threads", &Engine::threads)
       .def("set_profiling", &Engine::set_profiling)

@@ -338,6 +338,13 @@ class Engine:
         """Bytes of weights one full decode step reads (all layers, final norm, LM head, one embedding row)."""
         return self._engine.weight_bytes_per_token()
 
+    def weight_read_bandwidth(self, reps: int = 5) -> float:
+        """GB/s of a plain read of the weights one decode step reads, from the engine's own pages on its threads
+        (median of `reps` reads): the memory roofline of this engine where its weights live (a fresh buffer may
+        sit in faster or slower memory: benchmarks/results_llamacpp.md). CPU engines only."""
+        with self._exclusive() as e:
+            return e.weight_bytes_per_token() / e.weight_read_seconds(int(reps)) / 1e9
+
     # ---------------------------------------------------------------------------------------------------------
     # Row interface (continuous batching)
 
