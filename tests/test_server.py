@@ -410,3 +410,24 @@ def test_scheduler_joins_rows_and_frees_slots_at_once():
     assert core.removed[:3] == [b, c, a]
     assert rd.finish_reason == "cancelled" and core.removed[3] == d and len(core.log) < 6 + 1000
     assert scheduler.metrics.requests_finished["cancelled"] == 1
+
+
+def test_waiting_text_events_are_taken_together():
+    """A client that reads slower than the engine steps gets the texts waiting on its row in one piece
+    (Row.take_text, one SSE chunk); the event after them (done) still comes next, in order."""
+    import asyncio
+    from layerskip_ext.server.scheduler import Row
+
+    async def run():
+        row = Row(0, scripted_args(3), None, asyncio.get_running_loop())
+        for piece in ("a", "b", "c"):
+            row.events.put_nowait(("text", piece))
+        row.events.put_nowait(("done", "result"))
+        first = await row.__anext__()
+        rest = row.take_text()
+        assert row.take_text() == ""  # the held event stops further taking
+        return first, rest, [event async for event in row]
+
+    first, rest, tail = asyncio.run(run())
+    assert first == ("text", "a") and rest == "bc"
+    assert tail == [("done", "result")]

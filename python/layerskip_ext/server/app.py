@@ -247,8 +247,8 @@ async def sse_events(row, rid: str, name: str, chat: bool, include_usage: bool):
         if chat:
             yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
         async for event, value in row:
-            if event == "text":
-                yield chunk([text_choice(value)])
+            if event == "text":  # with the texts that arrived meanwhile: one chunk, not one per step
+                yield chunk([text_choice(value + row.take_text())])
             elif event == "done":
                 finished = True
                 yield chunk([text_choice(None, value.finish_reason)], layerskip=layerskip_fields(value))

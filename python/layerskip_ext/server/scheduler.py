@@ -104,6 +104,19 @@ class Row:
         self.submitted = time.perf_counter()
         self.admitted: float | None = None
         self.first_token: float | None = None
+        self._held = None  # an event take_text took off the queue that is not text: the next one __anext__ gives
+
+    def take_text(self) -> str:
+        """The texts of the text events already waiting, joined (a client reading slower than the engine steps
+        gets them in one piece); a waiting event of another kind stays next."""
+        texts = []
+        while self._held is None and not self.events.empty():
+            kind, value = self.events.get_nowait()
+            if kind == "text":
+                texts.append(value)
+            else:
+                self._held = (kind, value)
+        return "".join(texts)
 
     def cancel(self) -> None:
         """Ends the row at the next step (a disconnected client)."""
@@ -113,7 +126,10 @@ class Row:
         return self
 
     async def __anext__(self):
-        kind, value = await self.events.get()
+        if self._held is not None:
+            (kind, value), self._held = self._held, None
+        else:
+            kind, value = await self.events.get()
         if kind == "end":
             raise StopAsyncIteration
         if kind == "done":
