@@ -63,7 +63,7 @@ at::Tensor Engine::finite_rows(at::Tensor& logits) {
 // The prompts of `ids` (rows that use the same layers: all of them, or [0, E) for early exit) through those
 // layers in one pass, T = the sum of their lengths, each token at its own (cache row, position); every row's
 // first new token from its last position's logits. Each row's numbers are those of a prefill of its own
-// (prefill_groups says when rows may share a pass).
+// (prefill_passes says when rows may share a pass).
 void Engine::prefill(const std::vector<int64_t>& ids, int64_t layers) {
   const int64_t n = static_cast<int64_t>(ids.size());
   std::vector<int64_t> slots, positions, last(n), counters(n);
