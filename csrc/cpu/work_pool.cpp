@@ -3,6 +3,8 @@
 
 #include <pthread.h>
 
+#include <algorithm>
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define LAYERSKIP_PAUSE() _mm_pause()
@@ -35,7 +37,10 @@ void WorkPool::forget_workers() { workers_ = 0; }
 
 void WorkPool::ensure_workers(int n) {
   std::lock_guard<std::mutex> lock(start_mutex_);
-  for (; workers_ < n; ++workers_) std::thread([this] { worker_loop(); }).detach();
+  for (; workers_ < n; ++workers_) {
+    const int index = workers_;
+    std::thread([this, index] { worker_loop(index); }).detach();
+  }
 }
 
 void WorkPool::work_on(uint32_t region) {
@@ -57,21 +62,20 @@ void WorkPool::work_on(uint32_t region) {
   }
 }
 
-void WorkPool::worker_loop() {
-  uint32_t seen = wake_.load(std::memory_order_acquire);
+void WorkPool::worker_loop(int index) {
+  std::atomic<uint32_t>& go = slots_[index].go;
+  uint32_t seen = go.load(std::memory_order_acquire);
   for (;;) {
-    uint32_t now = wake_.load(std::memory_order_acquire);
+    uint32_t now = go.load(std::memory_order_acquire);
     for (int i = 0; now == seen && i < kWorkerSpins; ++i) {
       LAYERSKIP_PAUSE();
-      now = wake_.load(std::memory_order_acquire);
+      now = go.load(std::memory_order_acquire);
     }
     if (now == seen) {
-      wake_.wait(seen, std::memory_order_acquire);
-      now = wake_.load(std::memory_order_acquire);
+      go.wait(seen, std::memory_order_acquire);
+      now = go.load(std::memory_order_acquire);
     }
     seen = now;
-    // a region takes at most `helpers` workers (the caller's thread cap); the others go back to waiting
-    if (joined_.fetch_add(1, std::memory_order_acq_rel) >= helpers_.load(std::memory_order_acquire)) continue;
     tls_in_region = true;
     work_on(now);
     tls_in_region = false;
@@ -81,21 +85,22 @@ void WorkPool::worker_loop() {
 void WorkPool::run(int64_t chunks, int helpers, const std::function<void(int64_t)>& f) {
   if (chunks <= 0) return;
   std::unique_lock<std::mutex> lock(region_mutex_, std::defer_lock);
-  if (helpers <= 0 || chunks == 1 || tls_in_region || !lock.try_lock()) {
+  if (helpers <= 0 || chunks == 1 || chunks >= (int64_t{1} << 31) || tls_in_region || !lock.try_lock()) {
     for (int64_t c = 0; c < chunks; ++c) f(c);  // inline: no helpers, nested, or another region is running
     return;
   }
+  helpers = std::min(helpers, kMaxWorkers);
   ensure_workers(helpers);
   fn_.store(&f, std::memory_order_relaxed);
   chunks_.store(chunks, std::memory_order_relaxed);
   error_ = nullptr;
   done_.store(0, std::memory_order_relaxed);
-  joined_.store(0, std::memory_order_relaxed);
-  helpers_.store(helpers, std::memory_order_relaxed);
   const uint32_t region = ++region_;
   claim_.store(static_cast<uint64_t>(region) << 32, std::memory_order_release);
-  wake_.store(region, std::memory_order_release);
-  wake_.notify_all();
+  for (int i = 0; i < helpers; ++i) {  // only the workers this region may use
+    slots_[i].go.store(region, std::memory_order_release);
+    slots_[i].go.notify_one();
+  }
   tls_in_region = true;
   work_on(region);
   tls_in_region = false;
