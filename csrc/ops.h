@@ -50,6 +50,7 @@ torch::Tensor interleave_quantized_cpu(const torch::Tensor& packed, int64_t form
 std::vector<std::string> attention_kernels_cpu();
 std::string attention_kernel_cpu();
 void set_attention_kernel_cpu(const std::string& name);
+bool work_pool_enabled_cpu();
 std::vector<std::string> quant_kernels_cpu();
 std::string quant_kernel_cpu();
 void set_quant_kernel_cpu(const std::string& name);

@@ -57,6 +57,9 @@ TORCH_LIBRARY(layerskip, m) {
   m.def("linear_kernels() -> str[]");
   m.def("linear_kernel() -> str");
   m.def("set_linear_kernel(str name) -> ()");
+  // Whether the CPU ops' parallel loops run on the work-claiming pool (csrc/cpu/work_pool.h) or, with
+  // LAYERSKIP_WORK_POOL=0 (read once), on ATen's OpenMP team.
+  m.def("work_pool_enabled() -> bool");
   // out [T, V] float32: probabilities of logits [T, V] after per-token filtering. temperature [T] float64
   // (0: one-hot of the first argmax, so greedy and sampled tokens share every downstream op),
   // top_k [T] int64 (0: off), top_p [T] float64 in (0, 1]. Row t = softmax(logits[t] / temperature[t])

@@ -25,13 +25,14 @@ if not engine.is_available():
 ops = sorted(name for name in torch._C._dispatch_get_all_op_names() if name.startswith("layerskip::"))
 # CPU-only by design, for now: the packed GGUF block kernels (csrc/cpu/quant_linear.cpp; a CUDA path for packed
 # weights is not written yet), their 16-row interleaving, and the selection of their SIMD path and of linear's and
-# attention's CPU kernels. Listed here so
+# attention's CPU kernels and of the CPU ops' parallel loops. Listed here so
 # that any other op without a CUDA kernel still fails the check.
 CPU_ONLY = {"layerskip::linear_quantized", "layerskip::linear_quantized.out", "layerskip::dequantize_rows",
             "layerskip::quant_kernels", "layerskip::quant_kernel", "layerskip::set_quant_kernel",
             "layerskip::linear_kernels", "layerskip::linear_kernel", "layerskip::set_linear_kernel",
             "layerskip::attention_kernels", "layerskip::attention_kernel", "layerskip::set_attention_kernel",
-            "layerskip::quant_activations", "layerskip::set_quant_activations", "layerskip::interleave_quantized"}
+            "layerskip::quant_activations", "layerskip::set_quant_activations", "layerskip::interleave_quantized",
+            "layerskip::work_pool_enabled"}
 if not ops:
     sys.exit("check_cuda_build: no layerskip ops registered")
 missing = {key: [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(op, key)

@@ -2,6 +2,8 @@
 any number of threads, the default follows LAYERSKIP_THREADS and the machine's load, bad values are refused."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -160,3 +162,18 @@ def test_a_server_engine_leaves_a_core_to_its_event_loop(model, monkeypatch, cor
     while eng._engine.has_unfinished():
         eng.step()
     assert eng._engine.tokens(row).tolist() == tokens  # same tokens on the capped engine
+
+
+def test_work_pool_switch_is_read_by_the_extension():
+    """ops.work_pool_enabled answers from the extension's own reading of LAYERSKIP_WORK_POOL (the server leaves a
+    core to its event loop only when it is off)."""
+    import subprocess
+    import sys
+    code = "from layerskip_ext import ops; print(ops.work_pool_enabled())"
+    for value, expected in (("0", "False"), ("1", "True"), (None, "True")):
+        env = {k: v for k, v in os.environ.items() if k != "LAYERSKIP_WORK_POOL"}
+        if value is not None:
+            env["LAYERSKIP_WORK_POOL"] = value
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip() == expected, (value, out.stdout)

@@ -267,11 +267,11 @@ class Engine:
             e.set_threads(value)
 
     def leave_cores(self, n: int) -> None:
-        """In the automatic mode, use at most this machine's cores less n (at least one thread): a server leaves a
-        core to its HTTP event loop, which wakes at every step; an OpenMP team that shares the cores with it waits
-        for a descheduled worker in every parallel region (benchmarks/results_serve.md: SmolLM2 Q4_1 on 2 cores,
-        one client, 10.2 ms/token with 2 threads, 5.9 with 1; 8 clients the same). A fixed thread count
-        (LAYERSKIP_THREADS, --threads, the `threads` setter) is left as it is."""
+        """In the automatic mode, use at most this machine's cores less n (at least one thread). The server does so
+        (n = 1, a core for its HTTP event loop) only when the CPU ops run on OpenMP (LAYERSKIP_WORK_POOL=0): an
+        OpenMP team that shares the cores with the event loop waits for a descheduled worker in every parallel
+        region (benchmarks/results_serve.md: SmolLM2 Q4_1 on 2 cores, one client, 10.2 ms/token with 2 threads,
+        5.9 with 1). A fixed thread count (LAYERSKIP_THREADS, --threads, the `threads` setter) is left as it is."""
         if not self._auto_threads:
             return
         try:

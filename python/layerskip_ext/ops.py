@@ -172,6 +172,12 @@ def set_attention_kernel(name: str) -> None:
     _ops.set_attention_kernel.default(name)
 
 
+def work_pool_enabled() -> bool:
+    """Whether the CPU ops' parallel loops run on the work-claiming pool (csrc/cpu/work_pool.h; the default) or on
+    ATen's OpenMP team (LAYERSKIP_WORK_POOL=0, read once by the extension)."""
+    return bool(_ops.work_pool_enabled.default())
+
+
 def linear_kernels() -> list[str]:
     """The kernels of `linear` (T <= 64 rows) this CPU can run, best first (of avx512bf16, avx512, avx2, plain)."""
     return list(_ops.linear_kernels.default())

@@ -20,13 +20,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-import os
 import threading
 import time
 from dataclasses import dataclass
 
 import torch
 
+from .. import ops
 from ..generation import GenerationArgs, GenerationStats
 from ..stopping import TextStream
 
@@ -65,7 +65,7 @@ class BatchedCore:
         self.max_rows = max_rows
         # its own engine, not the model's cached one: offline generate() on the same model stays usable
         self._engine = Engine(model, weight_dtype or default_weight_dtype(model), max_rows=max_rows)
-        if os.environ.get("LAYERSKIP_WORK_POOL", "").strip() == "0":
+        if not ops.work_pool_enabled():
             # OpenMP teams (the work pool switched off) wait at every parallel region for a worker that the event
             # loop has descheduled: leave that loop a core (the work pool's caller never waits for such a worker)
             self._engine.leave_cores(1)
