@@ -39,15 +39,10 @@ double Engine::weight_read_seconds(int64_t reps) {
   TORCH_CHECK(reps >= 1 && reps <= 1000, "Engine: weight_read_seconds: reps must be in [1, 1000], got ", reps);
   TORCH_CHECK(weights_.device().is_cpu(), "Engine: weight_read_seconds reads CPU memory; this engine is on ",
               weights_.device());
-  // the spans a decode step reads (the embedding's one row aside), cut into chunks of at most 256 KiB
-  std::vector<at::Tensor> parts = {weights_.lm_head.data, weights_.final_norm};
-  for (const LayerWeights& l : weights_.layers) {
-    for (const at::Tensor& t : {l.input_norm, l.qkv.data, l.o.data, l.post_attn_norm, l.gate_up.data, l.down.data})
-      parts.push_back(t);
-  }
+  // the tensors a decode step reads (the embedding's one row aside), cut into chunks of at most 256 KiB
   constexpr int64_t kChunk = int64_t{256} << 10;
   std::vector<std::pair<const char*, int64_t>> chunks;
-  for (const at::Tensor& t : parts) {
+  for (const at::Tensor& t : weights_.step_tensors()) {
     const char* p = static_cast<const char*>(t.data_ptr());
     const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
     for (int64_t off = 0; off < bytes; off += kChunk) chunks.emplace_back(p + off, std::min(kChunk, bytes - off));

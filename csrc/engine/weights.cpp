@@ -151,13 +151,18 @@ Matrix Matrix::rows(const at::Tensor& ids) const {
   return interleaved(Matrix{rows, quant::base_format(format), n, in_features});
 }
 
-int64_t ModelWeights::bytes_per_token() const {
-  auto bytes = [](const at::Tensor& t) { return t.numel() * static_cast<int64_t>(t.element_size()); };
-  int64_t total = lm_head.bytes() + bytes(final_norm) + embed.bytes() / std::max<int64_t>(embed.out_features, 1);
+std::vector<at::Tensor> ModelWeights::step_tensors() const {
+  std::vector<at::Tensor> out = {lm_head.data, final_norm};
   for (const auto& l : layers) {
-    total += bytes(l.input_norm) + l.qkv.bytes() + l.o.bytes() + bytes(l.post_attn_norm) + l.gate_up.bytes() +
-             l.down.bytes();
+    for (const at::Tensor& t : {l.input_norm, l.qkv.data, l.o.data, l.post_attn_norm, l.gate_up.data, l.down.data})
+      out.push_back(t);
   }
+  return out;
+}
+
+int64_t ModelWeights::bytes_per_token() const {
+  int64_t total = embed.bytes() / std::max<int64_t>(embed.out_features, 1);
+  for (const at::Tensor& t : step_tensors()) total += t.numel() * static_cast<int64_t>(t.element_size());
   return total;
 }
 

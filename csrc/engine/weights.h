@@ -53,7 +53,11 @@ struct ModelWeights {
 
   at::Device device() const { return final_norm.device(); }
 
-  // Number of weight bytes one decode step through all layers and the head reads.
+  // The tensors one decode step through all layers and the head reads whole: the head, the final norm, and
+  // every layer's norms and matrices (the embedding, of which a step reads one row, aside).
+  std::vector<at::Tensor> step_tensors() const;
+  // Number of weight bytes one decode step through all layers and the head reads (step_tensors and one
+  // embedding row).
   int64_t bytes_per_token() const;
 };
 
