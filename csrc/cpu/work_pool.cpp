@@ -47,7 +47,10 @@ void WorkPool::work_on(uint32_t region) {
   uint64_t c = claim_.load(std::memory_order_acquire);
   while (static_cast<uint32_t>(c >> 32) == region) {
     const int64_t chunk = static_cast<int64_t>(c & 0xFFFFFFFFu);
-    if (chunk >= chunks_.load(std::memory_order_relaxed)) return;
+    // acquire: a chunk count written for a later region is seen only with that region's closing of this
+    // one (run's first claim_ store), so the claim below then fails instead of taking a chunk number that
+    // is valid only in the later region
+    if (chunk >= chunks_.load(std::memory_order_acquire)) return;
     if (claim_.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel)) {
       // the region cannot end (nor fn_ change) before this chunk is counted done
       try {
@@ -91,11 +94,17 @@ void WorkPool::run(int64_t chunks, int helpers, const std::function<void(int64_t
   }
   helpers = std::min(helpers, kMaxWorkers);
   ensure_workers(helpers);
+  const uint32_t region = ++region_;
+  // Close the previous region before changing fn_ and chunks_: a late worker of it may hold a claim word
+  // of that region whose chunk number is past its end; were the new, larger chunk count visible to it while
+  // that claim word was still current, its claim would succeed and run a chunk of the new region twice (seen
+  // on a CI machine). After this store no claim of an earlier region can succeed, and none of this one can
+  // either (no chunk number reaches 0xFFFFFFFF) until the region is published below.
+  claim_.store((static_cast<uint64_t>(region) << 32) | 0xFFFFFFFFu, std::memory_order_seq_cst);
   fn_.store(&f, std::memory_order_relaxed);
-  chunks_.store(chunks, std::memory_order_relaxed);
+  chunks_.store(chunks, std::memory_order_release);
   error_ = nullptr;
   done_.store(0, std::memory_order_relaxed);
-  const uint32_t region = ++region_;
   claim_.store(static_cast<uint64_t>(region) << 32, std::memory_order_release);
   for (int i = 0; i < helpers; ++i) {  // only the workers this region may use
     slots_[i].go.store(region, std::memory_order_release);
