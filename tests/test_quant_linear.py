@@ -37,13 +37,14 @@ def gguf_packed(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, np.ndarray]:
 def rounding_bound(x: torch.Tensor, w_deq: np.ndarray, packed: torch.Tensor, fmt: str,
                    activations: str = "int8") -> torch.Tensor:
     """[T, N] bound on |linear_quantized - x @ w.T| from rounding x per block to int8 (|error| <= scale/2 per
-    value, scale = max|x| / 127; two levels: the residual rounded again with scale / 254), plus float32
+    value, scale = max|x| / 127; two levels: the residual rounded again with scale / 256 and clamped to
+    127 codes, which in a tie costs a whole step, scale / 256, instead of half of one), plus float32
     summation slack. The Q4_1 min term uses the exact sum of x, so only the d * nibble part of its weights
     sees the rounding."""
     T, K = x.shape
     scale = x.reshape(T, K // BLOCK, BLOCK).abs().amax(dim=2).double() / 127  # [T, B]
     if activations == "int8x2":
-        scale = scale / 254
+        scale = scale / 128  # 0.5 * scale / 128 = one step of the residual's scale / 256
     codes = torch.from_numpy(w_deq).double()  # [N, K]
     if fmt == "q4_1":  # d * nibble = w - m
         mins = packed.reshape(-1, 20)[:, 2:4].contiguous().view(torch.float16).double()  # [N * B, 1]

@@ -55,9 +55,11 @@ void rows_interleaved(int64_t format, const uint8_t* w, int64_t row_bytes, int64
       for (int64_t b = 0; b < nb; ++b) {
         float d, m;
         decode_block(F, row.data() + b * bb, codes, &d, &m);
-        acc = std::fma(static_cast<float>(block_dot(codes, xq + b * kBlock)), d * x.scale[t * nb + b], acc);
-        if (xq2 != nullptr) {
-          acc = std::fma(static_cast<float>(block_dot(codes, xq2 + b * kBlock)), d * x.scale2[t * nb + b], acc);
+        if (xq2 != nullptr) {  // the two levels' dot products added in int32 (codes 256 q + q2, scale2)
+          const int32_t dot = 256 * block_dot(codes, xq + b * kBlock) + block_dot(codes, xq2 + b * kBlock);
+          acc = std::fma(static_cast<float>(dot), d * x.scale2[t * nb + b], acc);
+        } else {
+          acc = std::fma(static_cast<float>(block_dot(codes, xq + b * kBlock)), d * x.scale[t * nb + b], acc);
         }
         if (F == kQ4_1) acc = std::fma(m, x.sum[t * nb + b], acc);
       }

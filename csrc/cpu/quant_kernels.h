@@ -16,9 +16,11 @@
 // scale = max|x| / 127, q = round(x / scale) (so the int8 dot product of a block is exact in int32),
 // and the float sum of the block's values is kept for Q4_1's min term (exact, not from the int8 values).
 // Two-level mode (the default, "int8x2"): the rounding residual r = x - scale * q (|r| <= scale / 2) is
-// quantized again, scale2 = scale / 254, q2 = round(r / scale2), and each block costs a second int8 dot
-// product against the same decoded weights: x is then held to ~1/65000 of the block's max (int16-like)
-// instead of 1/254, which keeps a model's greedy tokens those of its dequantized weights.
+// quantized again, scale2 = scale / 256, q2 = round(r / scale2) clamped to [-127, 127], and each block costs a
+// second int8 dot product against the same decoded weights: x is then held to ~1/65000 of the block's max
+// (int16-like: x = scale2 * (256 q + q2)) instead of 1/254, which keeps a model's greedy tokens those of its
+// dequantized weights. The interleaved kernels add the two dot products in int32 (256 dot(q) + dot(q2)) and
+// scale the sum once.
 #pragma once
 #include <cstdint>
 
@@ -55,7 +57,7 @@ struct QuantizedActivations {
   const float* qsum;   // [T, K / 32] sum of the block's rounded values (Q4_0's -8 offset, applied per block)
   int64_t T, K;
   const int8_t* q2 = nullptr;       // [T, K] residual codes (two-level mode), nullptr: one level
-  const float* scale2 = nullptr;    // [T, K / 32] scale / 254
+  const float* scale2 = nullptr;    // [T, K / 32] scale / 256
   const int32_t* codes = nullptr;   // [T, K / 32] sum of the block's codes q (the interleaved kernels' offsets)
   const int32_t* codes2 = nullptr;  // [T, K / 32] sum of the block's residual codes q2 (two-level mode)
 };

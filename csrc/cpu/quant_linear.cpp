@@ -23,6 +23,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -102,6 +103,16 @@ int64_t check_packed(const char* op, const torch::Tensor& packed, int64_t format
   return row_bytes;
 }
 
+// Eight floats as one GCC vector (AVX or two SSE registers, whatever the build targets).
+using Float8 = float __attribute__((vector_size(32)));
+inline Float8 load8(const float* p) {
+  Float8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline Float8 abs8(Float8 v) { return v < 0 ? -v : v; }
+inline Float8 max8(Float8 a, Float8 b) { return a < b ? b : a; }  // std::max per lane
+
 // x [T, K] float32 -> int8 codes, scales, float sums and code sums per block of 32 (see quant_kernels.h); with
 // q2, scale2 and csum2 (two levels) also the residual's codes, scales and code sums.
 void quantize_rows(const float* x, int64_t T, int64_t K, int8_t* q, float* scale, float* sum, float* qsum,
@@ -109,14 +120,26 @@ void quantize_rows(const float* x, int64_t T, int64_t K, int8_t* q, float* scale
   const int64_t nb = K / kBlock;
   for (int64_t i = 0; i < T * nb; ++i) {
     const float* v = x + i * kBlock;
-    float amax = 0.0f, s = 0.0f;
-    for (int j = 0; j < kBlock; ++j) {
-      amax = std::max(amax, std::fabs(v[j]));
-      s += v[j];
+    // max|v| and sum(v) per lane j % 8 over the block's four vectors of 8, then across lanes in a fixed tree:
+    // vector code, and the same float sum on every machine (every kernel sees the same activations)
+    Float8 lane_max = abs8(load8(v)), lane_sum = load8(v);
+    for (int j = 8; j < kBlock; j += 8) {
+      const Float8 w = load8(v + j);
+      lane_max = max8(lane_max, abs8(w));
+      lane_sum += w;
     }
+    float m[8], t[8];
+    std::memcpy(m, &lane_max, sizeof(m));
+    std::memcpy(t, &lane_sum, sizeof(t));
+    const float amax = std::max(std::max(std::max(m[0], m[4]), std::max(m[2], m[6])),
+                                std::max(std::max(m[1], m[5]), std::max(m[3], m[7])));
+    const float s = ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]));
     const float d = amax / 127.0f;
     const float inv = d > 0.0f ? 1.0f / d : 0.0f;
-    const float d2 = d / 254.0f;  // |residual| <= d / 2 = 127 d2
+    // |residual| <= d / 2 = 128 d2 (127 after the clamp below, off by at most d2 in a tie). A power of two
+    // apart, so that the interleaved kernels add the two levels' dot products exactly in int32: 256 dot(q) +
+    // dot(q2) is the dot product with the int16-like code 256 q + q2 (quant_kernel_group.inc).
+    const float d2 = d / 256.0f;
     const float inv2 = d2 > 0.0f ? 1.0f / d2 : 0.0f;
     // Rounded to nearest (ties to even): nearbyint compiles to one instruction, and these loops have no
     // calls or branches, so the compiler vectorizes them (lround was a libm call per value).
