@@ -151,7 +151,7 @@ void quantize_rows(const float* x, int64_t T, int64_t K, int8_t* q, float* scale
       int8_t* c2 = q2 + i * kBlock;
       for (int j = 0; j < kBlock; ++j) {
         const float r = std::nearbyint((v[j] - d * static_cast<float>(c[j])) * inv2);
-        c2[j] = static_cast<int8_t>(r < -127.0f ? -127.0f : r > 127.0f ? 127.0f : r);
+        c2[j] = static_cast<int8_t>(std::min(std::max(r, -127.0f), 127.0f));  // vmaxps / vminps
       }
       for (int j = 0; j < kBlock; ++j) codes2 += c2[j];
     }
