@@ -131,6 +131,30 @@ def test_zero_and_extreme_blocks():
             torch.testing.assert_close(out, x @ pw.dequantize().T, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("activations", ACTIVATIONS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_input_gives_non_finite_row(bad, activations):
+    """A NaN or infinity in an input row makes that row's outputs NaN (as a float matmul's are not finite), in both
+    layouts and every kernel and format, and leaves the other rows' values as they are alone (the engine stops a
+    row whose logits are not finite; before, the int8 rounding turned a NaN into finite garbage for Q8_0/Q4_0)."""
+    ops.set_quant_activations(activations)
+    gen = torch.Generator().manual_seed(5)
+    k, n = 96, 33
+    x = torch.randn(3, k, generator=gen)
+    x[1, 40] = bad
+    for fmt, (fmt_id, _) in sorted(FORMATS.items()):
+        pw = quantize(torch.randn(n, k, generator=gen), fmt)
+        il = ops.interleave_quantized(pw.data, fmt_id, n, k)
+        for data, fid in ((pw.data, fmt_id), (il, ops.INTERLEAVED + fmt_id)):
+            for kernel in ops.quant_kernels():
+                ops.set_quant_kernel(kernel)
+                out = ops.linear_quantized(x, data, fid, n, k)  # [3, N]
+                assert torch.isnan(out[1]).all(), (fmt, fid, kernel)
+                for r in (0, 2):
+                    assert torch.equal(out[r], ops.linear_quantized(x[r:r + 1], data, fid, n, k)[0])
+                    assert torch.isfinite(out[r]).all()
+
+
 def test_out_variant_and_strided_input():
     gen = torch.Generator().manual_seed(3)
     w = quantize(torch.randn(10, 64, generator=gen), "q4_1")
