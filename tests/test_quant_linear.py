@@ -216,6 +216,14 @@ def test_errors():
         ops.linear_quantized(x, w.data, 8, 4, 64, out=torch.empty(2, 5))
     with pytest.raises(RuntimeError, match="id 4 at position 1 is out of range"):
         ops.dequantize_rows(w.data, 8, 4, 64, torch.tensor([0, 4]))
+    empty = torch.empty(0, dtype=torch.uint8)  # byte counts that wrap int64 to 0 (crashed in the kernels before)
+    for fmt_id in (8, ops.INTERLEAVED + 8):
+        with pytest.raises(RuntimeError, match="too large"):
+            ops.dequantize_rows(empty, fmt_id, 2 ** 43, 32 * 2 ** 20, torch.tensor([5]))
+    with pytest.raises(RuntimeError, match="too large"):
+        ops.interleave_quantized(empty, 8, 2 ** 43, 32 * 2 ** 20)
+    with pytest.raises(RuntimeError, match="too large"):
+        ops.interleave_quantized(empty, 8, 2 ** 62, 32)
     with pytest.raises(RuntimeError, match="unknown quant kernel 'sse'"):
         ops.set_quant_kernel("sse")
     with pytest.raises(RuntimeError, match="unknown quant activation mode 'int4'"):
