@@ -32,6 +32,13 @@ def broken_copy(tmp_path, name, content):
     (lambda t: ["generate", "x", "--model", DEMO, "--max-new-tokens", str(2**64)], None),
     (lambda t: ["sweep", "--model", DEMO, "--exit-layers", "2,x"], "--exit-layers"),
     (lambda t: ["generate", "x", "--model", str(t)], "config.json"),
+    # found by the hostile-input audit: a crash in torch (100000), a ZeroDivisionError traceback (0, 1 tokens)
+    (lambda t: ["generate", "x", "--model", DEMO, "--threads", "100000"], "--threads"),
+    (lambda t: ["generate", "x", "--model", DEMO, "--threads", "0"], "--threads"),
+    (lambda t: ["bench", "--model", DEMO, "--max-new-tokens", "1", "--repeats", "1"], "--max-new-tokens"),
+    (lambda t: ["sweep", "--model", DEMO, "--max-new-tokens", "0", "--exit-layers", "2", "--num-speculations", "2"],
+     "--max-new-tokens"),
+    (lambda t: ["tune", "--model", DEMO, "--num-prompts", "0", "--no-save"], "--num-prompts"),
 ])
 def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, argv_fn, message):
     code = main(argv_fn(tmp_path))

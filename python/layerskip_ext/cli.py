@@ -40,11 +40,26 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
+MAX_THREADS = 256  # --threads above this is refused (torch.set_num_threads(100000) crashed the process)
+
+
+def _check_speed_run(args) -> None:
+    """bench / sweep measure tokens/s over the tokens after the first: at least 2 new tokens, at least 1 repeat."""
+    if args.max_new_tokens < 2:
+        raise ValueError(f"--max-new-tokens must be >= 2 to measure a speed, got {args.max_new_tokens}")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+
+
+def _speedup(tps: float, base: float) -> str:
+    return f"{tps / base:>8.2f}x" if base > 0 else f"{'n/a':>9}"
+
+
 def _load(args):
     import layerskip_ext
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        if not 1 <= args.threads <= MAX_THREADS:  # checked before torch creates that many threads (it crashed)
+            raise ValueError(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
         torch.set_num_threads(args.threads)
         os.environ["LAYERSKIP_THREADS"] = str(args.threads)  # an explicit choice overrides the engine's default
     return layerskip_ext.load(args.model, dtype=DTYPES[args.dtype], weights=getattr(args, "weights", "auto"))
@@ -112,6 +127,7 @@ def _median_run(model, prompt, repeats: int, **kwargs):
 def cmd_bench(args) -> int:
     """Median tokens/s of each strategy on one prompt."""
     import layerskip_ext
+    _check_speed_run(args)
     model = _load(args)
     args.prompt = args.prompt if args.prompt is not None else _default_prompt(model)
     # neither --exit-layer nor --num-speculations: the settings stored with the model (`tune`), when it has some
@@ -132,7 +148,7 @@ def cmd_bench(args) -> int:
     base = rows[0][1]
     print(f"{'strategy':<18}{'tokens/s':>10}{'ms/token':>10}{'speedup':>9}{'acceptance':>12}")
     for name, tps, ms, acc in rows:
-        print(f"{name:<18}{tps:>10.1f}{ms:>10.1f}{tps / base:>8.2f}x{'' if acc is None else f'{acc:.1%}':>12}")
+        print(f"{name:<18}{tps:>10.1f}{ms:>10.1f}{_speedup(tps, base)}{'' if acc is None else f'{acc:.1%}':>12}")
     if tuned is not None:
         print(f"(early exit at layer {E}; self-speculative at the settings stored with the model: E={tuned.exit_layer} "
               f"d={tuned.num_speculations} threshold={tuned.draft_threshold} adaptive={tuned.adaptive} "
@@ -143,6 +159,7 @@ def cmd_bench(args) -> int:
 def cmd_sweep(args) -> int:
     """Self-speculative tokens/s (median of --repeats) and acceptance over a grid of exit layers and draft lengths."""
     import layerskip_ext
+    _check_speed_run(args)
     model = _load(args)
     args.prompt = args.prompt if args.prompt is not None else _default_prompt(model)
     exits, ds = _int_list(args.exit_layers, "--exit-layers"), _int_list(args.num_speculations, "--num-speculations")
@@ -155,7 +172,7 @@ def cmd_sweep(args) -> int:
         for d in ds:
             tps, s = _median_run(model, args.prompt, args.repeats, strategy="self_speculative", exit_layer=E,
                                  num_speculations=d, **common)
-            print(f"{E:>4}{d:>4}{tps:>10.1f}{tps / base:>8.2f}x{s.acceptance_rate:>12.1%}")
+            print(f"{E:>4}{d:>4}{tps:>10.1f}{_speedup(tps, base)}{s.acceptance_rate:>12.1%}")
     return 0
 
 
@@ -223,6 +240,8 @@ def cmd_tune(args) -> int:
         raise ValueError("give --prompts or --text, not both")
     if args.model is None:
         raise ValueError("tune needs --model (the settings are stored beside it)")
+    if args.num_prompts < 1:
+        raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
     model = _load(args)
     if args.prompts:
         prompts = prompts_from_file(args.prompts)
