@@ -318,6 +318,41 @@ def test_stream_errors_and_early_close(demo):
     assert layerskip_ext.generate(demo, PROMPT, max_new_tokens=3).stats.new_tokens == 3  # the engine is usable
 
 
+def test_stream_dropped_after_break_ends_the_generation(demo):
+    """Leaving a for loop over stream() (no close()) drops the iterator, which ends its generation at the next token:
+    its worker thread ends and the engine is free at once (the worker's closures held the iterator, so it generated
+    all 3000 tokens, holding the engine, and the next generate waited for it)."""
+    import threading
+    import time
+    import weakref
+    refs = []
+
+    def first_piece():
+        it = layerskip_ext.stream(demo, PROMPT, max_new_tokens=3000, stop_token_ids=[])
+        refs.append(weakref.ref(it))
+        for piece in it:
+            return piece
+
+    first_piece()
+    assert refs[0]() is None  # nothing but the caller held the iterator: dropped (and so cancelled) at once
+    deadline = time.monotonic() + 10
+    while any(t.name == "layerskip-stream" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name == "layerskip-stream" for t in threading.enumerate())
+    assert layerskip_ext.generate(demo, PROMPT, max_new_tokens=3).stats.new_tokens == 3
+
+
+def test_stream_inside_on_token_raises_instead_of_hanging(demo):
+    """stream() from an on_token callback of a running generation on the same model is refused, as generate() is
+    (its worker would wait for the engine the callback's thread holds)."""
+    def callback(token):
+        layerskip_ext.stream(demo, "Hello", max_new_tokens=2)
+
+    with pytest.raises(RuntimeError, match="inside an on_token callback"):
+        layerskip_ext.generate(demo, PROMPT, max_new_tokens=3, on_token=callback)
+    assert layerskip_ext.generate(demo, PROMPT, max_new_tokens=3).stats.new_tokens == 3
+
+
 def test_stream_real_tokenizer_never_splits_a_character(demo):
     text = "Naïve café — 日本語 🎉 done"
     ids = demo.encode(text)

@@ -536,6 +536,12 @@ def default_weight_dtype(model) -> torch.dtype | str:
 _ENGINES_LOCK = threading.Lock()
 
 
+def running_on_this_thread(model) -> bool:
+    """Whether one of the model's engines is running a call on the calling thread (we are inside its on_token)."""
+    engines = model._engine if isinstance(getattr(model, "_engine", None), dict) else {}
+    return any(e._owner == threading.get_ident() for e in list(engines.values()))
+
+
 def get_engine(model, weight_dtype: torch.dtype | str | None = None, rebuild: bool = False) -> Engine:
     """The model's Engine for `weight_dtype`, built on first use and cached on the model (model._engine)."""
     weight_dtype = default_weight_dtype(model) if weight_dtype is None else weight_dtype

@@ -19,43 +19,61 @@ from .stopping import TextStream, check_stop
 _DONE = object()
 
 
+class _Worker:
+    """The worker thread's side of a stream: what it writes and what stops it. The iterator holds it, and nothing
+    in it refers back to the iterator, so dropping the iterator runs TextIterator.__del__, which cancels."""
+
+    def __init__(self, text: TextStream):
+        self.text = text
+        self.queue: queue.Queue = queue.Queue()
+        self.cancel = threading.Event()
+        self.result = None
+        self.error: BaseException | None = None
+
+    def on_token(self, token: int) -> bool:
+        piece = self.text.push(token)
+        if piece:
+            self.queue.put(piece)
+        return self.text.stopped or self.cancel.is_set()
+
+    def run(self, generate, model, prompt, generate_kwargs) -> None:
+        try:
+            result = generate(model, prompt, on_token=self.on_token, **generate_kwargs)
+            tail = self.text.finish()
+            if tail:
+                self.queue.put(tail)
+            result.text = self.text.text
+            self.result = result
+        except BaseException as e:  # handed to the consumer, raised by __next__
+            self.error = e
+        self.queue.put(_DONE)
+
+
 class TextIterator:
     """Iterator over the text pieces of one generation; `.result` is the GenerationResult once it ends."""
 
     def __init__(self, model, prompt, stop=None, **generate_kwargs):
-        from .api import generate
+        from .api import _is_prompt_list, generate
+        from .engine import running_on_this_thread
         if "on_token" in generate_kwargs:
             raise LayerSkipError("stream() does its own on_token; use generate() for a token callback")
-        from .api import _is_prompt_list
         if _is_prompt_list(prompt) and len(prompt) > 0:
             raise LayerSkipError("stream() takes one prompt (a string or a list of token ids), got a list of "
                                  f"{len(prompt)} prompts; stream each, or use generate() for a batch")
-        self._text = TextStream(model.decode, check_stop(stop))
-        self._queue: queue.Queue = queue.Queue()
-        self._cancel = threading.Event()
-        self.result = None
-        self._error: BaseException | None = None
-
-        def on_token(token: int) -> bool:
-            piece = self._text.push(token)
-            if piece:
-                self._queue.put(piece)
-            return self._text.stopped or self._cancel.is_set()
-
-        def run() -> None:
-            try:
-                result = generate(model, prompt, on_token=on_token, **generate_kwargs)
-                tail = self._text.finish()
-                if tail:
-                    self._queue.put(tail)
-                result.text = self._text.text
-                self.result = result
-            except BaseException as e:  # handed to the consumer, raised by __next__
-                self._error = e
-            self._queue.put(_DONE)
-
-        self._thread = threading.Thread(target=run, name="layerskip-stream", daemon=True)
+        if running_on_this_thread(model):  # its worker would wait for the engine this thread holds: a hang
+            raise RuntimeError("this model's engine is already running a generation on this thread: stream() was "
+                               "called from inside an on_token callback; call it after the running generation "
+                               "returns")
+        self._worker = _Worker(TextStream(model.decode, check_stop(stop)))
+        self._thread: threading.Thread | None = threading.Thread(
+            target=self._worker.run, args=(generate, model, prompt, generate_kwargs), name="layerskip-stream",
+            daemon=True)
         self._thread.start()
+
+    @property
+    def result(self):
+        """The GenerationResult once the iterator is exhausted (None before)."""
+        return self._worker.result
 
     def __iter__(self):
         return self
@@ -63,26 +81,26 @@ class TextIterator:
     def __next__(self) -> str:
         if self._thread is None:
             raise StopIteration
-        item = self._queue.get()
+        item = self._worker.queue.get()
         if item is _DONE:
             self._thread.join()
             self._thread = None
-            if self._error is not None:
-                raise self._error
+            if self._worker.error is not None:
+                raise self._worker.error
             raise StopIteration
         return item
 
     def close(self) -> None:
         """Ends the generation at its next token and waits for the worker."""
-        self._cancel.set()
+        self._worker.cancel.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
 
     def __del__(self):
-        cancel = getattr(self, "_cancel", None)  # absent when __init__ raised on a bad argument
-        if cancel is not None:
-            cancel.set()
+        worker = getattr(self, "_worker", None)  # absent when __init__ raised on a bad argument
+        if worker is not None:
+            worker.cancel.set()
 
 
 def stream(model, prompt, stop=None, **generate_kwargs) -> TextIterator:
