@@ -444,3 +444,13 @@ def test_on_token_with_the_wrong_arity_is_refused_before_generating(tiny, backen
     gen(backend, tiny, [PROMPT, PROMPT], max_new_tokens=3, on_token=lambda row, token: seen.append(row))
     gen(backend, tiny, PROMPT, max_new_tokens=3, on_token=lambda *a: seen.append(a))  # varargs fit either
     assert sorted(seen[:6]) == [0, 0, 0, 1, 1, 1] and len(seen) == 9
+
+
+@pytest.mark.parametrize("strategy", ["autoregressive", "early_exit", "self_speculative"])
+@pytest.mark.parametrize("bad", [False, True, 0.0, "", [], "abc", -3, 2.5])
+def test_draft_vocab_size_is_checked_for_every_strategy(tiny, strategy, bad):
+    """draft_vocab_size must be an integer >= 0 (or None) whatever the strategy, as draft_threshold and adaptive are
+    checked: bools and other falsy values were taken as 0, and any value was ignored outside self-speculation."""
+    with pytest.raises(ValueError, match="draft_vocab_size"):
+        gen("engine", tiny, strategy=strategy, exit_layer=2, max_new_tokens=2, draft_vocab_size=bad)
+    assert gen("engine", tiny, strategy=strategy, exit_layer=2, max_new_tokens=2, draft_vocab_size=0).tokens

@@ -203,6 +203,10 @@ def test_bad_requests_get_openai_errors(live):
         (dict(json={**good, "temperature": -1}), 400, "temperature"),
         (dict(json={**good, "strategy": "self_speculative", "draft_threshold": 2}), 400, "draft_threshold"),
         (dict(json={**good, "strategy": "self_speculative", "adaptive": "sometimes"}), 400, "adaptive"),
+        # checked whatever the strategy, as generate() checks them; strict stream_options (the audit's finds)
+        (dict(json={**good, "exit_layer": -5}), 400, "exit_layer"),
+        (dict(json={**good, "strategy": "autoregressive", "num_speculations": -1}), 400, "num_speculations"),
+        (dict(json={**good, "stream": True, "stream_options": {"include_usage": "yes"}}), 400, "include_usage"),
     ]
     for kwargs, status, text in cases:
         code, message = error_of(post("/v1/completions", **kwargs))
@@ -247,6 +251,24 @@ def test_chat_without_template_is_a_400(tmp_path):
     try:
         with pytest.raises(openai.BadRequestError, match="no chat template"):
             server.client().chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=4)
+    finally:
+        server.close()
+
+
+def test_stop_strings_without_a_tokenizer_are_a_400(tmp_path):
+    """A model without a tokenizer cannot match stop strings: the request is refused, as offline generate() refuses
+    it (the server answered 200 and ignored the stop strings)."""
+    from conftest import make_hf_checkpoint
+    directory = make_hf_checkpoint(tmp_path, num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
+                                   num_key_value_heads=1, intermediate_size=64, vocab_size=32,
+                                   max_position_embeddings=64)
+    server = LiveServer(create_app(layerskip_ext.load(directory), model_name=NAME))
+    try:
+        body = {"model": NAME, "prompt": [1, 2, 3], "max_tokens": 4}
+        code, message = error_of(httpx.post(server.url + "/v1/completions", json={**body, "stop": ["the"]},
+                                            timeout=60))
+        assert code == 400 and "tokenizer" in message
+        assert httpx.post(server.url + "/v1/completions", json=body, timeout=60).status_code == 200
     finally:
         server.close()
 

@@ -57,10 +57,11 @@ def _apply_settings(model: LayerSkipModel, row: dict) -> None:
             row["draft_vocab_size"] = stored.draft_vocab_size
     k = row.pop("draft_vocab_size")
     row["draft_vocab"] = None
-    if k and row["strategy"] == "self_speculative":
-        if as_int(k) is None:
-            raise LayerSkipError(f"draft_vocab_size must be an integer, got {k!r}")
-        row["draft_vocab"] = select_draft_vocab(model.draft_vocab, as_int(k), model.path or "the model")
+    if k is not None:  # checked for every strategy (as draft_threshold and adaptive are); False, 0.0, "" are refused
+        if as_int(k) is None or as_int(k) < 0:
+            raise LayerSkipError(f"draft_vocab_size must be an integer >= 0 (0 or None: the whole head), got {k!r}")
+        if as_int(k) > 0 and row["strategy"] == "self_speculative":
+            row["draft_vocab"] = select_draft_vocab(model.draft_vocab, as_int(k), model.path or "the model")
     if row["draft_threshold"] is None:
         row["draft_threshold"] = 0.0
     if row["adaptive"] is None:

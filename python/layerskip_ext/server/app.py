@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat import get_chat_template
 from ..api import _apply_settings
-from ..generation import check_generation_args
+from ..generation import MAX_SPECULATIONS, check_generation_args
 from ..stopping import check_stop
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
 from .scheduler import QueueFull, Scheduler
@@ -117,6 +117,14 @@ def create_app(model, model_name: str | None = None, max_batch: int = 8, max_que
         if len(prompt_ids) + max_tokens > ctx:
             raise APIError(400, f"this model's maximum context length is {ctx} tokens; the request has "
                                 f"{len(prompt_ids)} prompt tokens and max_tokens {max_tokens}", param="max_tokens")
+        # checked whatever the strategy, as generate() checks them (an autoregressive request ignores them)
+        L = model.num_layers
+        if req.exit_layer is not None and not 1 <= req.exit_layer <= L:
+            raise APIError(400, f"exit_layer must be in [1, {L}] on this model, got {req.exit_layer}",
+                           param="exit_layer")
+        if req.num_speculations is not None and not 1 <= req.num_speculations <= MAX_SPECULATIONS:
+            raise APIError(400, f"num_speculations must be in [1, {MAX_SPECULATIONS}], got {req.num_speculations}",
+                           param="num_speculations")
         strategy = req.strategy or defaults.strategy
         # request fields, then the server's defaults, then (self-speculative) the settings stored with the model
         # (layerskip-ext tune), then a quarter of the layers
@@ -127,6 +135,8 @@ def create_app(model, model_name: str | None = None, max_batch: int = 8, max_que
                    draft_threshold=req.draft_threshold, adaptive=req.adaptive, draft_vocab_size=None)
         try:
             stop = check_stop(req.stop)
+            if stop and model.tokenizer is None:
+                raise APIError(400, "stop strings need a tokenizer; this model has none", param="stop")
             if strategy == "self_speculative":
                 _apply_settings(model, row)
             if strategy != "autoregressive" and row["exit_layer"] is None:

@@ -29,6 +29,8 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)  # "yes" is not true
+
     include_usage: bool = False
 
 
