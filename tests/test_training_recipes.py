@@ -124,10 +124,47 @@ def test_cli_errors_exit_2_with_a_message(tmp_path, capsys):
     ("early_exit.e_scale=-1", "early_exit.e_scale"),
     ("early_exit.rotational_period=0", "early_exit.rotational_period"),
     ("early_exit.gradual_span=1.5", "early_exit.gradual_span"),
+    # found by a hostile-input audit: each was accepted (NaN training that exited 0, a string "False" taken as
+    # true, a bool as 1, a negative lr floor, keep_checkpoints -1 deleting every checkpoint, float exits dropped)
+    ("train.lr=Infinity", "train.lr"),
+    ("train.lr=0", "train.lr"),
+    ("early_exit.e_scale=NaN", "early_exit.e_scale"),
+    ("early_exit.e_scale=Infinity", "early_exit.e_scale"),
+    ("train.weight_decay=NaN", "train.weight_decay"),
+    ("train.grad_clip=NaN", "train.grad_clip"),
+    ("early_exit.enabled=False", "early_exit.enabled"),  # not JSON: the string "False"
+    ("resume=\"no\"", "resume"),
+    ("layer_dropout.p_max=true", "layer_dropout.p_max"),
+    ("train.steps=true", "train.steps"),
+    ("train.min_lr_ratio=-5", "train.min_lr_ratio"),
+    ("train.keep_checkpoints=-1", "train.keep_checkpoints"),
+    ("train.keep_checkpoints=0", "train.keep_checkpoints"),
+    ("train.warmup_steps=-3", "train.warmup_steps"),
+    ("train.lr=\"abc\"", "train.lr"),
+    ("seed=1.5", "seed"),
+    ("train.threads=-1", "train.threads"),
+    ("early_exit.exit_layers=[0.5]", "early_exit.exit_layers"),
+    ('early_exit.exit_layers="0"', "early_exit.exit_layers"),
+    ("layer_dropout.layers=1", "layer_dropout.layers"),
+    ('data.train="a.txt"', "data.train"),
+    ("recipe.x=1", "recipe"),
 ])
 def test_layerskip_option_errors_come_before_any_work(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, tiny_overrides(tmp_path, extra=[override]))
+
+
+def test_non_finite_loss_stops_training(tmp_path):
+    """A loss that is not finite ends the run with an error naming the step, before the optimizer step (a fine-tune
+    whose every example has its response beyond seq_len has no target tokens: CE 0/0 = NaN, and the run exited 0)."""
+    pre = train(load_config(None, tiny_overrides(tmp_path, out="pre", steps=1)), progress=False)
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "the cat sat on the mat " * 20, "response": " yes"}) + "\n"
+                            for _ in range(8)))
+    ft = ["recipe=\"finetune\"", f"model.init={json.dumps(pre['final_dir'])}", "data.format=\"jsonl\"",
+          f"data.train={json.dumps([str(data)])}", f"data.valid={json.dumps([str(data)])}"]
+    with pytest.raises(ValueError, match="step 1: the training loss is nan"):
+        train(load_config(None, tiny_overrides(tmp_path, out="ft", steps=2, extra=ft)), progress=False)
 
 
 def test_bundled_configs_parse():

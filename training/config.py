@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -55,7 +56,7 @@ class TrainSection:
     eval_every: int = 200
     eval_batches: int = 8
     save_every: int = 500
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2   # the newest resume checkpoints kept (at least 1)
     save_dtype: str = "float32"  # dtype of the final export: float32, bfloat16 or float16
 
 
@@ -111,6 +112,20 @@ class TrainConfig:
                 value = getattr(getattr(self, section), name)
                 if not isinstance(value, int) or value < 1:
                     raise ValueError(f"{section}.{name} must be a positive integer, got {value!r}")
+        t = self.train
+        ranges = [("train.lr", t.lr, 0.0, math.inf, False), ("train.min_lr_ratio", t.min_lr_ratio, 0.0, 1.0, True),
+                  ("train.weight_decay", t.weight_decay, 0.0, math.inf, True),
+                  ("train.beta1", t.beta1, 0.0, 1.0, True), ("train.beta2", t.beta2, 0.0, 1.0, True),
+                  ("train.grad_clip", t.grad_clip, 0.0, math.inf, True)]  # grad_clip 0: no clipping
+        for name, value, low, high, low_included in ranges:
+            if not (low <= value if low_included else low < value) or not value <= high:
+                raise ValueError(f"{name} must be in {'[' if low_included else '('}{low}, {high}], got {value!r}")
+        for name, value, low in (("train.warmup_steps", t.warmup_steps, 0), ("train.threads", t.threads, 0),
+                                 ("train.keep_checkpoints", t.keep_checkpoints, 1), ("seed", self.seed, 0),
+                                 ("tokenizer.vocab_size", self.tokenizer.vocab_size, 1),
+                                 ("tokenizer.min_frequency", self.tokenizer.min_frequency, 1)):
+            if value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.train.save_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"train.save_dtype must be float32, bfloat16 or float16, got {self.train.save_dtype!r}")
         self._validate_layerskip()
@@ -140,6 +155,27 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _matches(value, kind: str) -> bool:
+    """Whether value has the field type `kind` (a dataclass annotation: int, float, bool, str, list[...], X | None).
+    bool is not an int, a float must be finite (JSON overrides accept NaN and Infinity), an int is a valid float."""
+    options = [k.strip() for k in kind.split("|")]
+    if len(options) > 1:
+        return any(_matches(value, k) for k in options)
+    if kind == "None":
+        return value is None
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind.startswith("list[") and kind.endswith("]"):
+        return isinstance(value, list) and all(_matches(v, kind[5:-1]) for v in value)
+    raise AssertionError(f"no check for field type {kind!r}")
+
+
 def _build(cls, d: dict, where: str):
     if not isinstance(d, dict):
         raise ValueError(f"config section {where or 'top level'} must be a mapping, got {type(d).__name__}")
@@ -152,6 +188,8 @@ def _build(cls, d: dict, where: str):
         default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(default):
             kwargs[name] = _build(type(default), value, f"{where}{name}.")
+        elif not _matches(value, fields[name].type):  # "False" for a bool was true, true for an int was 1
+            raise ValueError(f"{where}{name} must be of type {fields[name].type}, got {value!r}")
         else:
             kwargs[name] = value
     return cls(**kwargs)
@@ -172,8 +210,10 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
         key, value = item.split("=", 1)
         node = d
         parts = key.split(".")
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {'.'.join(parts[:i + 1])} is not a config section")
         node[parts[-1]] = _parse_value(value)
     return d
 

@@ -25,9 +25,9 @@ class EarlyExitCurriculum:
                  gradual_span: float = 1.0):
         if kind not in CURRICULA:
             raise ValueError(f"early-exit curriculum must be one of {CURRICULA}, got {kind!r}")
-        bad = [l for l in exit_layers if not 0 <= l < num_layers]
+        bad = [l for l in exit_layers if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < num_layers]
         if bad:
-            raise ValueError(f"exit layers {bad} out of range [0, {num_layers})")
+            raise ValueError(f"exit layers {bad} are not integers in [0, {num_layers})")
         if period < 1:
             raise ValueError(f"rotational period must be >= 1, got {period}")
         if total_steps < 1:

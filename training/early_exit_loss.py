@@ -36,9 +36,9 @@ def loss_scales(exit_layers: list[int], num_layers: int, scale_type: str = "l", 
     """Normalised weights of the exits `exit_layers` (0-based layer indices, exit after that layer)."""
     if not exit_layers:
         raise ValueError("early-exit loss needs at least one exit layer")
-    if e_scale < 0:
-        raise ValueError(f"e_scale must be >= 0, got {e_scale}")
-    bad = [l for l in exit_layers if not 0 <= l < num_layers]
+    if not isinstance(e_scale, (int, float)) or isinstance(e_scale, bool) or not 0 <= e_scale < math.inf:
+        raise ValueError(f"e_scale must be a finite number >= 0, got {e_scale!r}")
+    bad = [l for l in exit_layers if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < num_layers]
     if bad:
         raise ValueError(f"exit layers {bad} out of range [0, {num_layers})")
     raw = [_raw_scale(scale_type, l + 1) * (1.0 if l == num_layers - 1 else e_scale) for l in exit_layers]
@@ -64,6 +64,11 @@ def early_exit_loss(hidden_by_layer: dict[int, torch.Tensor], norm, lm_head, lab
     """
     layers = sorted(hidden_by_layer)
     scales = loss_scales(layers, num_layers, scale_type, e_scale)
+    for layer in layers:
+        h = hidden_by_layer[layer]
+        if h.dim() != 3 or tuple(h.shape[:2]) != tuple(labels.shape):
+            raise ValueError(f"exit {layer}: hidden states must be [B, T, H] with labels [B, T], got "
+                             f"{tuple(h.shape)} and {tuple(labels.shape)}")
     total, per_exit = 0.0, {}
     for layer, scale in zip(layers, scales):
         h = hidden_by_layer[layer]

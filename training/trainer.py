@@ -380,6 +380,10 @@ def train_step(run: Run, step: int) -> tuple[float, dict[int, float]]:
         loss_sum += float(loss.detach()) / accum
         for l, v in per_exit.items():
             per_exit_sum[l + 1] = per_exit_sum.get(l + 1, 0.0) + float(v) / accum
+    if not math.isfinite(loss_sum):  # stop before the optimizer spreads it into the weights
+        raise ValueError(f"step {step + 1}: the training loss is {loss_sum} (not finite); a learning rate too high, "
+                         "a batch with no target tokens (a fine-tune example whose prompt fills seq_len), or "
+                         "non-finite weights in the initial checkpoint")
     if cfg.train.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(run.lm.parameters(), cfg.train.grad_clip)
     run.opt.step()
