@@ -209,3 +209,30 @@ def test_gguf_partial_rotary_is_refused(tmp_path, hf_dir):
     with pytest.raises(CheckpointError, match="rotates 4 of the 8 dimensions") as info:
         layerskip_ext.load(_gguf_with_head_keys(tmp_path, hf_dir, 8, 4))
     assert info.value.field == "llama.rope.dimension_count"
+
+
+def test_a_duplicated_tensor_name_is_refused(tmp_path, gguf_file):
+    """Two tensors of one name: refused (the last copy won silently, and chat raised gguf's own ValueError)."""
+    _, raw, _ = gguf_file
+    assert raw.count(b"blk.0.attn_q.weight") == 1
+    with pytest.raises(CheckpointError, match="'blk.0.attn_k.weight' appears twice"):
+        load_bytes(tmp_path, raw.replace(b"blk.0.attn_q.weight", b"blk.0.attn_k.weight"))
+
+
+@pytest.mark.parametrize("value,adder", [("abc", "add_string"), (1.5, "add_float32"), ([1, 2], "add_array")])
+def test_chat_template_token_ids_of_the_wrong_type_name_the_key(tmp_path, value, adder):
+    """A special-token id that is not an integer is a CheckpointError naming the key (was a raw ValueError for "abc",
+    a TypeError for an array, and 1.5 was taken as token 1)."""
+    import gguf
+    from layerskip_ext.chat import find_chat_template
+    path = str(tmp_path / "meta.gguf")
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_string("tokenizer.chat_template", "{{ messages[0]['content'] }}")
+    writer.add_array("tokenizer.ggml.tokens", ["<s>", "</s>", "a"])
+    getattr(writer, adder)("tokenizer.ggml.padding_token_id", value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CheckpointError, match="tokenizer.ggml.padding_token_id must be an integer"):
+        find_chat_template(path)

@@ -76,7 +76,8 @@ GOOD = dict(format="layerskip_settings", version=1, num_layers=4, exit_layer=2, 
     (dict(num_speculations=0), "num_speculations"), (dict(num_speculations=2.0), "num_speculations"),
     (dict(draft_threshold=1.5), "draft_threshold"), (dict(draft_threshold="x"), "draft_threshold"),
     (dict(adaptive="yes"), "adaptive"), (dict(format="other"), "format"), (dict(version=2), "version"),
-    (dict(measured=[1]), "measured"), (dict(exit_layer=None), "exit_layer")])
+    (dict(measured=[1]), "measured"), (dict(exit_layer=None), "exit_layer"),
+    (dict(draft_treshold=0.9), "draft_treshold")])  # a misspelled field was ignored
 def test_mismatched_settings_rejected(model_dir, change, field):
     raw = dict(GOOD, **change)
     path = os.path.join(model_dir, "layerskip_settings.json")
@@ -86,7 +87,7 @@ def test_mismatched_settings_rejected(model_dir, change, field):
         layerskip_ext.load(model_dir)
 
 
-@pytest.mark.parametrize("text", ["{not json", "", "[1, 2]", "\xff\xfe"])
+@pytest.mark.parametrize("text", ["{not json", "", "[1, 2]", "\xff\xfe", "[" * 100000])
 def test_corrupt_settings_rejected(model_dir, text):
     path = os.path.join(model_dir, "layerskip_settings.json")
     with open(path, "w", encoding="latin-1") as f:

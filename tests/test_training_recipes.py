@@ -174,3 +174,17 @@ def test_bundled_configs_parse():
     assert "demo-layerskip.yaml" in names and "demo-plain.yaml" in names
     for name in names:
         load_config(os.path.join(default_config_dir(), name))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--seq-len", "0"], "--seq-len must be >= 1"),  # was a ZeroDivisionError traceback
+    (["--windows", "0"], "--windows must be >= 1"),  # was "fewer than seq_len + 1" tokens
+    (["--accept-exits", "99"], "--accept-exits [99] out of range"),  # was skipped silently
+    (["--accept-exits", "2,x"], "--accept-exits must be comma-separated"),
+])
+def test_eval_argument_errors_exit_2_with_a_message(tmp_path, capsys, extra, message):
+    demo = os.path.join(os.path.dirname(__file__), os.pardir, "checkpoints", "layerskip-demo")
+    valid = write_corpus(str(tmp_path))["valid"]
+    code = cli_main(["eval", "--model", demo, "--valid", valid, "--out", str(tmp_path / "out"), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err

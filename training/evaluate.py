@@ -136,7 +136,13 @@ def evaluate_command(args) -> int:
     labels = args.label or [os.path.basename(os.path.normpath(m)) for m in args.model]
     if len(labels) != len(args.model):
         raise SystemExit(f"{len(args.model)} --model but {len(labels)} --label")
-    exits = None if args.accept_exits is None else [int(e) for e in args.accept_exits.split(",")]
+    for name in ("seq_len", "windows", "prompts", "prompt_len", "max_new_tokens", "num_speculations"):
+        if getattr(args, name) < 1:  # --seq-len 0 was a ZeroDivisionError, --windows 0 a misleading message
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:
+        exits = None if args.accept_exits is None else [int(e) for e in args.accept_exits.split(",")]
+    except ValueError:
+        raise ValueError(f"--accept-exits must be comma-separated layer numbers, got {args.accept_exits!r}") from None
     results = {}
     for path in args.merge:
         with open(path) as f:
@@ -147,6 +153,9 @@ def evaluate_command(args) -> int:
         raise SystemExit("--valid (held-out text files) is needed to evaluate a --model")
     for label, path in zip(labels, args.model):
         model = layerskip_ext.load(None if path == "default" else path)
+        bad = [e for e in exits or [] if not 1 <= e <= model.num_layers]
+        if bad:  # were skipped silently (the acceptance column showed "-")
+            raise ValueError(f"--accept-exits {bad} out of range for {path}: exits are 1..{model.num_layers}")
         results[label] = evaluate_model(model, args.valid, args.seq_len, args.windows, exits, args.prompts,
                                         args.prompt_len, args.max_new_tokens, args.num_speculations, args.backend)
     print(write_report(results, args.out, title=", ".join(results)))

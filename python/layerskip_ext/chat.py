@@ -127,23 +127,27 @@ def _from_hf_directory(path: str) -> ChatTemplate | None:
 
 
 def _from_gguf(path: str) -> ChatTemplate | None:
-    import gguf
-    reader = gguf.GGUFReader(path)
-
-    def field_value(key):
-        f = reader.fields.get(key)
-        return None if f is None else f.contents()
-
-    source = field_value("tokenizer.chat_template")
+    from .errors import CheckpointError
+    from .gguf_read import GGUFFile
+    try:  # the reader load() uses: a file it refuses (duplicate tensors, ...) is refused here alike
+        fields = GGUFFile(path).fields
+    except Exception as e:
+        raise CheckpointError(f"cannot read the chat template of {path}: {type(e).__name__}: {e}", path) from None
+    source = fields.get("tokenizer.chat_template")
     if not isinstance(source, str):
         return None
-    vocab = field_value("tokenizer.ggml.tokens") or []
+    vocab = fields.get("tokenizer.ggml.tokens") or []
     tokens = {}
     for key in _SPECIAL_TOKEN_KEYS:
         gguf_key = "padding" if key == "pad_token" else key.split("_")[0]  # bos, eos, unk, padding
-        token_id = field_value(f"tokenizer.ggml.{gguf_key}_token_id")
-        if token_id is not None and 0 <= int(token_id) < len(vocab):
-            tokens[key] = vocab[int(token_id)]
+        name = f"tokenizer.ggml.{gguf_key}_token_id"
+        token_id = fields.get(name)
+        if token_id is None:
+            continue
+        if isinstance(token_id, bool) or not isinstance(token_id, int):  # "abc" or 1.5: not an id
+            raise CheckpointError(f"{path}: {name} must be an integer token id, got {token_id!r}", path, name)
+        if 0 <= token_id < len(vocab) and isinstance(vocab[token_id], str):
+            tokens[key] = vocab[token_id]
     return ChatTemplate(source, tokens)
 
 

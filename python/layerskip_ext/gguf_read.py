@@ -63,9 +63,12 @@ class GGUFFile:
             key = self._string()
             (vtype,) = self._read("<I")
             self.fields[key] = self._value(vtype)
-        infos = []
+        infos, names = [], set()
         for _ in range(n_tensors):
             name = self._string()
+            if name in names:  # the last copy would win silently (gguf's own reader refuses it too)
+                raise ValueError(f"tensor {name!r} appears twice in the file")
+            names.add(name)
             (n_dims,) = self._read("<I")
             dims = self._read(f"<{n_dims}Q")
             raw_type, offset = self._read("<IQ")

@@ -35,6 +35,10 @@ class Settings:
     measured: dict = field(default_factory=dict)
 
 
+KNOWN_FIELDS = {"format", "version", "num_layers", "exit_layer", "num_speculations", "draft_threshold", "adaptive",
+                "draft_vocab_size", "measured"}
+
+
 def settings_path(model_path: str) -> str:
     """Where the settings of the model at `model_path` (an HF directory or a .gguf file) live."""
     if os.path.isdir(model_path):
@@ -57,6 +61,9 @@ def check_settings(raw, num_layers: int, path: str) -> Settings:
         raise bad("format", f"must be {FORMAT!r}, got {raw.get('format')!r}")
     if raw.get("version") != VERSION:
         raise bad("version", f"must be {VERSION}, got {raw.get('version')!r}")
+    unknown = sorted(set(raw) - KNOWN_FIELDS)  # a misspelled "draft_treshold" was ignored, the threshold left at 0
+    if unknown:
+        raise bad(unknown[0], f"is not a settings field (known: {sorted(KNOWN_FIELDS)})")
     for name in ("num_layers", "exit_layer", "num_speculations"):
         if name not in raw:
             raise bad(name, "is missing")
@@ -105,6 +112,8 @@ def read_sidecar_json(path: str, hint: str = ""):
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e}){hint}", path=path) from None
+    except RecursionError:  # nested deeper than the parser goes
+        raise CheckpointError(f"{path}: not valid JSON (nested too deeply){hint}", path=path) from None
 
 
 def save_settings(model_path: str, settings: Settings, num_layers: int) -> str:
