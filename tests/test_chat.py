@@ -109,6 +109,11 @@ def test_sandbox_blocks_attribute_escapes():
     ("{% for i in range(10**9) %}x{% endfor %}", "OverflowError"),  # the sandbox's range limit
     ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError"),
     ("{{ 'abc'.index('z') }}", "ValueError"),
+    # found by a hostile-input audit: these hung or tried to allocate 10 GB
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "OverflowError"),
+    ("{{ 'a' * 10**10 }}", "OverflowError"),
+    ("{{ [1] * 10**10 }}", "OverflowError"),
+    ("{{ 7 ** 100000000 }}", "OverflowError"),
 ])
 def test_template_runtime_errors_are_layerskip_errors(template, error):
     """A template that fails while rendering raised the bare Python exception (ZeroDivisionError, TypeError,
@@ -124,6 +129,11 @@ def test_template_runtime_errors_are_layerskip_errors(template, error):
 def test_bad_messages(messages, match):
     with pytest.raises(ValueError, match=match):
         ChatTemplate(PLAIN_TEMPLATE).render(messages)
+
+
+def test_add_generation_prompt_must_be_a_bool():
+    with pytest.raises(layerskip_ext.LayerSkipError, match="add_generation_prompt"):
+        ChatTemplate(PLAIN_TEMPLATE).render(CONVERSATIONS["single"], add_generation_prompt="no")
 
 
 def test_text_parts_are_joined():

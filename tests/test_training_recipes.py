@@ -148,6 +148,7 @@ def test_cli_errors_exit_2_with_a_message(tmp_path, capsys):
     ("layer_dropout.layers=1", "layer_dropout.layers"),
     ('data.train="a.txt"', "data.train"),
     ("recipe.x=1", "recipe"),
+    ("data.seq_len=100", "exceeds model.max_position_embeddings"),  # exported a model that cannot take seq_len
 ])
 def test_layerskip_option_errors_come_before_any_work(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
@@ -188,3 +189,32 @@ def test_eval_argument_errors_exit_2_with_a_message(tmp_path, capsys, extra, mes
     code = cli_main(["eval", "--model", demo, "--valid", valid, "--out", str(tmp_path / "out"), *extra])
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
+
+
+def test_config_and_data_files_that_do_not_parse_name_the_file(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("train: [unclosed\n")
+    with pytest.raises(ValueError, match="bad.yaml is not valid YAML"):
+        load_config(str(bad_yaml))
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{")
+    with pytest.raises(ValueError, match="bad.json is not valid JSON"):
+        load_config(str(bad_json))
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(os.path.join(os.path.dirname(__file__), os.pardir, "checkpoints", "layerskip-code16",
+                                           "tokenizer.json"))
+    for line, message in (('{"prompt": 5, "response": "x"}', "must be strings"), ("{oops", "not valid JSON")):
+        data = tmp_path / "ft.jsonl"
+        data.write_text(line + "\n")
+        with pytest.raises(ValueError, match=f"ft.jsonl:1: .*{message}"):
+            read_examples(tok, [str(data)], 16, None)
+
+
+def test_a_tokenizer_larger_than_the_checkpoint_vocabulary_is_refused(tmp_path):
+    """continual pretraining of a 300-token model with a 2048-token tokenizer: a clear error before training (was an
+    IndexError from the embedding)."""
+    pre = train(load_config(None, tiny_overrides(tmp_path, out="pre", steps=1)), progress=False)
+    big = os.path.join(os.path.dirname(__file__), os.pardir, "checkpoints", "layerskip-code16", "tokenizer.json")
+    extra = ["recipe=\"continual\"", f"model.init={json.dumps(pre['final_dir'])}", f"tokenizer.path={json.dumps(big)}"]
+    with pytest.raises(ValueError, match="the tokenizer has 2048 tokens but the checkpoint"):
+        train(load_config(None, tiny_overrides(tmp_path, out="cont", steps=1, extra=extra)), progress=False)

@@ -126,6 +126,9 @@ class TrainConfig:
                                  ("tokenizer.min_frequency", self.tokenizer.min_frequency, 1)):
             if value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.recipe == "pretrain" and self.data.seq_len > self.model.max_position_embeddings:
+            raise ValueError(f"data.seq_len {self.data.seq_len} exceeds model.max_position_embeddings "
+                             f"{self.model.max_position_embeddings}")
         if self.train.save_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"train.save_dtype must be float32, bfloat16 or float16, got {self.train.save_dtype!r}")
         self._validate_layerskip()
@@ -223,9 +226,15 @@ def read_config_file(path: str) -> dict:
         text = f.read()
     if path.endswith((".yaml", ".yml")):
         import yaml
-        d = yaml.safe_load(text) or {}
+        try:
+            d = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config {path} is not valid YAML: {e}") from None
     else:
-        d = json.loads(text)
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config {path} is not valid JSON: {e}") from None
     return d
 
 

@@ -90,9 +90,14 @@ def read_examples(tokenizer, files: list[str], seq_len: int, eos: int | None):
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                ex = json.loads(line)
+                try:
+                    ex = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
                 if not isinstance(ex, dict) or "prompt" not in ex or "response" not in ex:
                     raise ValueError(f"{path}:{n}: each line must be a JSON object with 'prompt' and 'response'")
+                if not isinstance(ex["prompt"], str) or not isinstance(ex["response"], str):
+                    raise ValueError(f"{path}:{n}: 'prompt' and 'response' must be strings")
                 p = tokenizer.encode(ex["prompt"], add_special_tokens=False).ids
                 r = tokenizer.encode(ex["response"], add_special_tokens=False).ids + ([eos] if eos is not None else [])
                 seq = (p + r)[: seq_len + 1]

@@ -114,6 +114,13 @@ def build_model_and_tokenizer(cfg: TrainConfig, rank: int, world: int):
     tok = Tokenizer.from_file(cfg.tokenizer.path) if cfg.tokenizer.path else loaded.tokenizer
     if tok is None:
         raise ValueError(f"checkpoint {cfg.model.init!r} has no tokenizer.json: set tokenizer.path")
+    if tok.get_vocab_size() > loaded.config.vocab_size:  # its ids would index past the embedding (IndexError)
+        raise ValueError(f"the tokenizer has {tok.get_vocab_size()} tokens but the checkpoint {cfg.model.init!r} "
+                         f"embeds {loaded.config.vocab_size}: use the checkpoint's own tokenizer (unset "
+                         "tokenizer.path) or one of at most that many tokens")
+    if cfg.data.seq_len > loaded.config.max_position_embeddings:
+        raise ValueError(f"data.seq_len {cfg.data.seq_len} exceeds the checkpoint's max_position_embeddings "
+                         f"{loaded.config.max_position_embeddings}")
     return _as_kind(loaded.module, cfg.model.kind).train(), tok
 
 

@@ -34,8 +34,11 @@ class ChatTemplate:
         """The conversation as the model's prompt text (ends with the assistant header when add_generation_prompt)."""
         import jinja2
         messages = check_messages(messages)
+        if not isinstance(add_generation_prompt, bool):  # "no" would be true in the template
+            raise LayerSkipError(f"add_generation_prompt must be True or False, got {add_generation_prompt!r}")
         context = dict(self.special_tokens)
         context.update(variables)
+        context["range"] = _budgeted_range()  # loops in all, not one range at a time: nested loops hung
         try:
             return _compile(self.source).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                                 **context)
@@ -70,6 +73,24 @@ def check_messages(messages) -> list[dict]:
     return out
 
 
+RANGE_BUDGET = 1_000_000  # range() items one rendering may create in all
+SEQUENCE_LIMIT = 1_000_000  # items (characters) a product like 'a' * n may have
+
+
+def _budgeted_range():
+    """A range() for one rendering that fails once its ranges hold more than RANGE_BUDGET items together (the
+    sandbox caps each range at 100000, so two nested loops of 100000 ran for hours)."""
+    left = [RANGE_BUDGET]
+
+    def budgeted_range(*args):
+        r = range(*args)
+        left[0] -= len(r)
+        if left[0] < 0:
+            raise OverflowError(f"the template's range() loops exceed {RANGE_BUDGET} items in all")
+        return r
+    return budgeted_range
+
+
 @lru_cache(maxsize=16)
 def _compile(source: str):
     """The template compiled once per source text, in transformers' sandboxed environment."""
@@ -82,7 +103,20 @@ def _compile(source: str):
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    class Environment(ImmutableSandboxedEnvironment):
+        """Also bounds 'a' * n and n ** m ('a' * 10**10 tried to allocate 10 GB)."""
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > SEQUENCE_LIMIT:
+                        raise OverflowError(f"a repeated sequence of {len(seq) * n} items (at most {SEQUENCE_LIMIT})")
+            if operator == "**" and isinstance(right, int) and abs(right) > 1024:
+                raise OverflowError(f"an exponent of {right} (at most 1024)")
+            return super().call_binop(context, operator, left, right)
+
+    env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
