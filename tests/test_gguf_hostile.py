@@ -236,3 +236,28 @@ def test_chat_template_token_ids_of_the_wrong_type_name_the_key(tmp_path, value,
     writer.close()
     with pytest.raises(CheckpointError, match="tokenizer.ggml.padding_token_id must be an integer"):
         find_chat_template(path)
+
+
+def test_numeric_metadata_arrays_are_not_copied_into_python_lists(tmp_path):
+    """A 3 MB u8 array under a key nobody reads: the reader keeps a view of the file (a Python list of it took
+    ~8.6x its bytes, before load() even looked at the keys)."""
+    import tracemalloc
+
+    import gguf
+    import numpy as np
+    from layerskip_ext.gguf_read import GGUFFile
+    path = str(tmp_path / "junk.gguf")
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_array("x.junk", (np.arange(3_000_000) % 251).astype(np.uint8).tolist())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tracemalloc.start()
+    try:
+        junk = GGUFFile(path).fields["x.junk"]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(junk) == 3_000_000 and int(junk[300]) == 300 % 251
+    assert peak < 5_000_000, peak

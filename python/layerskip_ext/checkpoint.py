@@ -383,7 +383,8 @@ def _gguf_tokenizer(reader, path):
 
     tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
     merges = _gguf_field(reader, "tokenizer.ggml.merges") or []
-    types = _gguf_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    types = _gguf_field(reader, "tokenizer.ggml.token_type")  # a numpy array (gguf_read: numeric arrays)
+    types = [1] * len(tokens) if types is None else types.tolist()
     vocab = {tok: i for i, tok in enumerate(tokens)}
     bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False)
     tokenizer = Tokenizer(bpe)

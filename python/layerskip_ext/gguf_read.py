@@ -131,9 +131,9 @@ class GGUFFile:
             return self._string()
         if vtype == 9:
             item_type, n = self._read("<IQ")
-            if item_type in _NUMPY:  # numbers: one numpy read
-                dtype = np.dtype(_NUMPY[item_type])
-                values = np.frombuffer(self._map, dtype=dtype, count=n, offset=self._pos).tolist()
+            if item_type in _NUMPY:  # numbers: a read-only numpy view of the file, not a Python list (a list
+                dtype = np.dtype(_NUMPY[item_type])  # took ~8.6x the array's bytes, for keys never read too)
+                values = np.frombuffer(self._map, dtype=dtype, count=n, offset=self._pos)
                 self._pos += n * dtype.itemsize
                 return values
             if item_type == 8:  # strings (tokens, merges: ~10^5 of them): one tight loop
