@@ -144,10 +144,22 @@ void quantize_rows(const float* x, int64_t T, int64_t K, int8_t* q, float* scale
     const float amax = std::max(std::max(std::max(m[0], m[4]), std::max(m[2], m[6])),
                                 std::max(std::max(m[1], m[5]), std::max(m[3], m[7])));
     const float s = ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]));
-    // A NaN or infinity in the block (its sum is then not finite; max8 skips NaN) makes the block's scale NaN, so
-    // that every output of the row is NaN, as a float matmul's would be (not finite garbage from NaN codes),
-    // and the engine's check of the logits stops the row.
-    const float d = std::isfinite(s) ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
+    if (!std::isfinite(s)) {
+      // A NaN or infinity in the block (its sum is then not finite; max8 skips NaN): zero codes and a NaN scale,
+      // so that every output of the row is NaN, as a float matmul's would be (not finite garbage from codes of
+      // NaN, whose conversion to int8 is undefined), and the engine's check of the logits stops the row.
+      const float nan = std::numeric_limits<float>::quiet_NaN();
+      std::memset(q + i * kBlock, 0, kBlock);
+      scale[i] = sum[i] = qsum[i] = nan;
+      csum[i] = 0;
+      if (q2 != nullptr) {
+        std::memset(q2 + i * kBlock, 0, kBlock);
+        scale2[i] = nan;
+        csum2[i] = 0;
+      }
+      continue;
+    }
+    const float d = amax / 127.0f;
     const float inv = d > 0.0f ? 1.0f / d : 0.0f;
     // |residual| <= d / 2 = 128 d2 (127 after the clamp below, off by at most d2 in a tie). A power of two
     // apart, so that the interleaved kernels add the two levels' dot products exactly in int32: 256 dot(q) +
