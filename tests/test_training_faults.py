@@ -99,3 +99,13 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="trainer_state.pt.*refusing"):
         train(load_config(None, _overrides(tmp_path, "run")), progress=False)
     assert not os.path.exists(tmp_path / "pwned")
+
+
+def test_resume_past_the_steps_or_into_another_architecture_is_refused(tmp_path):
+    """A resume whose latest checkpoint is past train.steps wrote a checkpoint labelled with the smaller step; one
+    into a changed architecture raised a bare size-mismatch RuntimeError. Both are errors naming the checkpoint."""
+    train(load_config(None, _overrides(tmp_path, "run")), progress=False)
+    with pytest.raises(ValueError, match=f"is at step {STEPS}, past train.steps 2"):
+        train(load_config(None, _overrides(tmp_path, "run", steps=2)), progress=False)
+    with pytest.raises(ValueError, match="does not fit the model"):
+        train(load_config(None, _overrides(tmp_path, "run", extra=["model.intermediate_size=96"])), progress=False)

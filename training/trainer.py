@@ -131,7 +131,11 @@ def save_checkpoint(lm, tokenizer, directory: str, dtype: torch.dtype | None = N
 
 def load_weights(lm, directory: str) -> None:
     state = load_file(os.path.join(directory, "model.safetensors"))
-    missing, unexpected = lm.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    try:
+        missing, unexpected = lm.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    except RuntimeError as e:  # shapes of another architecture (the config changed since the checkpoint)
+        raise ValueError(f"checkpoint {directory} does not fit the model (was the architecture changed since it "
+                         f"was written?): {str(e).splitlines()[0]} ...") from None
     missing = [k for k in missing if not (k == "lm_head.weight" and model_config(lm).tie_word_embeddings)]
     if missing or unexpected:
         raise ValueError(f"checkpoint {directory} does not fit the model: missing {missing}, unexpected {unexpected}")
@@ -357,6 +361,9 @@ def prepare(cfg: TrainConfig) -> Run:
     ckpts = _checkpoint_dirs(cfg.out_dir) if cfg.resume else []
     if ckpts:
         run.start = _load_training_state(lm, run.opt, ckpts[-1])
+        if run.start > cfg.train.steps:  # it went on to write a checkpoint labelled with the smaller step
+            raise ValueError(f"{ckpts[-1]} is at step {run.start}, past train.steps {cfg.train.steps}: raise "
+                             "train.steps, choose another out_dir, or set resume=false")
         if rank == 0:
             print(f"resuming from {ckpts[-1]} at step {run.start}")
     if rank == 0:
