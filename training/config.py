@@ -106,12 +106,16 @@ class TrainConfig:
             raise ValueError(f"data.format must be 'text' or 'jsonl', got {self.data.format!r}")
         if not self.data.train:
             raise ValueError("data.train lists no files")
-        for section, names in (("train", ("steps", "batch_size", "grad_accum", "log_every", "eval_every",
-                                          "save_every", "eval_batches")), ("data", ("seq_len",))):
-            for name in names:
-                value = getattr(getattr(self, section), name)
-                if not isinstance(value, int) or value < 1:
-                    raise ValueError(f"{section}.{name} must be a positive integer, got {value!r}")
+        minimums = {"train.steps": 1, "train.batch_size": 1, "train.grad_accum": 1, "train.log_every": 1,
+                    "train.eval_every": 1, "train.save_every": 1, "train.eval_batches": 1, "data.seq_len": 1,
+                    "train.warmup_steps": 0, "train.threads": 0, "train.keep_checkpoints": 1, "seed": 0,
+                    "tokenizer.vocab_size": 1, "tokenizer.min_frequency": 1}
+        for name, low in minimums.items():  # integer fields and their least values
+            value = self
+            for part in name.split("."):
+                value = getattr(value, part)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         t = self.train
         ranges = [("train.lr", t.lr, 0.0, math.inf, False), ("train.min_lr_ratio", t.min_lr_ratio, 0.0, 1.0, True),
                   ("train.weight_decay", t.weight_decay, 0.0, math.inf, True),
@@ -120,12 +124,6 @@ class TrainConfig:
         for name, value, low, high, low_included in ranges:
             if not (low <= value if low_included else low < value) or not value <= high:
                 raise ValueError(f"{name} must be in {'[' if low_included else '('}{low}, {high}], got {value!r}")
-        for name, value, low in (("train.warmup_steps", t.warmup_steps, 0), ("train.threads", t.threads, 0),
-                                 ("train.keep_checkpoints", t.keep_checkpoints, 1), ("seed", self.seed, 0),
-                                 ("tokenizer.vocab_size", self.tokenizer.vocab_size, 1),
-                                 ("tokenizer.min_frequency", self.tokenizer.min_frequency, 1)):
-            if value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.recipe == "pretrain" and self.data.seq_len > self.model.max_position_embeddings:
             raise ValueError(f"data.seq_len {self.data.seq_len} exceeds model.max_position_embeddings "
                              f"{self.model.max_position_embeddings}")
