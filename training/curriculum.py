@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+from .early_exit_loss import check_exit_layers
+
 CURRICULA = ("none", "rotational", "gradual")
 
 
@@ -25,9 +27,7 @@ class EarlyExitCurriculum:
                  gradual_span: float = 1.0):
         if kind not in CURRICULA:
             raise ValueError(f"early-exit curriculum must be one of {CURRICULA}, got {kind!r}")
-        bad = [l for l in exit_layers if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < num_layers]
-        if bad:
-            raise ValueError(f"exit layers {bad} are not integers in [0, {num_layers})")
+        check_exit_layers(exit_layers, num_layers)
         if period < 1:
             raise ValueError(f"rotational period must be >= 1, got {period}")
         if total_steps < 1:

@@ -32,15 +32,20 @@ def _raw_scale(scale_type: str, depth: int) -> float:
     raise ValueError(f"early-exit scale must be one of {SCALE_TYPES}, got {scale_type!r}")
 
 
+def check_exit_layers(exit_layers, num_layers: int) -> None:
+    """0-based exit layers must be integers in [0, num_layers) (a float such as 0.5 matched no layer: dropped)."""
+    bad = [l for l in exit_layers if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < num_layers]
+    if bad:
+        raise ValueError(f"exit layers {bad} out of range: exits are integers in [0, {num_layers})")
+
+
 def loss_scales(exit_layers: list[int], num_layers: int, scale_type: str = "l", e_scale: float = 1.0) -> list[float]:
     """Normalised weights of the exits `exit_layers` (0-based layer indices, exit after that layer)."""
     if not exit_layers:
         raise ValueError("early-exit loss needs at least one exit layer")
     if not isinstance(e_scale, (int, float)) or isinstance(e_scale, bool) or not 0 <= e_scale < math.inf:
         raise ValueError(f"e_scale must be a finite number >= 0, got {e_scale!r}")
-    bad = [l for l in exit_layers if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < num_layers]
-    if bad:
-        raise ValueError(f"exit layers {bad} out of range [0, {num_layers})")
+    check_exit_layers(exit_layers, num_layers)
     raw = [_raw_scale(scale_type, l + 1) * (1.0 if l == num_layers - 1 else e_scale) for l in exit_layers]
     total = sum(raw)
     if total <= 0:
