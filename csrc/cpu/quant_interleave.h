@@ -22,9 +22,12 @@
 namespace layerskip {
 namespace quant {
 
-// Bytes of the interleaved form of an [N, K] matrix in a GGUF format (N rounded up to a whole group).
+// Rows of the interleaved form of an [N, K] matrix: N rounded up to a whole group.
+static inline int64_t interleaved_rows(int64_t N) { return (N + kGroup - 1) / kGroup * kGroup; }
+
+// Bytes of the interleaved form of an [N, K] matrix in a GGUF format.
 static inline int64_t interleaved_bytes(int64_t format, int64_t N, int64_t K) {
-  return (N + kGroup - 1) / kGroup * kGroup * (K / kBlock) * block_bytes(format);
+  return interleaved_rows(N) * (K / kBlock) * block_bytes(format);
 }
 
 // Offsets inside a group-block of format F: scales, mins (Q4_1), codes.

@@ -91,17 +91,15 @@ int64_t check_packed(const char* op, const torch::Tensor& packed, int64_t format
   TORCH_CHECK(in_features % kBlock == 0, op, ": in_features ", in_features, " is not a multiple of the block size ",
               kBlock, " of ", format_name(format));
   const int64_t row_bytes = in_features / kBlock * quant::block_bytes(format);
-  // The byte count must not wrap (an empty tensor then passed for a matrix of 2^63 bytes, and the kernels read
-  // past it): rows (whole groups of 16 when interleaved) times bytes per row within int64.
+  // The byte count, rows (whole groups of 16 when interleaved) times bytes per row, must not wrap int64 (an
+  // empty tensor then passed for a matrix of 2^63 bytes, and the kernels read past it).
   constexpr int64_t kMaxDim = int64_t{1} << 40;
-  const int64_t rows = !quant::is_interleaved(format) ? out_features
-                       : out_features <= kMaxDim ? (out_features / quant::kGroup + 1) * quant::kGroup : kMaxDim;
-  int64_t bound = 0;
-  TORCH_CHECK(out_features <= kMaxDim && in_features <= kMaxDim && !__builtin_mul_overflow(rows, row_bytes, &bound),
-              op, ": a [", out_features, ", ", in_features, "] ", format_name(format),
+  const bool small = out_features <= kMaxDim && in_features <= kMaxDim;
+  const int64_t rows = quant::is_interleaved(format) && small ? quant::interleaved_rows(out_features) : out_features;
+  int64_t total = 0;
+  TORCH_CHECK(small && !__builtin_mul_overflow(rows, row_bytes, &total), op, ": a [", out_features, ", ",
+              in_features, "] ", format_name(format),
               " matrix is too large (at most 2^40 rows and columns, and a byte count within int64)");
-  const int64_t total = quant::is_interleaved(format) ? quant::interleaved_bytes(format, out_features, in_features)
-                                                      : out_features * row_bytes;
   TORCH_CHECK(packed.numel() == total, op, ": packed weights hold ", packed.numel(), " bytes; a [", out_features,
               ", ", in_features, "] ", format_name(format), " matrix takes ", total, " (", row_bytes, " per row)");
   if (quant::is_interleaved(format)) {
