@@ -89,6 +89,23 @@ def test_template_matches_transformers(tmp_path, name, template, bos, eos):
             assert ours.render(messages, add_generation_prompt) == expected
 
 
+@pytest.mark.parametrize("template", [LLAMA3_TEMPLATE, ZEPHYR_TEMPLATE, PLAIN_TEMPLATE], ids=["llama3", "zephyr", "plain"])
+def test_assistant_content_none_as_transformers(tmp_path, template):
+    """An assistant turn with content None (OpenAI's tool-call turns) reaches the template without the key, as in
+    transformers: the same text where transformers renders it, an error naming the template where it fails (it
+    rendered the word None before, and earlier still was refused)."""
+    directory = write_tokenizer_dir(tmp_path / "t", template)
+    messages = [{"role": "user", "content": "Hi", "name": None}, {"role": "assistant", "content": None},
+                {"role": "user", "content": "Again"}]
+    try:
+        expected = transformers_render(directory, messages, True)
+    except Exception:
+        with pytest.raises(layerskip_ext.LayerSkipError, match="the chat template failed to render"):
+            find_chat_template(directory).render(messages)
+    else:
+        assert find_chat_template(directory).render(messages) == expected
+
+
 def test_raise_exception_is_a_value_error(tmp_path):
     directory = write_tokenizer_dir(tmp_path / "alt", ALTERNATING_TEMPLATE)
     good = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
@@ -123,7 +140,7 @@ def test_template_runtime_errors_are_layerskip_errors(template, error):
 
 
 @pytest.mark.parametrize("messages,match", [
-    ([], "non-empty"), ("hi", "non-empty"), ([{"content": "x"}], "role"), ([{"role": "user"}], "content"),
+    ([], "non-empty"), ("hi", "non-empty"), ([{"content": "x"}], "role"), ([{"role": "user"}], "content"), ([{"role": "user", "content": None}], "content"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], "text parts"),
 ])
 def test_bad_messages(messages, match):

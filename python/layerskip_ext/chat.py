@@ -58,7 +58,13 @@ def check_messages(messages) -> list[dict]:
             raise LayerSkipError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(m).__name__}")
         if not isinstance(m.get("role"), str) or not m["role"]:
             raise LayerSkipError(f"messages[{i}] has no 'role' string")
+        # keys set to None are dropped, as transformers' apply_chat_template does (OpenAI clients send
+        # content / tool_calls / name as null): templates test for a missing key, and would print "None"
+        m = {key: value for key, value in m.items() if value is not None}
         content = m.get("content")
+        if content is None and m["role"] == "assistant":  # an assistant turn without text (beside tool calls)
+            out.append(m)
+            continue
         if isinstance(content, list):  # OpenAI content parts: only text parts are supported
             texts = []
             for part in content:
