@@ -260,6 +260,20 @@ def test_hf_row_length_not_a_multiple_of_the_block_names_the_tensor(tmp_path):
     assert e.value.field in model_names(directory) and e.value.field in str(e.value)
 
 
+def test_gguf_float_rows_not_a_multiple_of_the_block_name_the_file(tmp_path):
+    """An F32 GGUF with rows of 48 values, packed on load: the error names the file and the tensor."""
+    from layerskip_ext.checkpoint import load_hf_directory
+    from layerskip_ext.gguf_write import write_gguf
+    directory = make_hf_checkpoint(str(tmp_path / "hf"), num_hidden_layers=1, hidden_size=48, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=64, vocab_size=64)
+    config, state, _ = load_hf_directory(directory)
+    path = str(tmp_path / "f32.gguf")
+    write_gguf(path, config, state, fmt="f32")
+    with pytest.raises(layerskip_ext.CheckpointError, match="not a multiple of the q8_0 block size 32") as e:
+        layerskip_ext.load(path, weights="q8_0")
+    assert path in str(e.value) and e.value.field in str(e.value) and e.value.path == path
+
+
 @pytest.mark.skipif(not engine_mod.is_available(), reason="C++ extension not built")
 def test_engine_checks_packed_weights_by_name(gguf_files):
     """The C++ engine's own checks (a caller bypassing load()): an unknown block format, bytes that do not

@@ -242,6 +242,9 @@ def _gguf_matrix(t, shape, weights: str, path: str, file_map=None):
     if weights in _FLOAT_MODES:
         return tensor.to(_FLOAT_MODES[weights])
     if weights != "auto":
+        if shape[1] % 32:
+            raise CheckpointError(f"{path}: tensor {t.name!r} has rows of {shape[1]} values, not a multiple of the "
+                                  f"{weights} block size 32", path, t.name)
         return quantize(tensor, weights)
     float_file = t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
     return tensor if float_file else tensor.to(torch.bfloat16)
