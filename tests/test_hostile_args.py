@@ -454,3 +454,24 @@ def test_draft_vocab_size_is_checked_for_every_strategy(tiny, strategy, bad):
     with pytest.raises(ValueError, match="draft_vocab_size"):
         gen("engine", tiny, strategy=strategy, exit_layer=2, max_new_tokens=2, draft_vocab_size=bad)
     assert gen("engine", tiny, strategy=strategy, exit_layer=2, max_new_tokens=2, draft_vocab_size=0).tokens
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    import os
+    return layerskip_ext.load(os.path.join(os.path.dirname(__file__), "..", "checkpoints", "layerskip-demo"))
+
+
+@pytest.mark.parametrize("where", ["prompt", "stop", "chat"])
+def test_lone_surrogates_are_errors(demo_model, where):
+    """A Python (or JSON) string may hold a lone surrogate, which the tokenizer refused with a bare TypeError
+    ("TextInputSequence must be str"): an error naming the argument instead."""
+    if where == "prompt":
+        call = lambda: layerskip_ext.generate(demo_model, "ab\ud800", max_new_tokens=2)  # noqa: E731
+    elif where == "stop":
+        call = lambda: layerskip_ext.generate(demo_model, "ab", max_new_tokens=2, stop=["\udc00"])  # noqa: E731
+    else:
+        call = lambda: layerskip_ext.apply_chat_template(  # noqa: E731
+            demo_model, [{"role": "user", "content": "x\ud800"}], chat_template="{{ messages[0]['content'] }}")
+    with pytest.raises(layerskip_ext.LayerSkipError, match="not valid Unicode: .* at character [0-9]+ is a lone surrogate"):
+        call()

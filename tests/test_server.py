@@ -208,9 +208,16 @@ def test_bad_requests_get_openai_errors(live):
         (dict(json={**good, "strategy": "autoregressive", "num_speculations": -1}), 400, "num_speculations"),
         (dict(json={**good, "stream": True, "stream_options": {"include_usage": "yes"}}), 400, "include_usage"),
     ]
+    # JSON can hold a lone surrogate ("\\ud800"), which no tokenizer takes
+    surrogate = lambda body: dict(content=json.dumps(body).encode(), headers={"content-type": "application/json"})  # noqa: E731
+    cases += [(surrogate({**good, "prompt": "a\ud800"}), 400, "not valid Unicode"),
+              (surrogate({**good, "stop": ["\ud800"]}), 400, "not valid Unicode")]
     for kwargs, status, text in cases:
         code, message = error_of(post("/v1/completions", **kwargs))
         assert code == status and text in message, (kwargs, code, message)
+    code, message = error_of(post("/v1/chat/completions", **surrogate(
+        {"model": NAME, "messages": [{"role": "user", "content": "\udfff"}]})))
+    assert code == 400 and "not valid Unicode" in message, (code, message)
     code, message = error_of(post("/v1/chat/completions", json={"model": NAME, "messages": []}))
     assert code == 400 and "messages" in message
     code, _ = error_of(httpx.get(live.url + "/v1/nothing"))

@@ -19,6 +19,7 @@ from datetime import datetime
 from functools import lru_cache
 
 from .errors import CheckpointError, LayerSkipError
+from .validation import check_unicode
 
 ROLES_REQUIRED = ("role", "content")
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -75,6 +76,7 @@ def check_messages(messages) -> list[dict]:
             content = "".join(texts)
         if not isinstance(content, str):
             raise LayerSkipError(f"messages[{i}] has no 'content' string")
+        check_unicode(content, f"messages[{i}].content")
         out.append({**m, "content": content})
     return out
 

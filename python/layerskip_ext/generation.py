@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from .errors import LayerSkipError
 from .sampling import check_sampling_args
-from .validation import as_float, as_int, check_token_ids
+from .validation import as_float, as_int, check_token_ids, check_unicode
 
 STRATEGIES = ("autoregressive", "early_exit", "self_speculative")
 MAX_SPECULATIONS = 1024  # draft tokens per round at most (the engine's limit, csrc/engine/engine.cpp add_row)
@@ -98,7 +98,7 @@ def check_generation_args(config, tokenizer, prompt, *, max_new_tokens, strategy
             raise LayerSkipError("prompt is empty")
         if tokenizer is None:
             raise LayerSkipError("prompt is a string but the model has no tokenizer: pass a list of token ids")
-        prompt_ids = tokenizer.encode(prompt).ids
+        prompt_ids = tokenizer.encode(check_unicode(prompt, "prompt")).ids
         bad = [t for t in prompt_ids if not 0 <= t < V]
         if bad:  # a tokenizer.json larger than the model's embedding (another model's tokenizer)
             raise LayerSkipError(f"prompt encodes to token id {bad[0]}, outside the model's vocabulary of {V} "

@@ -12,6 +12,7 @@ from .quant import PackedWeight
 from .reference import ReferenceLlama
 from .draft_vocab import load_draft_vocab
 from .settings import Settings, load_settings
+from .validation import check_unicode
 
 _DTYPES = {torch.float32, torch.bfloat16, torch.float16}
 
@@ -78,7 +79,7 @@ class LayerSkipModel:
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise LayerSkipError("this model has no tokenizer: pass token ids")
-        return self.tokenizer.encode(text).ids
+        return self.tokenizer.encode(check_unicode(text, "text")).ids
 
     def decode(self, ids: list[int]) -> str:
         if self.tokenizer is None:

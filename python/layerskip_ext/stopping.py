@@ -15,6 +15,7 @@ stop string is held back until it cannot.
 from __future__ import annotations
 
 from .errors import LayerSkipError
+from .validation import check_unicode
 
 _REPLACEMENT = "\ufffd"
 
@@ -30,6 +31,7 @@ def check_stop(stop) -> tuple[str, ...]:
     for s in stop:
         if not isinstance(s, str) or s == "":
             raise LayerSkipError(f"every stop string must be a non-empty string, got {s!r}")
+        check_unicode(s, "a stop string")
     return tuple(stop)
 
 

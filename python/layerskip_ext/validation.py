@@ -12,6 +12,17 @@ import operator
 from .errors import LayerSkipError
 
 
+def check_unicode(text: str, what: str) -> str:
+    """text, when it can be written as UTF-8; a lone surrogate ("\\ud800", which JSON and Python strings can hold)
+    is an error naming `what` (the tokenizer would raise a bare TypeError)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise LayerSkipError(f"{what} is not valid Unicode: {text[e.start:e.end]!r} at character {e.start} is a "
+                             "lone surrogate") from None
+    return text
+
+
 def as_int(x) -> int | None:
     """x as a Python int when it is an integral scalar (int, numpy integer, 0-d integer tensor), else None."""
     if isinstance(x, bool) or "bool" in str(getattr(x, "dtype", "")):

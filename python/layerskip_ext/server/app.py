@@ -175,7 +175,10 @@ def create_app(model, model_name: str | None = None, max_batch: int = 8, max_que
                 raise APIError(400, "prompt is empty", param="prompt")
             if model.tokenizer is None:
                 raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
-            prompt_ids = model.encode(prompt)
+            try:
+                prompt_ids = model.encode(prompt)
+            except ValueError as e:  # a lone surrogate
+                raise APIError(400, f"prompt: {e}", param="prompt") from None
         else:
             prompt_ids = list(prompt)
         args, stop = generation_args(req, prompt_ids, req.max_tokens)
