@@ -56,9 +56,10 @@ def _float_field(name: str, value, low: float, high: float = math.inf, low_open:
 ROPE_SCALINGS = ("linear", "dynamic", "llama3")
 
 
-def _check_rope_scaling(scaling) -> dict | None:
+def _check_rope_scaling(scaling, max_positions: int) -> dict | None:
     """None, or a linear / dynamic / llama3 rope_scaling dict with every value in range (the formulas divide by
-    them); ConfigError naming the key for anything else (an unknown type is never silently ignored)."""
+    them); ConfigError naming the key for anything else (an unknown type is never silently ignored). A llama3
+    scaling without original_max_position_embeddings takes max_positions, as transformers 5 does."""
     if scaling is None:
         return None
     if not isinstance(scaling, dict):
@@ -85,7 +86,7 @@ def _check_rope_scaling(scaling) -> dict | None:
         raise ConfigError(f"config: rope_scaling.high_freq_factor ({high}) must exceed low_freq_factor ({low})",
                           "rope_scaling.high_freq_factor")
     old = _int_field("rope_scaling.original_max_position_embeddings",
-                     scaling.get("original_max_position_embeddings", 8192))
+                     scaling.get("original_max_position_embeddings", max_positions))
     return dict(scaling, factor=factor, low_freq_factor=low, high_freq_factor=high,
                 original_max_position_embeddings=old)
 
@@ -139,7 +140,7 @@ class ModelConfig:
                               f"{MAX_PARAMETERS:.3g}", "num_hidden_layers")
         set_("rope_theta", _float_field("rope_theta", self.rope_theta, 0.0))
         set_("rms_norm_eps", _float_field("rms_norm_eps", self.rms_norm_eps, 0.0, 1.0))
-        set_("rope_scaling", _check_rope_scaling(self.rope_scaling))
+        set_("rope_scaling", _check_rope_scaling(self.rope_scaling, self.max_position_embeddings))
         if not isinstance(self.tie_word_embeddings, bool):
             raise ConfigError(f"config: tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}",
                               "tie_word_embeddings")
@@ -183,6 +184,14 @@ class ModelConfig:
                 rope_scaling = rope_parameters
         if isinstance(rope_scaling, dict) and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
             rope_scaling = None
+        if (isinstance(rope_scaling, dict) and rope_scaling.get("rope_type", rope_scaling.get("type")) == "llama3"
+                and d.get("original_max_position_embeddings") is not None):
+            # transformers 5 gives a top-level original_max_position_embeddings priority over the scaling's own
+            rope_scaling = dict(rope_scaling, original_max_position_embeddings=d["original_max_position_embeddings"])
+        partial = d.get("partial_rotary_factor")
+        if partial is not None and partial != 1.0:  # transformers moves it into the RoPE parameters
+            raise ConfigError(f"config: partial_rotary_factor {partial!r} is not supported (only 1.0: every head "
+                              "dimension rotated)", "partial_rotary_factor")
         kv_heads = d.get("num_key_value_heads")
         head_dim = d.get("head_dim")
         return cls(

@@ -38,7 +38,7 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     factor = float(scaling["factor"])
     low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
     high_freq_factor = float(scaling.get("high_freq_factor", 4.0))
-    old_context = float(scaling.get("original_max_position_embeddings", 8192))
+    old_context = float(scaling["original_max_position_embeddings"])  # set by config._check_rope_scaling
     low_freq_wavelen = old_context / low_freq_factor
     high_freq_wavelen = old_context / high_freq_factor
     wavelen = 2 * math.pi / inv_freq
