@@ -261,3 +261,29 @@ def test_numeric_metadata_arrays_are_not_copied_into_python_lists(tmp_path):
         tracemalloc.stop()
     assert len(junk) == 3_000_000 and int(junk[300]) == 300 % 251
     assert peak < 5_000_000, peak
+
+
+def test_writer_states_a_head_size_other_than_hidden_over_heads(tmp_path):
+    """head_dim 40 with hidden 96 and 3 heads: the writer adds attention.key_length / value_length (llama.cpp takes
+    hidden / heads = 32 otherwise, and refuses the file), and the file loads back to the same logits."""
+    import gguf
+    directory = make_hf_checkpoint(tmp_path / "hf", **dict(TINY, hidden_size=96, num_attention_heads=3,
+                                                           num_key_value_heads=1, head_dim=40))
+    model = layerskip_ext.load(directory)
+    path = str(tmp_path / "m.gguf")
+    write_gguf(path, model.config, model.weights, "f32")
+    reader = gguf.GGUFReader(path)
+    for key in ("llama.attention.key_length", "llama.attention.value_length"):
+        assert reader.fields[key].contents() == 40
+    back = layerskip_ext.load(path)
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    torch.testing.assert_close(back.module(ids), model.module(ids), rtol=1e-5, atol=1e-5)
+    with pytest.raises(LayerSkipError, match="'model.layers.0.self_attn.o_proj.weight' has rows of 120 values"):
+        write_gguf(str(tmp_path / "q.gguf"), model.config, model.weights, "q8_0")
+
+
+def test_writer_warns_when_eos_ids_are_dropped(tmp_path):
+    directory = make_hf_checkpoint(tmp_path / "hf", **dict(TINY, eos_token_id=[2, 5]))
+    model = layerskip_ext.load(directory)
+    with pytest.warns(UserWarning, match=r"2 EOS ids \[2, 5\]; GGUF stores one, 2"):
+        write_gguf(str(tmp_path / "m.gguf"), model.config, model.weights, "f32")

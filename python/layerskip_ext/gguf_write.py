@@ -6,6 +6,8 @@ llama.cpp benchmark (the default model re-encoded as Q8_0 / Q4_0 / Q4_1 with our
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -55,6 +57,9 @@ def write_gguf(path: str, config: ModelConfig, weights: dict, fmt: str = "q8_0",
     writer.add_head_count(c.num_heads)
     writer.add_head_count_kv(c.num_kv_heads)
     writer.add_rope_dimension_count(c.head_dim)
+    if c.head_dim * c.num_heads != c.hidden_size:  # llama.cpp takes hidden / heads unless these say otherwise
+        writer.add_key_length(c.head_dim)
+        writer.add_value_length(c.head_dim)
     writer.add_rope_freq_base(c.rope_theta)
     if kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -73,6 +78,9 @@ def write_gguf(path: str, config: ModelConfig, weights: dict, fmt: str = "q8_0",
             writer.add_bos_token_id(c.bos_token_id)
         if c.eos_token_ids:
             writer.add_eos_token_id(c.eos_token_ids[0])
+            if len(c.eos_token_ids) > 1:  # GGUF's tokenizer.ggml.eos_token_id holds one id
+                warnings.warn(f"write_gguf: the model has {len(c.eos_token_ids)} EOS ids {list(c.eos_token_ids)}; "
+                              f"GGUF stores one, {c.eos_token_ids[0]}", UserWarning, stacklevel=2)
     for name, w in weights.items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
@@ -81,6 +89,9 @@ def write_gguf(path: str, config: ModelConfig, weights: dict, fmt: str = "q8_0",
         else:
             tensor = w.dequantize() if isinstance(w, PackedWeight) else w.detach().float()
             if tensor.dim() == 2 and fmt != "f32":
+                if tensor.shape[1] % 32:
+                    raise LayerSkipError(f"write_gguf: tensor {name!r} has rows of {tensor.shape[1]} values, not a "
+                                         f"multiple of the {fmt} block size 32 (write fmt='f32')")
                 tensor = quantize(tensor, fmt)
         module = ".".join(name.split(".")[3:-1])  # model.layers.{i}.self_attn.q_proj.weight -> self_attn.q_proj
         heads = {"self_attn.q_proj": c.num_heads, "self_attn.k_proj": c.num_kv_heads}.get(module)
