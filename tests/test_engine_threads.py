@@ -177,3 +177,56 @@ def test_work_pool_switch_is_read_by_the_extension():
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.strip() == expected, (value, out.stdout)
+
+
+def test_rows_left_by_an_interrupted_clean_up_are_removed(model):
+    """A KeyboardInterrupt inside generate()'s clean-up could leave rows in the model's engine, and every later
+    generate() raised "needs an engine with no rows" (an audit's find): such rows are now removed first. Rows
+    added through the public row interface still make generate() refuse."""
+    prompt = [5, 17, 42, 7]
+    expected = layerskip_ext.generate(model, prompt, max_new_tokens=6, stop_token_ids=[]).tokens
+    engine = engine_mod.get_engine(model)
+    args = check_generation_args(model.config, None, prompt, max_new_tokens=6, strategy="autoregressive",
+                                 exit_layer=None, num_speculations=None, temperature=0.0, top_k=0, top_p=1.0,
+                                 seed=None, stop_token_ids=[], context_length=model.config.max_position_embeddings)
+    with engine._exclusive() as e:  # what an interrupted clean-up leaves: a row of generate's own
+        engine._add(e, args)
+        assert len(e.row_ids()) == 1
+    assert layerskip_ext.generate(model, prompt, max_new_tokens=6, stop_token_ids=[]).tokens == expected
+    own = engine_mod.Engine(model)
+    own.add_row(args)
+    with pytest.raises(RuntimeError, match="add_row"):
+        own.generate(args)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_fork_during_a_generation_leaves_the_child_usable(model):
+    """A fork while another thread runs a generation copied the engine's lock held: the child's next generate()
+    waited for ever (an audit's find). The child now gets fresh locks and a new engine for the busy one."""
+    import multiprocessing
+    import threading
+    prompt = [5, 17, 42, 7]
+    expected = layerskip_ext.generate(model, prompt, max_new_tokens=6, stop_token_ids=[]).tokens
+    started = threading.Event()
+
+    def long_generation():
+        layerskip_ext.generate(model, prompt, max_new_tokens=400, stop_token_ids=[],
+                               on_token=lambda t: started.set())
+
+    thread = threading.Thread(target=long_generation)
+    thread.start()
+    started.wait(30)
+    assert engine_mod.get_engine(model)._lock.locked()
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=lambda: queue.put(
+        layerskip_ext.generate(model, prompt, max_new_tokens=6, stop_token_ids=[]).tokens))
+    child.start()
+    try:
+        got = queue.get(timeout=120)
+    finally:
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+        thread.join()
+    assert got == expected

@@ -32,6 +32,7 @@ import contextlib
 import mmap
 import os
 import threading
+import weakref
 import time
 
 import torch
@@ -233,6 +234,9 @@ class Engine:
         self.last_profile: dict[str, float] = {}
         self._lock = threading.Lock()
         self._owner: int | None = None  # thread running a call
+        self._row_interface = False  # add_row was called: rows outside generate_batch may be the caller's
+        self._forked_while_busy = False  # set in a forked child when the parent was running a call (_after_fork)
+        _LIVE_ENGINES.add(self)
         self._draft_vocab: tuple[int, ...] | None = None  # token ids of the engine's reduced draft head
         config = dict(num_layers=c.num_layers, hidden_size=c.hidden_size, num_heads=c.num_heads,
                       num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, intermediate_size=c.intermediate_size,
@@ -304,9 +308,13 @@ class Engine:
             raise RuntimeError("this model's engine is already running a generation on this thread: generate() "
                                "(or another engine call) was made from inside an on_token callback; collect the "
                                "tokens and call it after the running generation returns")
+        if self._forked_while_busy:
+            raise RuntimeError("this engine was running a generation in the parent process when the process forked: "
+                               "its state is not usable here; use a new model (or layerskip_ext.generate, which "
+                               "builds a new engine)")
         with self._lock:
-            self._owner = threading.get_ident()
             try:
+                self._owner = threading.get_ident()
                 yield self._engine
             finally:
                 self._owner = None
@@ -354,6 +362,7 @@ class Engine:
         if not isinstance(args, GenerationArgs):
             raise TypeError(f"add_row needs the GenerationArgs of check_generation_args, got {type(args).__name__}")
         with self._exclusive() as e:
+            self._row_interface = True
             self._use_draft_vocab(e, args)
             return self._add(e, args)
 
@@ -447,8 +456,11 @@ class Engine:
         become non-finite; the engine is left empty and usable whatever happens."""
         with self._exclusive() as e:
             if len(e.row_ids()) != 0:
-                raise RuntimeError("generate() needs an engine with no rows of its own; this one holds rows added "
-                                   "with add_row (use a separate Engine for the row interface)")
+                if self._row_interface:
+                    raise RuntimeError("generate() needs an engine with no rows of its own; this one holds rows "
+                                       "added with add_row (use a separate Engine for the row interface)")
+                for row in e.row_ids():  # left by a generate whose clean-up a KeyboardInterrupt cut short
+                    e.remove_row(row)
             vocabs = {a.draft_vocab for a in args_list if a.strategy == "self_speculative"} - {None}
             if len(vocabs) > 1:
                 raise LayerSkipError("the rows of a batch must draft with one reduced head (one draft_vocab_size)")
@@ -534,6 +546,30 @@ def default_weight_dtype(model) -> torch.dtype | str:
 
 
 _ENGINES_LOCK = threading.Lock()
+_LIVE_ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """In a forked child only the forking thread exists: a lock another thread held at the fork stays held for
+    ever. Every lock gets a fresh copy; an engine that was running a call (its C++ state mid-step) is dropped from
+    its model's cache, so that generate() builds a new one, and refuses further calls with an error; and torch
+    ops run on one thread (as torch's DataLoader workers do), since the parent's OpenMP team may have been busy."""
+    global _ENGINES_LOCK
+    _ENGINES_LOCK = threading.Lock()
+    busy = False
+    for engine in list(_LIVE_ENGINES):
+        if engine._lock.locked():
+            busy = engine._forked_while_busy = True
+            cache = getattr(engine.model, "_engine", None)
+            if isinstance(cache, dict):
+                engine.model._engine = {k: v for k, v in cache.items() if v is not engine}
+        engine._lock = threading.Lock()
+        engine._owner = None
+    if busy:  # the parent may have been inside an OpenMP region of torch's: its team cannot be used here
+        torch.set_num_threads(1)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def running_on_this_thread(model) -> bool:
