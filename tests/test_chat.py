@@ -369,6 +369,21 @@ def test_stream_dropped_after_break_ends_the_generation(demo):
     assert layerskip_ext.generate(demo, PROMPT, max_new_tokens=3).stats.new_tokens == 3
 
 
+def test_stream_with_block_ends_the_generation_at_a_break(demo):
+    """An iterator held in a variable is not closed by a break (Python cannot tell it from a pause); a `with`
+    block closes it: the generation ends at once and the engine is free."""
+    import threading
+    import time
+    with layerskip_ext.stream(demo, PROMPT, max_new_tokens=3000, stop_token_ids=[]) as it:
+        for _ in it:
+            break
+    assert not any(t.name == "layerskip-stream" for t in threading.enumerate())  # close() joined the worker
+    start = time.monotonic()
+    assert layerskip_ext.generate(demo, PROMPT, max_new_tokens=3).stats.new_tokens == 3
+    assert it.result is None or it.result.stats.new_tokens < 3000
+    assert time.monotonic() - start < 30
+
+
 def test_stream_inside_on_token_raises_instead_of_hanging(demo):
     """stream() from an on_token callback of a running generation on the same model is refused, as generate() is
     (its worker would wait for the engine the callback's thread holds)."""

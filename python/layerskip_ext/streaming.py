@@ -6,7 +6,10 @@
 The generation runs in a worker thread (the decoder loop calls back per accepted token); pieces come out
 through a queue. Their concatenation is the final text (`it.result.text` once exhausted); no piece ends in a
 broken UTF-8 character or in text that could still turn into a stop string (see stopping.TextStream).
-Leaving the loop early (break, close(), or dropping the iterator) ends the generation at its next token.
+Closing the iterator ends the generation at its next token: close(), a `with` block, or dropping the last
+reference to it. `for piece in stream(...): ... break` drops it at the break; an iterator held in a variable keeps
+generating after a break until it is closed or deleted (Python cannot tell a break from a pause), so write
+`with stream(...) as it:` or call `it.close()` when the loop may end early.
 """
 from __future__ import annotations
 
@@ -89,6 +92,12 @@ class TextIterator:
                 raise self._worker.error
             raise StopIteration
         return item
+
+    def __enter__(self) -> TextIterator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         """Ends the generation at its next token and waits for the worker."""
