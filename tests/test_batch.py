@@ -364,3 +364,43 @@ def test_non_finite_logits_raise_a_clear_error(tmp_path):
         with pytest.raises(RuntimeError, match="row 0 failed: non-finite logits"):
             layerskip_ext.generate(model, [[1, 2], [3, 4]], max_new_tokens=4, backend="engine", **kw)
         assert engine_mod.get_engine(model)._engine.row_ids() == []
+
+
+def test_batch_reserves_the_cache_once_checks_memory_and_gives_it_back(monkeypatch):
+    """A batch grows the KV cache once for all its rows (row by row, each add past the allocated rows copied the
+    whole cache: 200 prompts took 4x their serial time; an audit's find); a cache the machine cannot hold is a
+    LayerSkipError naming the sizes (not a process killed for memory); a large cache is freed when the call ends."""
+    import os
+    model = layerskip_ext.load(os.path.join(os.path.dirname(__file__), "..", "checkpoints", "layerskip-demo"))
+    engine = engine_mod.get_engine(model)
+    prompts = [[5 + i, 17, 42][: 1 + i % 3] for i in range(12)]
+    alone = [layerskip_ext.generate(model, p, max_new_tokens=5, stop_token_ids=[]).tokens for p in prompts]
+    grows = []
+    cpp = engine._engine
+    monkeypatch.setattr(engine, "_engine", _Spy(engine._engine, lambda rows, cap: grows.append(rows)))
+    batch = [r.tokens for r in layerskip_ext.generate(model, prompts, max_new_tokens=5, stop_token_ids=[])]
+    assert batch == alone and grows == [12]  # one reservation for the 12 rows
+    assert cpp.max_rows() >= 12  # a small cache is kept for the next call
+    monkeypatch.setattr(engine_mod, "_KEEP_CACHE_BYTES", 0)
+    layerskip_ext.generate(model, prompts, max_new_tokens=5, stop_token_ids=[])
+    assert cpp.cache_bytes() == 0  # freed; the next call allocates again
+    assert [r.tokens for r in layerskip_ext.generate(model, prompts, max_new_tokens=5, stop_token_ids=[])] == alone
+    monkeypatch.setattr(engine_mod, "available_memory", lambda device: 1 << 10)
+    with pytest.raises(layerskip_ext.LayerSkipError, match=r"KV cache for 12 rows of up to \d+ positions needs"):
+        layerskip_ext.generate(model, prompts, max_new_tokens=5, stop_token_ids=[])
+    monkeypatch.undo()
+    assert layerskip_ext.generate(model, prompts[0], max_new_tokens=5, stop_token_ids=[]).tokens == alone[0]
+
+
+class _Spy:
+    """The C++ engine with its reserve() calls reported to `on_reserve` (rows, capacity)."""
+
+    def __init__(self, inner, on_reserve):
+        self._inner, self._on_reserve = inner, on_reserve
+
+    def reserve(self, rows, capacity):
+        self._on_reserve(rows, capacity)
+        return self._inner.reserve(rows, capacity)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)

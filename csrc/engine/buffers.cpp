@@ -30,6 +30,21 @@ void Buffers::reserve(int64_t rows, int64_t capacity) {
   ++generation_;
 }
 
+void Buffers::release() {
+  k_cache.clear();
+  v_cache.clear();
+  rows_ = 0;
+  capacity_ = 0;
+  ++generation_;
+}
+
+int64_t Buffers::cache_bytes() const {
+  int64_t bytes = 0;
+  for (const auto* cache : {&k_cache, &v_cache})
+    for (const at::Tensor& t : *cache) bytes += t.numel() * static_cast<int64_t>(t.element_size());
+  return bytes;
+}
+
 at::Tensor Buffers::scratch(const std::string& name, at::IntArrayRef sizes, at::ScalarType dtype) {
   int64_t numel = 1;
   for (int64_t n : sizes) numel *= n;

@@ -31,6 +31,9 @@ class Buffers {
 
   // Grows the KV cache to at least `rows` rows of `capacity` positions, keeping what it holds.
   void reserve(int64_t rows, int64_t capacity);
+  // Frees the KV cache (no rows, no positions); reserve allocates it again.
+  void release();
+  int64_t cache_bytes() const;
 
   // The workspace tensor `name`, viewed as [sizes...] of `dtype`; its memory is reused across steps.
   at::Tensor scratch(const std::string& name, at::IntArrayRef sizes, at::ScalarType dtype = at::kFloat);

@@ -173,6 +173,21 @@ int64_t Engine::add_row(at::Tensor prompt, std::string strategy, int64_t exit_la
   return id;
 }
 
+void Engine::reserve(int64_t rows, int64_t capacity) {
+  Busy busy(busy_);
+  TORCH_CHECK(rows >= 1 && rows <= 4096, "Engine: reserve: rows must be in [1, 4096], got ", rows);
+  TORCH_CHECK(capacity >= 1 && capacity <= config_.max_positions, "Engine: reserve: capacity must be in [1, ",
+              config_.max_positions, "], got ", capacity);
+  buffers_.reserve(rows, capacity);
+}
+
+void Engine::release_cache() {
+  Busy busy(busy_);
+  TORCH_CHECK(rows_.empty(), "Engine: release_cache needs an engine without rows (", rows_.size(), " held)");
+  buffers_.release();
+  slot_used_.clear();
+}
+
 void Engine::set_threads(int64_t threads) {
   Busy busy(busy_);
   TORCH_CHECK(threads >= 0 && threads <= 4096, "Engine: threads must be in [0, 4096] (0: torch's count), got ",

@@ -385,6 +385,27 @@ class Engine:
                 raise
         return row
 
+    def _reserve_cache(self, e, args_list: list[GenerationArgs]) -> None:
+        """Grows the KV cache once for every row of a batch (adding rows one by one past the allocated ones copied
+        the whole cache at each: quadratic in the rows), after checking that the memory exists: a LayerSkipError
+        naming the sizes instead of a process killed for memory."""
+        if not args_list:
+            return
+        rows = max(len(args_list), e.max_rows())
+        positions = max(max(_positions_reached(a, min(a.max_new_tokens, a.context_length)) for a in args_list),
+                        e.capacity())
+        c = self.model.config
+        per_position = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4  # keys and values, float32
+        held = e.cache_bytes()
+        need = rows * positions * per_position
+        available = available_memory(self.model.device)
+        if need > held and available is not None and need - held > 0.9 * available:
+            gib = 1 << 30
+            raise LayerSkipError(f"the KV cache for {len(args_list)} rows of up to {positions} positions needs "
+                                 f"{need / gib:.1f} GiB, more than the {available / gib:.1f} GiB of memory available: "
+                                 "generate fewer prompts at once, or lower max_new_tokens / context_length")
+        e.reserve(rows, positions)
+
     def _grow_rope_table(self, e, positions: int) -> None:
         """Makes the engine's rotary table cover `positions` positions (the model's cached table, grown by
         doubling: a few rebuilds over a model's life, never more than the contexts used)."""
@@ -466,6 +487,7 @@ class Engine:
                 raise LayerSkipError("the rows of a batch must draft with one reduced head (one draft_vocab_size)")
             for args in args_list:
                 self._use_draft_vocab(e, args)
+            self._reserve_cache(e, args_list)
             ids: list[int] = []
             try:
                 for args in args_list:
@@ -508,6 +530,8 @@ class Engine:
                 e.set_profiling(False)
                 for row in e.row_ids():
                     e.remove_row(row)
+                if e.cache_bytes() > _KEEP_CACHE_BYTES:  # a large batch or long rows: give the memory back
+                    e.release_cache()
 
 
 def _row_id(row) -> int:
@@ -543,6 +567,23 @@ def default_weight_dtype(model) -> torch.dtype | str:
         return PACKED
     bf16 = model.dtype == torch.bfloat16 or getattr(model, "weight_mode", None) == "bf16"
     return torch.bfloat16 if bf16 else torch.float32
+
+
+_KEEP_CACHE_BYTES = 256 << 20  # a KV cache larger than this is freed when a generate() ends
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation may take on `device`: free CUDA memory, or Linux's MemAvailable; None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 _ENGINES_LOCK = threading.Lock()
