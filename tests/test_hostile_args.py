@@ -475,3 +475,12 @@ def test_lone_surrogates_are_errors(demo_model, where):
             demo_model, [{"role": "user", "content": "x\ud800"}], chat_template="{{ messages[0]['content'] }}")
     with pytest.raises(layerskip_ext.LayerSkipError, match="not valid Unicode: .* at character [0-9]+ is a lone surrogate"):
         call()
+
+
+def test_a_model_cannot_be_pickled_and_says_so(demo_model):
+    """multiprocessing Pool arguments and spawn pickle their arguments: the error names the model and what to do
+    (it was "cannot pickle '_thread.lock' object"; an audit's find)."""
+    import pickle
+    layerskip_ext.generate(demo_model, [5, 6], max_new_tokens=2)  # with an engine built
+    with pytest.raises(TypeError, match="LayerSkipModel cannot be pickled: load it in each process"):
+        pickle.dumps(demo_model)

@@ -36,6 +36,12 @@ class LayerSkipModel:
         self.draft_vocab: list[int] | None = None  # token ids by frequency for a reduced draft head
         self.weight_mode = "auto"  # load(weights=...): "bf16" makes the engine's default matmul dtype bfloat16
 
+    def __reduce__(self):
+        # pickling would copy the weights and the engine's native state (multiprocessing's spawn and Pool
+        # arguments do): refused by name rather than with "cannot pickle '_thread.lock' object"
+        raise TypeError("a LayerSkipModel cannot be pickled: load it in each process (layerskip_ext.load(path)), "
+                        "or create the processes with fork after loading it")
+
     @property
     def module(self) -> ReferenceLlama:
         """The reference model (built on first use from the packed weights, dequantized)."""
