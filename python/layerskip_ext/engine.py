@@ -32,8 +32,8 @@ import contextlib
 import mmap
 import os
 import threading
-import weakref
 import time
+import weakref
 
 import torch
 
