@@ -169,7 +169,6 @@ def _from_hf_directory(path: str) -> ChatTemplate | None:
 
 
 def _from_gguf(path: str) -> ChatTemplate | None:
-    from .errors import CheckpointError
     from .gguf_read import GGUFFile
     try:  # the reader load() uses: a file it refuses (duplicate tensors, ...) is refused here alike
         fields = GGUFFile(path).fields
