@@ -230,7 +230,7 @@ def _gguf_matrix(t, shape, weights: str, path: str, file_map=None):
     packed view keeps (PackedWeight.file_map)."""
     import gguf
 
-    from .quant import FORMAT_NAMES, PackedWeight, quantize
+    from .quant import FORMAT_NAMES, PackedWeight
 
     file_fmt = FORMAT_NAMES.get(int(t.tensor_type))
     if file_fmt is not None and weights in ("auto", file_fmt):
@@ -242,10 +242,7 @@ def _gguf_matrix(t, shape, weights: str, path: str, file_map=None):
     if weights in _FLOAT_MODES:
         return tensor.to(_FLOAT_MODES[weights])
     if weights != "auto":
-        if shape[1] % 32:
-            raise CheckpointError(f"{path}: tensor {t.name!r} has rows of {shape[1]} values, not a multiple of the "
-                                  f"{weights} block size 32", path, t.name)
-        return quantize(tensor, weights)
+        return _pack(tensor, weights, path, t.name)
     float_file = t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
     return tensor if float_file else tensor.to(torch.bfloat16)
 
@@ -440,7 +437,6 @@ def _convert_matrices(state: dict, weights: str, path: str) -> dict:
     """A float state dict with its matrices packed (q8_0 / q4_0 / q4_1) or cast (bf16 / fp32); as is for auto."""
     if weights == "auto":
         return state
-    from .quant import quantize
     out = {}
     for name, t in state.items():
         if t.dim() != 2:
@@ -448,8 +444,15 @@ def _convert_matrices(state: dict, weights: str, path: str) -> dict:
         elif weights in _FLOAT_MODES:
             out[name] = t.to(_FLOAT_MODES[weights])
         else:
-            if t.shape[1] % 32:
-                raise CheckpointError(f"{path}: tensor {name!r} has rows of {t.shape[1]} values, not a multiple of "
-                                      f"the {weights} block size 32", path, name)
-            out[name] = quantize(t, weights)
+            out[name] = _pack(t, weights, path, name)
     return out
+
+
+def _pack(tensor: torch.Tensor, fmt: str, path: str, name: str):
+    """A float matrix [N, K] of the file `path` packed in `fmt` (q8_0 / q4_0 / q4_1) on load; CheckpointError naming
+    the file and the tensor when K is not a multiple of the block size."""
+    from .quant import quantize
+    if tensor.shape[1] % 32:
+        raise CheckpointError(f"{path}: tensor {name!r} has rows of {tensor.shape[1]} values, not a multiple of the "
+                              f"{fmt} block size 32", path, name)
+    return quantize(tensor, fmt)
