@@ -182,10 +182,10 @@ class ModelConfig:
             rope_theta = rope_parameters.get("rope_theta", rope_theta)
             if rope_parameters.get("rope_type", "default") != "default":
                 rope_scaling = rope_parameters
-        if isinstance(rope_scaling, dict) and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
+        kind = rope_scaling.get("rope_type", rope_scaling.get("type")) if isinstance(rope_scaling, dict) else None
+        if kind == "default":
             rope_scaling = None
-        if (isinstance(rope_scaling, dict) and rope_scaling.get("rope_type", rope_scaling.get("type")) == "llama3"
-                and d.get("original_max_position_embeddings") is not None):
+        if kind == "llama3" and d.get("original_max_position_embeddings") is not None:
             # transformers 5 gives a top-level original_max_position_embeddings priority over the scaling's own
             rope_scaling = dict(rope_scaling, original_max_position_embeddings=d["original_max_position_embeddings"])
         partial = d.get("partial_rotary_factor")
