@@ -38,11 +38,9 @@ void Buffers::release() {
   ++generation_;
 }
 
-int64_t Buffers::cache_bytes() const {
-  int64_t bytes = 0;
-  for (const auto* cache : {&k_cache, &v_cache})
-    for (const at::Tensor& t : *cache) bytes += t.numel() * static_cast<int64_t>(t.element_size());
-  return bytes;
+int64_t Buffers::bytes_for(int64_t rows, int64_t capacity) const {
+  const int64_t element = static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(options_.dtype())));
+  return 2 * shape_.num_layers * rows * shape_.num_kv_heads * capacity * shape_.head_dim * element;
 }
 
 at::Tensor Buffers::scratch(const std::string& name, at::IntArrayRef sizes, at::ScalarType dtype) {

@@ -33,7 +33,9 @@ class Buffers {
   void reserve(int64_t rows, int64_t capacity);
   // Frees the KV cache (no rows, no positions); reserve allocates it again.
   void release();
-  int64_t cache_bytes() const;
+  // Bytes of a KV cache of `rows` rows of `capacity` positions (keys and values of every layer); the current one's.
+  int64_t bytes_for(int64_t rows, int64_t capacity) const;
+  int64_t cache_bytes() const { return bytes_for(rows_, capacity_); }
 
   // The workspace tensor `name`, viewed as [sizes...] of `dtype`; its memory is reused across steps.
   at::Tensor scratch(const std::string& name, at::IntArrayRef sizes, at::ScalarType dtype = at::kFloat);

@@ -79,8 +79,8 @@ Engine::Engine(EngineConfig config, at::Tensor cos_sin_cache, const c10::Dict<st
               cos_sin_cache.size(0), "] (the rotary table's positions), got ", config.capacity);
   TORCH_CHECK(config.max_positions >= cos_sin_cache.size(0), "Engine: max_positions (", config.max_positions,
               ") must cover the rotary table's ", cos_sin_cache.size(0), " positions");
-  TORCH_CHECK(config.max_rows >= 1 && config.max_rows <= 4096, "Engine: max_rows must be in [1, 4096], got ",
-              config.max_rows);
+  TORCH_CHECK(config.max_rows >= 1 && config.max_rows <= kMaxRows, "Engine: max_rows must be in [1, ", kMaxRows,
+              "], got ", config.max_rows);
   huge_page_bytes_ = place_in_huge_pages(weights_);
   cos_sin_cache_ = cos_sin_cache.to(weights_.device(), at::kFloat).contiguous();
   buffers_.reserve(config.max_rows, config.capacity);
@@ -175,7 +175,7 @@ int64_t Engine::add_row(at::Tensor prompt, std::string strategy, int64_t exit_la
 
 void Engine::reserve(int64_t rows, int64_t capacity) {
   Busy busy(busy_);
-  TORCH_CHECK(rows >= 1 && rows <= 4096, "Engine: reserve: rows must be in [1, 4096], got ", rows);
+  TORCH_CHECK(rows >= 1 && rows <= kMaxRows, "Engine: reserve: rows must be in [1, ", kMaxRows, "], got ", rows);
   TORCH_CHECK(capacity >= 1 && capacity <= config_.max_positions, "Engine: reserve: capacity must be in [1, ",
               config_.max_positions, "], got ", capacity);
   buffers_.reserve(rows, capacity);

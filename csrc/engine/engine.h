@@ -135,13 +135,16 @@ class Engine : public torch::CustomClassHolder {
 
   int64_t capacity() { return buffers_.capacity(); }
   int64_t max_rows() { return buffers_.rows(); }
-  // Grows the KV cache at once to `rows` rows of `capacity` positions (within max_rows 4096 and the model's
+  // Grows the KV cache at once to `rows` rows of `capacity` positions (within kMaxRows and the model's
   // positions), so that adding that many rows copies nothing: each add_row past the allocated rows copies the
   // whole cache. Drops captured graphs when it reallocates.
   void reserve(int64_t rows, int64_t capacity);
   // Frees the KV cache (an engine without rows only); the next add_row allocates what it needs.
   void release_cache();
   int64_t cache_bytes() { return buffers_.cache_bytes(); }
+  // Bytes the KV cache takes with `rows` rows of `capacity` positions (to check memory before reserve).
+  int64_t cache_bytes_for(int64_t rows, int64_t capacity) { return buffers_.bytes_for(rows, capacity); }
+  static constexpr int64_t kMaxRows = 4096;  // cache rows an engine may hold
   int64_t weight_bytes_per_token() { return weights_.bytes_per_token(); }
   // Bytes of weight matrices the engine copied into memory advised for huge pages (engine/huge_pages.h); 0
   // on CUDA or with LAYERSKIP_HUGE_PAGES=0.

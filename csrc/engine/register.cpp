@@ -29,6 +29,7 @@ TORCH_LIBRARY_FRAGMENT(layerskip, m) {
       .def("reserve", &Engine::reserve)
       .def("release_cache", &Engine::release_cache)
       .def("cache_bytes", &Engine::cache_bytes)
+      .def("cache_bytes_for", &Engine::cache_bytes_for)
       .def("weight_bytes_per_token", &Engine::weight_bytes_per_token)
       .def("huge_page_bytes", &Engine::huge_page_bytes)
       .def("weight_read_seconds", &Engine::weight_read_seconds)

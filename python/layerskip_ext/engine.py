@@ -394,10 +394,7 @@ class Engine:
         rows = max(len(args_list), e.max_rows())
         positions = max(max(_positions_reached(a, min(a.max_new_tokens, a.context_length)) for a in args_list),
                         e.capacity())
-        c = self.model.config
-        per_position = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4  # keys and values, float32
-        held = e.cache_bytes()
-        need = rows * positions * per_position
+        held, need = e.cache_bytes(), e.cache_bytes_for(rows, positions)
         available = available_memory(self.model.device)
         if need > held and available is not None and need - held > 0.9 * available:
             gib = 1 << 30
