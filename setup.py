@@ -77,8 +77,9 @@ debug = os.environ.get("LAYERSKIP_DEBUG") == "1"
 march = os.environ.get("LAYERSKIP_MARCH", "native")
 cxx_flags = ["-O0", "-g"] if debug else ["-O3", f"-march={march}", "-ffp-contract=fast"]
 # -fopenmp: at::parallel_for is an inline OpenMP loop in the headers; without it, it runs serially.
-# The C++ standard comes from torch (C++17 for 2.13, C++20 for 2.14).
-cxx_flags += ["-fvisibility=hidden", "-fopenmp"]
+# C++20 (std::atomic wait / notify in the CPU work pool): torch >= 2.13 compiles extensions as C++20 already, older
+# ones (2.11 on the GPU machines) add -std=c++17 unless a -std flag is given. The .cu files keep torch's standard.
+cxx_flags += ["-fvisibility=hidden", "-fopenmp", "-std=c++20"]
 nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 link_flags = []
 if os.environ.get("LAYERSKIP_SANITIZE") == "1":
@@ -86,7 +87,8 @@ if os.environ.get("LAYERSKIP_SANITIZE") == "1":
     # RTTI that libtorch's classes do not all expose to us
     sanitizers = ["-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize=vptr",
                   "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
-    cxx_flags = ["-O1", "-g", f"-march={march}", "-ffp-contract=fast", "-fvisibility=hidden", "-fopenmp"] + sanitizers
+    cxx_flags = ["-O1", "-g", f"-march={march}", "-ffp-contract=fast", "-fvisibility=hidden", "-fopenmp",
+                 "-std=c++20"] + sanitizers
     link_flags = sanitizers
 
 if cuda_ops_only:
