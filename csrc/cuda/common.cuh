@@ -61,7 +61,7 @@ __device__ __forceinline__ float block_max(float x, float* shared) {
   __syncthreads();
   if (lane == 0) shared[warp] = x;
   __syncthreads();
-  float m = lane < warps ? shared[lane] : -FLT_MAX;
+  float m = lane < warps ? shared[lane] : -INFINITY;  // the identity of max (-FLT_MAX would turn an all -inf row finite)
   return warp_max(m);
 }
 

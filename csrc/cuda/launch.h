@@ -85,11 +85,13 @@ cudaError_t sampling_probs(DType lt, const void* logits, float* probs, int64_t r
 // negative or not finite count as 0; a row without positive mass gets -1 (the CPU op raises).
 cudaError_t sample_from_probs(const float* probs, int64_t* tokens, int64_t rows, int64_t vocab, DrawParams r,
                               cudaStream_t stream);
-// tokens [T] int64 = first index of each row's maximum of logits [T, V] (type lt).
+// tokens [T] int64 = first index of each row's maximum of logits [T, V] (type lt); -1 for a row holding a NaN or
+// +inf or without a finite maximum (the CPU ops raise).
 cudaError_t argmax_rows(DType lt, const void* logits, int64_t* tokens, int64_t rows, int64_t vocab,
                         cudaStream_t stream);
 // Greedy verification of B rows: draft [B, d], draft_lengths [B] (null: d for every row; clamped into [0, d]),
-// target_logits [B, d+1, V] (type lt) -> tokens [B, d+1] (-1 past the last valid entry), num_accepted [B].
+// target_logits [B, d+1, V] (type lt) -> tokens [B, d+1] (-1 past the last valid entry, and for a target row that
+// argmax_rows rejects), num_accepted [B].
 // scratch: B * (d+1) int64 of device memory (the argmax of every target row).
 cudaError_t speculative_accept_greedy(DType lt, const int64_t* draft, const int64_t* draft_lengths,
                                       const void* target_logits, int64_t batch, int64_t d, int64_t vocab,

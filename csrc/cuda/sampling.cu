@@ -47,17 +47,21 @@ __device__ double block_exclusive_scan(double x, double* total) {
   return (warp > 0 ? warp_totals[warp - 1] : 0.0) + incl - x;
 }
 
-// Index of the first maximum of row[0, n) (values of type T, NaN unsupported); all threads get it.
+// Index of the first maximum of row[0, n) (values of type T); all threads get it. -1 (the GPU's error value)
+// when the row holds a NaN or +inf or has no finite maximum, where the CPU ops raise (cpu::check_logits_row).
 template <typename T>
 __device__ int64_t block_argmax(const T* row, int64_t n) {
   __shared__ float s_val[32];
   __shared__ int64_t s_idx[32];
   float best = -INFINITY;
   int64_t idx = INT64_MAX;
+  int bad = 0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     const float v = to_float(row[i]);
+    bad |= isnan(v) || v == INFINITY;
     if (v > best || idx == INT64_MAX) best = v, idx = i;  // strided order: the first seen of equal values wins
   }
+  bad = __syncthreads_or(bad);
   for (int o = 16; o > 0; o >>= 1) {
     const float ov = __shfl_xor_sync(0xffffffffu, best, o);
     const int64_t oi = __shfl_xor_sync(0xffffffffu, idx, o);
@@ -73,6 +77,7 @@ __device__ int64_t block_argmax(const T* row, int64_t n) {
       best = s_val[w], idx = s_idx[w];
     }
   }
+  if (bad || !(best > -INFINITY)) return -1;  // NaN / +inf entries, or every entry -inf
   return idx == INT64_MAX ? 0 : idx;
 }
 
@@ -170,7 +175,10 @@ __device__ bool row_filter(const FilterParams& f, int64_t r, double* temperature
   *temperature = f.temperature != nullptr ? f.temperature[r] : f.temperature_all;
   *top_k = f.top_k != nullptr ? f.top_k[r] : f.top_k_all;
   *top_p = f.top_p != nullptr ? f.top_p[r] : f.top_p_all;
-  return isfinite(*temperature) && *temperature >= 0.0 && *top_k >= 0 && *top_p > 0.0 && *top_p <= 1.0;
+  // the CPU op's rule (csrc/cpu/sampling.cpp check_filter_args): 0 or [1e-4, 1e4]; a smaller temperature
+  // rounds to 0 as a float and 1/T becomes inf (NaN probabilities)
+  const bool t_ok = *temperature == 0.0 || (*temperature >= 1e-4 && *temperature <= 1e4);
+  return t_ok && *top_k >= 0 && *top_p > 0.0 && *top_p <= 1.0;
 }
 
 template <typename T>
@@ -185,9 +193,12 @@ __global__ void __launch_bounds__(kThreads)
   int64_t top_k;
   const bool valid = row_filter(f, r, &temperature, &top_k, &top_p);
   float local_max = -INFINITY;
-  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) local_max = fmaxf(local_max, to_float(z[i]));
+  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
+    const float v = to_float(z[i]);
+    local_max = fmaxf(local_max, isnan(v) ? INFINITY : v);  // fmaxf drops NaN: count it as +inf (invalid row)
+  }
   const float zmax = block_max(local_max, s_red);
-  if (!valid || !isfinite(zmax)) {
+  if (!valid || !isfinite(zmax)) {  // NaN or +inf entries, or no finite maximum: the CPU op raises
     for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) out[i] = 0.f;
     return;
   }
