@@ -52,10 +52,34 @@ struct Engine::GraphCache {
     int64_t generation = -1;            // Buffers::generation() at capture
     bool captured = false;
     int64_t steps_seen = 0;
+    int64_t last_used = 0;  // GraphCache::clock at the last step of this shape
   };
   std::map<std::pair<int64_t, int64_t>, std::unique_ptr<Decode>> decode;  // by (E, n)
   std::map<std::tuple<int64_t, int64_t, int64_t, bool>, std::unique_ptr<Decode>> rounds;  // by (E, d, n, greedy)
   int64_t replays = 0;
+  int64_t clock = 0;
+
+  // Captured graphs kept at most (each holds its workspace and private memory pool: [n (d + 1), V] logits and
+  // probabilities for a round; keys vary with n, and with d under adaptive drafting or near a row's end, so an
+  // unbounded cache grows until the device runs out of memory). The least recently used one goes first.
+  static constexpr size_t kMaxCaptured = 16;
+  void evict_for_capture() {
+    for (;;) {
+      size_t captured = 0;
+      std::unique_ptr<Decode>* oldest = nullptr;
+      auto visit = [&](auto& map) {
+        for (auto& item : map) {
+          if (!item.second || !item.second->captured) continue;
+          ++captured;
+          if (oldest == nullptr || item.second->last_used < (*oldest)->last_used) oldest = &item.second;
+        }
+      };
+      visit(decode);
+      visit(rounds);
+      if (captured < kMaxCaptured || oldest == nullptr) return;
+      oldest->reset();  // the map keeps an empty slot: the shape starts again with one eager step
+    }
+  }
 
   // Pinned staging and device tensors of a graph's inputs ([longs] int64, [doubles] float64) and outputs.
   static void allocate_io(Decode& g, int64_t longs, int64_t doubles, int64_t outs, const at::Device& device) {
@@ -90,10 +114,12 @@ struct Engine::GraphCache {
   // engine's scratch tensors routed to the graph's own workspace. On failure the capture is ended, graphs are
   // turned off and the error propagates.
   template <typename Body>
-  static void capture(Decode& g, Buffers& buffers, bool& use_graphs, Body&& body) {
+  static void capture(Decode& g, Buffers& buffers, bool& use_graphs, const at::Device& device, Body&& body) {
     buffers.use_workspace(&g.workspace);
     try {
-      const c10::cuda::CUDAStreamGuard stream_guard(c10::cuda::getStreamFromPool());
+      // a pool stream of the engine's device (the guard also makes that device current): with the current
+      // device's stream, an engine on another device would launch on its default stream during the capture
+      const c10::cuda::CUDAStreamGuard stream_guard(c10::cuda::getStreamFromPool(false, device.index()));
       g.graph.capture_begin();
       body();
       g.graph.capture_end();
@@ -128,12 +154,16 @@ bool Engine::decode_group_graph(const std::vector<int64_t>& ids, int64_t E) {
   if (entry && entry->generation != buffers_.generation()) entry.reset();  // the KV cache moved: recapture
   if (!entry) entry = std::make_unique<GraphCache::Decode>();
   GraphCache::Decode& g = *entry;
+  g.last_used = ++graphs_->clock;
   if (!g.captured && g.steps_seen++ == 0) return false;  // the first step of this shape runs eagerly
-  if (!g.captured) GraphCache::allocate_io(g, 6 * n, 2 * n, 2 * n, weights_.device());
+  if (!g.captured) {
+    graphs_->evict_for_capture();
+    GraphCache::allocate_io(g, 6 * n, 2 * n, 2 * n, weights_.device());
+  }
 
   GraphCache::stage_inputs(g, rows_, ids);
   if (!g.captured) {
-    GraphCache::capture(g, buffers_, use_graphs_, [&]() {
+    GraphCache::capture(g, buffers_, use_graphs_, weights_.device(), [&]() {
       auto part = [&](const at::Tensor& t, int64_t k) { return t.narrow(0, k * n, n); };
       at::Tensor x = buffers_.scratch("step_x", {n, config_.shape.hidden});  // [n, H]
       embed(x, part(g.in_long, 0));
@@ -180,13 +210,17 @@ bool Engine::speculative_group_graph(const std::vector<int64_t>& ids) {
   if (entry && entry->generation != buffers_.generation()) entry.reset();
   if (!entry) entry = std::make_unique<GraphCache::Decode>();
   GraphCache::Decode& g = *entry;
+  g.last_used = ++graphs_->clock;
   if (!g.captured && g.steps_seen++ == 0) return false;  // the first round of this shape runs eagerly
   const at::Device device = weights_.device();
-  if (!g.captured) GraphCache::allocate_io(g, 6 * n, 2 * n, n * W + n + n * W, device);
+  if (!g.captured) {
+    graphs_->evict_for_capture();
+    GraphCache::allocate_io(g, 6 * n, 2 * n, n * W + n + n * W, device);
+  }
 
   GraphCache::stage_inputs(g, rows_, ids);  // positions pos[j], counters c[j]
   if (!g.captured) {
-    GraphCache::capture(g, buffers_, use_graphs_, [&]() {
+    GraphCache::capture(g, buffers_, use_graphs_, device, [&]() {
       auto part = [&](const at::Tensor& t, int64_t k) { return t.narrow(0, k * n, n); };
       const at::Tensor last = part(g.in_long, 0), slots = part(g.in_long, 1), base = part(g.in_long, 2),
                        counters = part(g.in_long, 3), top_k = part(g.in_long, 4), seeds = part(g.in_long, 5);
