@@ -35,8 +35,15 @@ CPU_ONLY = {"layerskip::linear_quantized", "layerskip::linear_quantized.out", "l
             "layerskip::work_pool_enabled"}
 if not ops:
     sys.exit("check_cuda_build: no layerskip ops registered")
-missing = {key: [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
-                 and not (key == "CUDA" and op in CPU_ONLY)]
+
+
+def has_kernel(op: str, key: str) -> bool:
+    """A kernel for `key`, or a composite one (the ops without tensor arguments, which some torch versions do not
+    count for CPU)."""
+    return any(torch._C._dispatch_has_kernel_for_dispatch_key(op, k) for k in (key, "CompositeImplicitAutograd"))
+
+
+missing = {key: [op for op in ops if not has_kernel(op, key) and not (key == "CUDA" and op in CPU_ONLY)]
            for key in (("CUDA",) if cuda_only else ("CPU", "CUDA"))}
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}); {len(ops)} layerskip ops:")
 for op in ops:
