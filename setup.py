@@ -77,9 +77,10 @@ debug = os.environ.get("LAYERSKIP_DEBUG") == "1"
 march = os.environ.get("LAYERSKIP_MARCH", "native")
 cxx_flags = ["-O0", "-g"] if debug else ["-O3", f"-march={march}", "-ffp-contract=fast"]
 # -fopenmp: at::parallel_for is an inline OpenMP loop in the headers; without it, it runs serially.
-# C++20 (std::atomic wait / notify in the CPU work pool): torch >= 2.13 compiles extensions as C++20 already, older
-# ones (2.11 on the GPU machines) add -std=c++17 unless a -std flag is given. The .cu files keep torch's standard.
-cxx_flags += ["-fvisibility=hidden", "-fopenmp", "-std=c++20"]
+# The C++ standard is torch's (C++17 up to 2.12, C++20 from 2.13): the sources are C++17, and a standard other than
+# the one torch was built with broke its inline error-message code on the GPU machine (torch 2.11 compiled as C++20
+# by GCC 13: streaming an integer into a TORCH_CHECK message crashed).
+cxx_flags += ["-fvisibility=hidden", "-fopenmp"]
 nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 link_flags = []
 if os.environ.get("LAYERSKIP_SANITIZE") == "1":
@@ -87,8 +88,7 @@ if os.environ.get("LAYERSKIP_SANITIZE") == "1":
     # RTTI that libtorch's classes do not all expose to us
     sanitizers = ["-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize=vptr",
                   "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
-    cxx_flags = ["-O1", "-g", f"-march={march}", "-ffp-contract=fast", "-fvisibility=hidden", "-fopenmp",
-                 "-std=c++20"] + sanitizers
+    cxx_flags = ["-O1", "-g", f"-march={march}", "-ffp-contract=fast", "-fvisibility=hidden", "-fopenmp"] + sanitizers
     link_flags = sanitizers
 
 if cuda_ops_only:

@@ -1,7 +1,10 @@
 // The work-claiming thread pool of the CPU ops (see work_pool.h).
 #include "cpu/work_pool.h"
 
+#include <linux/futex.h>
 #include <pthread.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 
@@ -21,6 +24,19 @@ constexpr int kWorkerSpins = 1000;   // pauses (~40 us on Zen 4) a worker waits 
 constexpr int kCallerSpins = 20000;  // pauses the caller waits for chunks held by others before yielding its core
 
 thread_local bool tls_in_region = false;  // this thread is running a region's chunk (or is its caller)
+
+// Sleeps until `word` no longer holds `seen` (a Linux futex on the word: what C++20's atomic wait does, kept to
+// C++17 so that the extension compiles with the C++ standard of whichever torch it builds against).
+void futex_wait_while(std::atomic<uint32_t>& word, uint32_t seen) {
+  static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t), "a futex is one 32-bit word");
+  while (word.load(std::memory_order_acquire) == seen) {
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAIT_PRIVATE, seen, nullptr, nullptr, 0);
+  }
+}
+
+void futex_wake_one(std::atomic<uint32_t>& word) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr, 0);
+}
 
 }  // namespace
 
@@ -75,7 +91,11 @@ void WorkPool::worker_loop(int index) {
       now = go.load(std::memory_order_acquire);
     }
     if (now == seen) {
-      go.wait(seen, std::memory_order_acquire);
+      // announce the sleep before the last look at `go` (both seq_cst): either this load sees the caller's new
+      // region, or the caller's load of `sleeping` after its store sees 1 and wakes the futex
+      slots_[index].sleeping.store(1, std::memory_order_seq_cst);
+      if (go.load(std::memory_order_seq_cst) == seen) futex_wait_while(go, seen);
+      slots_[index].sleeping.store(0, std::memory_order_relaxed);
       now = go.load(std::memory_order_acquire);
     }
     seen = now;
@@ -107,8 +127,8 @@ void WorkPool::run(int64_t chunks, int helpers, const std::function<void(int64_t
   done_.store(0, std::memory_order_relaxed);
   claim_.store(static_cast<uint64_t>(region) << 32, std::memory_order_release);
   for (int i = 0; i < helpers; ++i) {  // only the workers this region may use
-    slots_[i].go.store(region, std::memory_order_release);
-    slots_[i].go.notify_one();
+    slots_[i].go.store(region, std::memory_order_seq_cst);
+    if (slots_[i].sleeping.load(std::memory_order_seq_cst)) futex_wake_one(slots_[i].go);  // a spinning one sees it
   }
   tls_in_region = true;
   work_on(region);

@@ -12,7 +12,7 @@
 //
 // Workers are started on first use (up to the number asked for, at most 255; detached, never destroyed: process
 // exit ends them, and a forked child starts its own). A region wakes only the workers it may use; each spins
-// briefly on its own wake-up word after a region (~40 us) before sleeping on it (C++20 atomic wait), so that the
+// briefly on its own wake-up word after a region (~40 us) before sleeping on it (a futex), so that the
 // back-to-back regions of a decode step do not pay a wake-up each. One region
 // at a time: a second thread calling run while a region is running, and a region's own chunks calling run
 // (nested loops), run their chunks inline on the calling thread. An exception thrown by a chunk on a worker is
@@ -52,6 +52,7 @@ class WorkPool {
   // asleep, stay so), and a worker spins on its own line.
   struct alignas(64) Slot {
     std::atomic<uint32_t> go{0};  // the number of the last region this worker was asked to join
+    std::atomic<uint32_t> sleeping{0};  // 1 while the worker sleeps (or is about to) on `go`'s futex
   };
 
   std::mutex region_mutex_;  // one region at a time

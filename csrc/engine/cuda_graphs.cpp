@@ -111,10 +111,11 @@ struct Engine::GraphCache {
   }
 
   // Captures body() into g.graph on a side stream (the legacy default stream cannot capture), with the
-  // engine's scratch tensors routed to the graph's own workspace. On failure the capture is ended, graphs are
-  // turned off and the error propagates.
+  // engine's scratch tensors routed to the graph's own workspace. False when the capture failed: it is ended,
+  // graphs are turned off for this engine with a warning naming the error, and the caller runs the step eagerly
+  // (nothing ran while capturing, so no state changed; an error of the step itself recurs there and propagates).
   template <typename Body>
-  static void capture(Decode& g, Buffers& buffers, bool& use_graphs, const at::Device& device, Body&& body) {
+  static bool capture(Decode& g, Buffers& buffers, bool& use_graphs, const at::Device& device, Body&& body) {
     buffers.use_workspace(&g.workspace);
     try {
       // a pool stream of the engine's device (the guard also makes that device current): with the current
@@ -123,18 +124,21 @@ struct Engine::GraphCache {
       g.graph.capture_begin();
       body();
       g.graph.capture_end();
-    } catch (...) {
+    } catch (const std::exception& e) {
       try {
         g.graph.capture_end();  // leave the side stream out of capture mode
       } catch (...) {
       }
       buffers.use_workspace(nullptr);
       use_graphs = false;
-      throw;
+      TORCH_WARN("layerskip engine: capturing a CUDA graph of a step failed, steps run eagerly from now on: ",
+                 e.what());
+      return false;
     }
     buffers.use_workspace(nullptr);
     g.generation = buffers.generation();
     g.captured = true;
+    return true;
   }
 
   // Uploads the staged inputs, replays, and returns the outputs on the host (the one synchronisation).
@@ -151,7 +155,7 @@ bool Engine::decode_group_graph(const std::vector<int64_t>& ids, int64_t E) {
   if (!graphs_ready()) return false;
   const int64_t n = static_cast<int64_t>(ids.size());
   auto& entry = graphs_->decode[{E, n}];
-  if (entry && entry->generation != buffers_.generation()) entry.reset();  // the KV cache moved: recapture
+  if (entry && entry->captured && entry->generation != buffers_.generation()) entry.reset();  // the KV cache moved: recapture
   if (!entry) entry = std::make_unique<GraphCache::Decode>();
   GraphCache::Decode& g = *entry;
   g.last_used = ++graphs_->clock;
@@ -163,7 +167,7 @@ bool Engine::decode_group_graph(const std::vector<int64_t>& ids, int64_t E) {
 
   GraphCache::stage_inputs(g, rows_, ids);
   if (!g.captured) {
-    GraphCache::capture(g, buffers_, use_graphs_, weights_.device(), [&]() {
+    const bool captured = GraphCache::capture(g, buffers_, use_graphs_, weights_.device(), [&]() {
       auto part = [&](const at::Tensor& t, int64_t k) { return t.narrow(0, k * n, n); };
       at::Tensor x = buffers_.scratch("step_x", {n, config_.shape.hidden});  // [n, H]
       embed(x, part(g.in_long, 0));
@@ -176,6 +180,7 @@ bool Engine::decode_group_graph(const std::vector<int64_t>& ids, int64_t E) {
       g.out.narrow(0, 0, n).copy_(tokens);
       g.out.narrow(0, n, n).copy_(finite);
     });
+    if (!captured) return false;
   }
   // host sync (in replay): the new tokens and their logits' finiteness, once per step
   const at::Tensor host = graphs_->replay(g);  // [2n]
@@ -207,7 +212,7 @@ bool Engine::speculative_group_graph(const std::vector<int64_t>& ids) {
   if (D < 1 || std::any_of(d.begin(), d.end(), [&](int64_t x) { return x != D; })) return false;
   const int64_t W = D + 1;
   auto& entry = graphs_->rounds[{E, D, n, greedy}];
-  if (entry && entry->generation != buffers_.generation()) entry.reset();
+  if (entry && entry->captured && entry->generation != buffers_.generation()) entry.reset();
   if (!entry) entry = std::make_unique<GraphCache::Decode>();
   GraphCache::Decode& g = *entry;
   g.last_used = ++graphs_->clock;
@@ -220,7 +225,7 @@ bool Engine::speculative_group_graph(const std::vector<int64_t>& ids) {
 
   GraphCache::stage_inputs(g, rows_, ids);  // positions pos[j], counters c[j]
   if (!g.captured) {
-    GraphCache::capture(g, buffers_, use_graphs_, device, [&]() {
+    const bool captured = GraphCache::capture(g, buffers_, use_graphs_, device, [&]() {
       auto part = [&](const at::Tensor& t, int64_t k) { return t.narrow(0, k * n, n); };
       const at::Tensor last = part(g.in_long, 0), slots = part(g.in_long, 1), base = part(g.in_long, 2),
                        counters = part(g.in_long, 3), top_k = part(g.in_long, 4), seeds = part(g.in_long, 5);
@@ -277,6 +282,7 @@ bool Engine::speculative_group_graph(const std::vector<int64_t>& ids) {
       g.out.narrow(0, n * W, n).copy_(num_accepted);
       g.out.narrow(0, n * W + n, n * W).copy_(finite);
     });
+    if (!captured) return false;
   }
   // host sync (in replay): the accepted tokens, their counts and the logits' finiteness, once per round
   const at::Tensor host = graphs_->replay(g);
