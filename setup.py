@@ -12,9 +12,12 @@
 import glob
 import os
 import re
+import shlex
 import shutil
 import site
+import subprocess
 import sys
+import tempfile
 
 from setuptools import setup
 
@@ -51,6 +54,33 @@ def _nvidia_wheel_includes():
     return sorted(set(d for d in dirs if os.path.isdir(d)))
 
 
+def _links_libstdcxx_statically(cxx: str) -> bool:
+    """True when the C++ compiler `cxx` puts libstdc++ itself into a shared object instead of linking libstdc++.so
+    (a compiler wrapper on one of our GPU machines did). Such an extension carries a second C++ runtime beside the
+    one torch uses: formatting an integer into an error message (TORCH_CHECK) crashed it with a segfault. False
+    when it cannot tell (no readelf, the probe does not build): the build itself then reports."""
+    if shutil.which("readelf") is None:
+        return False
+    with tempfile.TemporaryDirectory() as d:
+        src, lib = os.path.join(d, "probe.cpp"), os.path.join(d, "probe.so")
+        with open(src, "w") as f:
+            f.write("#include <sstream>\nstd::string probe(long n) { std::ostringstream s; s << n; return s.str(); }\n")
+        try:
+            built = subprocess.run(shlex.split(cxx) + ["-shared", "-fPIC", src, "-o", lib], capture_output=True)
+        except OSError:
+            return False
+        if built.returncode != 0:
+            return False
+        needed = subprocess.run(["readelf", "-d", lib], capture_output=True, text=True).stdout
+        return "NEEDED" in needed and "libstdc++" not in needed
+
+
+_cxx = os.environ.get("CXX", "c++")
+if sys.platform.startswith("linux") and _links_libstdcxx_statically(_cxx):
+    sys.exit(f"layerskip_ext: the C++ compiler {_cxx!r} links libstdc++ statically into shared objects, so the "
+             "extension would carry its own C++ runtime beside torch's and crash (e.g. in its error messages); set "
+             "CXX (and CC) to a compiler that links libstdc++.so, such as the system's /usr/bin/g++")
+
 cuda_home = _real_cuda_home()
 if cuda_home:
     os.environ["CUDA_HOME"] = cuda_home  # must be set before cpp_extension is imported
@@ -77,9 +107,7 @@ debug = os.environ.get("LAYERSKIP_DEBUG") == "1"
 march = os.environ.get("LAYERSKIP_MARCH", "native")
 cxx_flags = ["-O0", "-g"] if debug else ["-O3", f"-march={march}", "-ffp-contract=fast"]
 # -fopenmp: at::parallel_for is an inline OpenMP loop in the headers; without it, it runs serially.
-# The C++ standard is torch's (C++17 up to 2.12, C++20 from 2.13): the sources are C++17, and a standard other than
-# the one torch was built with broke its inline error-message code on the GPU machine (torch 2.11 compiled as C++20
-# by GCC 13: streaming an integer into a TORCH_CHECK message crashed).
+# The C++ standard is torch's (C++17 for 2.11, C++20 for 2.13 and later): the sources are C++17.
 cxx_flags += ["-fvisibility=hidden", "-fopenmp"]
 nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 link_flags = []

@@ -1,0 +1,32 @@
+"""setup.py's refusal of a C++ compiler that links libstdc++ statically into shared objects (the GPU machines'
+compiler wrapper did: the extension then carried a second C++ runtime beside torch's and segfaulted formatting an
+integer into a TORCH_CHECK message). `python setup.py --name` runs the check without building anything."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+pytestmark = pytest.mark.skipif(not (sys.platform.startswith("linux") and shutil.which("g++") and shutil.which("readelf")),
+                                reason="needs Linux, g++ and readelf")
+
+
+def setup_name(cxx: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, CXX=cxx)
+    return subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_static_libstdcxx_compiler_is_refused_by_name():
+    result = setup_name("g++ -static-libstdc++")
+    assert result.returncode != 0
+    assert "links libstdc++ statically" in result.stderr and "g++ -static-libstdc++" in result.stderr
+
+
+def test_the_usual_compiler_passes():
+    result = setup_name("g++")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "layerskip_ext"
