@@ -116,24 +116,31 @@ struct Engine::GraphCache {
   // (nothing ran while capturing, so no state changed; an error of the step itself recurs there and propagates).
   template <typename Body>
   static bool capture(Decode& g, Buffers& buffers, bool& use_graphs, const at::Device& device, Body&& body) {
-    buffers.use_workspace(&g.workspace);
-    try {
-      // a pool stream of the engine's device (the guard also makes that device current): with the current
-      // device's stream, an engine on another device would launch on its default stream during the capture
-      const c10::cuda::CUDAStreamGuard stream_guard(c10::cuda::getStreamFromPool(false, device.index()));
-      g.graph.capture_begin();
-      body();
-      g.graph.capture_end();
-    } catch (const std::exception& e) {
+    auto abandon = [&]() {  // ends a failed capture: the side stream leaves capture mode, graphs go off
       try {
-        g.graph.capture_end();  // leave the side stream out of capture mode
+        g.graph.capture_end();
       } catch (...) {
       }
       buffers.use_workspace(nullptr);
       use_graphs = false;
+    };
+    // a pool stream of the engine's device (the guard also makes that device current): with the current device's
+    // stream, an engine on another device would launch on its default stream during the capture. The guard
+    // outlives the try block: a failed capture must end on the stream it began on.
+    const c10::cuda::CUDAStreamGuard stream_guard(c10::cuda::getStreamFromPool(false, device.index()));
+    buffers.use_workspace(&g.workspace);
+    try {
+      g.graph.capture_begin();
+      body();
+      g.graph.capture_end();
+    } catch (const std::exception& e) {
+      abandon();
       TORCH_WARN("layerskip engine: capturing a CUDA graph of a step failed, steps run eagerly from now on: ",
                  e.what());
       return false;
+    } catch (...) {
+      abandon();
+      throw;
     }
     buffers.use_workspace(nullptr);
     g.generation = buffers.generation();
