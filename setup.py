@@ -72,7 +72,7 @@ def _links_libstdcxx_statically(cxx: str) -> bool:
         if built.returncode != 0:
             return False
         needed = subprocess.run(["readelf", "-d", lib], capture_output=True, text=True).stdout
-        return "NEEDED" in needed and "libstdc++" not in needed
+        return "NEEDED" in needed and not any(runtime in needed for runtime in ("libstdc++", "libc++"))
 
 
 _cxx = os.environ.get("CXX", "c++")
