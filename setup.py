@@ -72,7 +72,17 @@ def _links_libstdcxx_statically(cxx: str) -> bool:
         if built.returncode != 0:
             return False
         needed = subprocess.run(["readelf", "-d", lib], capture_output=True, text=True).stdout
-        return "NEEDED" in needed and not any(runtime in needed for runtime in ("libstdc++", "libc++"))
+        if "NEEDED" not in needed or any(runtime in needed for runtime in ("libstdc++", "libc++")):
+            return False
+        # No C++ runtime among the libraries: statically linked only when the probe's std:: functions are in it. A
+        # C compiler driver (CXX=gcc, CXX=clang) links no runtime at all and leaves them undefined, for the
+        # process's libstdc++ (torch's) to supply: one runtime, nothing to refuse.
+        symbols = subprocess.run(["readelf", "--dyn-syms", "-W", lib], capture_output=True, text=True).stdout
+        for line in symbols.splitlines():
+            fields = line.split()
+            if len(fields) >= 8 and fields[6] == "UND" and fields[7].startswith(("_ZNS", "_ZNKS")):
+                return False
+        return True
 
 
 _cxx = os.environ.get("CXX", "c++")

@@ -30,3 +30,13 @@ def test_the_usual_compiler_passes():
     result = setup_name("g++")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "layerskip_ext"
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_a_c_compiler_driver_is_not_taken_for_a_static_libstdcxx_one():
+    """CXX=gcc (a C driver) links no C++ runtime into the probe: its std:: symbols stay undefined for torch's
+    libstdc++ to supply, one runtime in the process. The probe took the missing libstdc++.so entry for a static
+    libstdc++ and refused the build with a wrong reason."""
+    result = setup_name("gcc")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "layerskip_ext"
