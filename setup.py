@@ -66,8 +66,9 @@ def _links_libstdcxx_statically(cxx: str) -> bool:
         with open(src, "w") as f:
             f.write("#include <sstream>\nstd::string probe(long n) { std::ostringstream s; s << n; return s.str(); }\n")
         try:
-            built = subprocess.run(shlex.split(cxx) + ["-shared", "-fPIC", src, "-o", lib], capture_output=True)
-        except OSError:
+            built = subprocess.run(shlex.split(cxx) + ["-shared", "-fPIC", src, "-o", lib], capture_output=True,
+                                   timeout=300)
+        except (OSError, subprocess.TimeoutExpired):
             return False
         if built.returncode != 0:
             return False
