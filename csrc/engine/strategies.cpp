@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "cpu/parallel.h"
 #include "engine/engine.h"
 
 namespace layerskip {
@@ -62,13 +63,17 @@ at::Tensor Engine::finite_rows(at::Tensor& logits) {
     at::Tensor finite = at::empty({T}, at::kLong);  // [T]
     float* l = logits.data_ptr<float>();
     int64_t* f = finite.data_ptr<int64_t>();
-    for (int64_t t = 0; t < T; ++t) {
-      float* row = l + t * V;
-      bool ok = true;
-      for (int64_t v = 0; v < V; ++v) ok &= std::isfinite(row[v]);
-      f[t] = ok;
-      if (!ok) std::fill(row, row + V, 0.f);
-    }
+    // rows in parallel once there are ~1M logits (a large verify pass); a decode step's rows run inline
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(V, 1));
+    cpu::parallel_for(0, T, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        float* row = l + t * V;
+        bool ok = true;
+        for (int64_t v = 0; v < V; ++v) ok &= std::isfinite(row[v]);
+        f[t] = ok;
+        if (!ok) std::fill(row, row + V, 0.f);
+      }
+    });
     return finite;
   }
   const at::Tensor finite = at::isfinite(logits).all(1);  // [T] bool
