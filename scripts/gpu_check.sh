@@ -51,5 +51,8 @@ stage "benchmark: demo checkpoint (checkpoints/layerskip-demo, E=3 d=2)"
 timeout 45 "$PY" benchmarks/bench_cuda.py --device cuda --model checkpoints/layerskip-demo --exit-layer 3 -d 2 \
   --tokens 128 --repeats 3 --weight-dtype float32 2>&1 | tee "$LOGS/bench_demo.log" || echo "(benchmark failed)"
 
+stage "benchmark: linear against cuBLAS"
+timeout 40 "$PY" benchmarks/bench_cuda_linear.py 2>&1 | tee "$LOGS/bench_linear.log" || echo "(benchmark failed)"
+
 stage "done, status $status"
 exit $status
