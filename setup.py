@@ -7,6 +7,8 @@
 #   LAYERSKIP_DEBUG=1    build with -O0 -g
 #   LAYERSKIP_SANITIZE=1 build with AddressSanitizer + UndefinedBehaviorSanitizer (scripts/sanitize.sh)
 #   TORCH_CUDA_ARCH_LIST GPU architectures (default: the visible GPU's, or 8.0;9.0+PTX without one)
+#   LAYERSKIP_SYSTEM_CXX the C++ compiler used instead of a CXX that links libstdc++ statically into shared objects
+#                        (default /usr/bin/g++, with the gcc beside it; "" refuses such a CXX)
 #   LAYERSKIP_CUDA_OPS_ONLY=1  only the op schemas and the CUDA kernels (no CPU kernels, no engine): the quick
 #                        CUDA compile-and-register check of scripts/build_cuda.sh
 import glob
@@ -86,11 +88,22 @@ def _links_libstdcxx_statically(cxx: str) -> bool:
         return True
 
 
+# A compiler that links libstdc++ statically is replaced by the system's GCC when that one links it as a shared
+# library (LAYERSKIP_SYSTEM_CXX names another C++ compiler to try, "" none), else refused.
 _cxx = os.environ.get("CXX", "c++")
 if sys.platform.startswith("linux") and _links_libstdcxx_statically(_cxx):
-    sys.exit(f"layerskip_ext: the C++ compiler {_cxx!r} links libstdc++ statically into shared objects, so the "
-             "extension would carry its own C++ runtime beside torch's and crash (e.g. in its error messages); set "
-             "CXX (and CC) to a compiler that links libstdc++.so, such as the system's /usr/bin/g++")
+    _system_cxx = os.environ.get("LAYERSKIP_SYSTEM_CXX", "/usr/bin/g++")
+    _system_cc = re.sub(r"g\+\+(-[0-9.]+)?$", r"gcc\1", _system_cxx)
+    if (_system_cxx and shutil.which(_system_cxx) and shutil.which(_system_cc)
+            and not _links_libstdcxx_statically(_system_cxx)):
+        print(f"layerskip_ext: the C++ compiler {_cxx!r} links libstdc++ statically into shared objects (the "
+              f"extension would carry its own C++ runtime beside torch's and crash); building with {_system_cxx} "
+              f"and {_system_cc} instead", file=sys.stderr)
+        os.environ["CXX"], os.environ["CC"] = _system_cxx, _system_cc
+    else:
+        sys.exit(f"layerskip_ext: the C++ compiler {_cxx!r} links libstdc++ statically into shared objects, so the "
+                 "extension would carry its own C++ runtime beside torch's and crash (e.g. in its error messages); "
+                 "set CXX and CC to a compiler that links libstdc++.so, such as the system's /usr/bin/g++")
 
 cuda_home = _real_cuda_home()
 if cuda_home:
