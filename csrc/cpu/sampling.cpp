@@ -20,6 +20,7 @@
 
 #include "cpu/categorical.h"
 #include "cpu/dtype_dispatch.h"
+#include "sampling_rules.h"
 #include "cpu/op_checks.h"
 #include "cpu/reductions.h"
 #include "ops.h"
@@ -40,8 +41,7 @@ void check_filter_args(const char* op, int64_t tokens, const torch::Tensor& temp
   for (int64_t i = 0; i < tokens; ++i) {
     const double ti = t.data_ptr<double>()[i], pi = p.data_ptr<double>()[i];
     TORCH_CHECK(std::isfinite(ti) && ti >= 0.0, op, ": temperature[", i, "] must be finite and >= 0, got ", ti);
-    // below 1e-4, 1/T scales logit gaps past float range (NaN probabilities); above 1e4 it is uniform anyway
-    TORCH_CHECK(ti == 0.0 || (ti >= 1e-4 && ti <= 1e4), op, ": temperature must be 0 (greedy) or in [1e-4, 1e4], got ",
+    TORCH_CHECK(temperature_in_range(ti), op, ": temperature must be 0 (greedy) or in [1e-4, 1e4], got ",
                 ti, " (token ", i, ")");
     TORCH_CHECK(k.data_ptr<int64_t>()[i] >= 0, op, ": top_k[", i, "] must be >= 0 (0 disables it), got ",
                 k.data_ptr<int64_t>()[i]);

@@ -13,6 +13,7 @@
 // without a finite maximum gets all-zero probabilities (and so samples -1).
 #include "cuda/common.cuh"
 #include "cuda/index.h"
+#include "sampling_rules.h"
 
 namespace layerskip {
 namespace cuda {
@@ -175,10 +176,7 @@ __device__ bool row_filter(const FilterParams& f, int64_t r, double* temperature
   *temperature = f.temperature != nullptr ? f.temperature[r] : f.temperature_all;
   *top_k = f.top_k != nullptr ? f.top_k[r] : f.top_k_all;
   *top_p = f.top_p != nullptr ? f.top_p[r] : f.top_p_all;
-  // the CPU op's rule (csrc/cpu/sampling.cpp check_filter_args): 0 or [1e-4, 1e4]; a smaller temperature
-  // rounds to 0 as a float and 1/T becomes inf (NaN probabilities)
-  const bool t_ok = *temperature == 0.0 || (*temperature >= 1e-4 && *temperature <= 1e4);
-  return t_ok && *top_k >= 0 && *top_p > 0.0 && *top_p <= 1.0;
+  return temperature_in_range(*temperature) && *top_k >= 0 && *top_p > 0.0 && *top_p <= 1.0;  // as the CPU op
 }
 
 template <typename T>

@@ -2,6 +2,7 @@
 #include "engine/engine.h"
 #include "engine/huge_pages.h"
 #include "ops.h"
+#include "sampling_rules.h"
 
 #include "cpu/parallel.h"
 
@@ -130,9 +131,9 @@ int64_t Engine::add_row(at::Tensor prompt, std::string strategy, int64_t exit_la
               "Engine: num_speculations must be in [1, 1024], got ", num_speculations);
   p.num_speculations = speculative ? num_speculations : 0;
   TORCH_CHECK(temperature >= 0 && std::isfinite(temperature), "Engine: temperature must be finite and >= 0");
-  // the sampling ops' rule (sampling.py, csrc/cpu/sampling.cpp): on the GPU a row outside it samples -1, and a -1
-  // draft would index the embedding out of range
-  TORCH_CHECK(temperature == 0 || (temperature >= 1e-4 && temperature <= 1e4),
+  // the sampling ops' rule: on the GPU a row outside it samples -1, and a -1 draft would index the embedding out
+  // of range
+  TORCH_CHECK(temperature_in_range(temperature),
               "Engine: temperature must be 0 (greedy) or in [1e-4, 1e4], got ", temperature);
   TORCH_CHECK(top_k >= 0 && top_p > 0 && top_p <= 1, "Engine: need top_k >= 0 and top_p in (0, 1]");
   p.max_new_tokens = max_new_tokens;
