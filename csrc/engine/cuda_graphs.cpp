@@ -81,6 +81,19 @@ struct Engine::GraphCache {
     }
   }
 
+  // The step of `entry`'s shape, ready to capture or replay: recreated when the KV cache it captured has moved
+  // (generation: Buffers::generation() now), stamped for eviction, room made before its capture; nullptr on the
+  // shape's first step, which runs eagerly (it warms up what the capture must not initialise).
+  Decode* entry_for(std::unique_ptr<Decode>& entry, int64_t generation) {
+    if (entry && entry->captured && entry->generation != generation) entry.reset();
+    if (!entry) entry = std::make_unique<Decode>();
+    Decode& g = *entry;
+    g.last_used = ++clock;
+    if (!g.captured && g.steps_seen++ == 0) return nullptr;
+    if (!g.captured) evict_for_capture();  // never this entry: it is not captured
+    return &g;
+  }
+
   // Pinned staging and device tensors of a graph's inputs ([longs] int64, [doubles] float64) and outputs.
   static void allocate_io(Decode& g, int64_t longs, int64_t doubles, int64_t outs, const at::Device& device) {
     const auto pinned = at::TensorOptions().pinned_memory(true);
@@ -161,16 +174,10 @@ struct Engine::GraphCache {
 bool Engine::decode_group_graph(const std::vector<int64_t>& ids, int64_t E) {
   if (!graphs_ready()) return false;
   const int64_t n = static_cast<int64_t>(ids.size());
-  auto& entry = graphs_->decode[{E, n}];
-  if (entry && entry->captured && entry->generation != buffers_.generation()) entry.reset();  // the KV cache moved: recapture
-  if (!entry) entry = std::make_unique<GraphCache::Decode>();
+  GraphCache::Decode* entry = graphs_->entry_for(graphs_->decode[{E, n}], buffers_.generation());
+  if (entry == nullptr) return false;
   GraphCache::Decode& g = *entry;
-  g.last_used = ++graphs_->clock;
-  if (!g.captured && g.steps_seen++ == 0) return false;  // the first step of this shape runs eagerly
-  if (!g.captured) {
-    graphs_->evict_for_capture();
-    GraphCache::allocate_io(g, 6 * n, 2 * n, 2 * n, weights_.device());
-  }
+  if (!g.captured) GraphCache::allocate_io(g, 6 * n, 2 * n, 2 * n, weights_.device());
 
   GraphCache::stage_inputs(g, rows_, ids);
   if (!g.captured) {
@@ -218,17 +225,11 @@ bool Engine::speculative_group_graph(const std::vector<int64_t>& ids) {
   const int64_t D = d[0];
   if (D < 1 || std::any_of(d.begin(), d.end(), [&](int64_t x) { return x != D; })) return false;
   const int64_t W = D + 1;
-  auto& entry = graphs_->rounds[{E, D, n, greedy}];
-  if (entry && entry->captured && entry->generation != buffers_.generation()) entry.reset();
-  if (!entry) entry = std::make_unique<GraphCache::Decode>();
+  GraphCache::Decode* entry = graphs_->entry_for(graphs_->rounds[{E, D, n, greedy}], buffers_.generation());
+  if (entry == nullptr) return false;
   GraphCache::Decode& g = *entry;
-  g.last_used = ++graphs_->clock;
-  if (!g.captured && g.steps_seen++ == 0) return false;  // the first round of this shape runs eagerly
   const at::Device device = weights_.device();
-  if (!g.captured) {
-    graphs_->evict_for_capture();
-    GraphCache::allocate_io(g, 6 * n, 2 * n, n * W + n + n * W, device);
-  }
+  if (!g.captured) GraphCache::allocate_io(g, 6 * n, 2 * n, n * W + n + n * W, device);
 
   GraphCache::stage_inputs(g, rows_, ids);  // positions pos[j], counters c[j]
   if (!g.captured) {
