@@ -9,9 +9,6 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} LAYERSKIP_CUDA=1
-# the system compiler: our GPU machines' image sets CC / CXX to a wrapper that links libstdc++ statically into
-# shared objects (such an extension crashed formatting its error messages; setup.py would switch compilers itself)
-if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}" OMP_WAIT_POLICY=PASSIVE
 LOGS=${LOGS:-${OUT:-gpu_check_logs}}
 mkdir -p "$LOGS"
